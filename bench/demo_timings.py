@@ -1,0 +1,59 @@
+"""Benchmark: wall time of each demo stage, read from a fresh run's ledger, as JSON.
+
+Runs `edgedistill demo` (or `--tiny`) in a temporary runs folder, then prints the stage
+timings, the key metrics, and an anchor measured in the same process on the same machine
+(float32 matmul GFLOP/s at 2 threads), so numbers from different machines can be compared.
+
+    .venv/bin/python bench/demo_timings.py [--tiny]
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from edgedistill.run import Ledger
+
+
+def matmul_gflops(n: int = 1024, repeat: int = 20) -> float:
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    started = time.perf_counter()
+    for _ in range(repeat):
+        a @ b
+    return 2 * n**3 * repeat / (time.perf_counter() - started) / 1e9
+
+
+def main() -> None:
+    tiny = "--tiny" in sys.argv
+    anchor = matmul_gflops()
+    with tempfile.TemporaryDirectory() as runs:
+        started = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "edgedistill.cli", "demo", "--runs-dir", runs]
+                       + (["--tiny"] if tiny else []), check=True)
+        wall = time.perf_counter() - started
+        ledger = Ledger(next(Path(runs).glob("*/run.db")))
+        stages = {s.name: round(s.seconds or 0.0, 1) for s in ledger.stages()}
+        results = {subject: {k: round(v, 4) for k, v in m.items()} for subject, m in ledger.metrics("evaluate").items()}
+        gen = ledger.metrics("generate")["stage"]
+        train = ledger.metrics("train")["stage"]
+        ledger.close()
+    print(json.dumps({
+        "benchmark": "demo_timings", "recipe": "demo_tiny" if tiny else "demo",
+        "machine": {"cpu_threads": torch.get_num_threads(), "platform": platform.platform(),
+                    "anchor_matmul_fp32_gflops": round(anchor, 1)},
+        "wall_seconds": round(wall, 1), "stage_seconds": stages,
+        "teacher_tokens_per_s": round(gen["teacher_tokens_per_s"], 1), "answer_tokens": gen["answer_tokens"],
+        "train_tokens_per_s": round(train["tokens_per_s"], 1), "evaluate": results,
+    }, indent=2))
+
+
+if __name__ == "__main__":
+    main()

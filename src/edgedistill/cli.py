@@ -1,0 +1,169 @@
+"""The `edgedistill` command: thin wrappers that parse, call one library function, and turn
+known errors into one line and exit code 2. Each docstring is the command's --help."""
+
+from __future__ import annotations
+
+import os
+
+# Offline by default and no telemetry: nothing reaches a model hub from this tool.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import functools  # noqa: E402
+from collections.abc import Callable  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Annotated, Optional  # noqa: E402
+
+import typer  # noqa: E402
+from rich.table import Table  # noqa: E402
+
+from edgedistill.console import console  # noqa: E402
+from edgedistill.errors import UserError  # noqa: E402
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Distil a big open-weights LLM into a small private one that runs offline.")
+
+SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="Override a recipe field: section.field=value (TOML value).")]
+NameOpt = Annotated[Optional[str], typer.Option("--name", help="Run name (overrides run.name).")]
+RunsDirOpt = Annotated[Optional[Path], typer.Option("--runs-dir", help="Folder of runs (overrides run.runs_dir).")]
+
+
+@app.callback()
+def _root(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks (or set EDGEDISTILL_DEBUG=1).")] = False) -> None:
+    if debug:
+        os.environ["EDGEDISTILL_DEBUG"] = "1"
+
+
+def user_errors(fn: Callable) -> Callable:
+    """One line and exit code 2 for a UserError (traceback with --debug)."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except UserError as exc:
+            if os.environ.get("EDGEDISTILL_DEBUG") == "1":
+                raise
+            console.print(f"[red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            console.print("interrupted — run the same command again to resume")
+            raise typer.Exit(130) from None
+    return wrapper
+
+
+def _overrides(sets: list[str] | None, name: str | None, runs_dir: Path | None) -> list[str]:
+    out = list(sets or [])
+    if name:
+        out.append(f'run.name="{name}"')
+    if runs_dir:
+        out.append(f"run.runs_dir={str(runs_dir)!r}".replace("'", '"'))
+    return out
+
+
+def _load(target: Path, overrides: list[str]):
+    """A recipe file, or a run folder (its saved recipe.toml)."""
+    from edgedistill.recipe import load_recipe
+
+    if target.is_dir():
+        if not (target / "recipe.toml").is_file():
+            raise UserError(f"{target}: not a run folder (no recipe.toml) — pass a recipe file or a run folder")
+        data_path = target / "recipe.toml"
+        recipe = load_recipe(data_path, overrides)
+        # A run folder is its own location, wherever it has been moved to.
+        return recipe.model_copy(update={"run": recipe.run.model_copy(
+            update={"name": target.resolve().name, "runs_dir": str(target.resolve().parent)})})
+    return load_recipe(target, overrides)
+
+
+def _finish(run) -> None:
+    from edgedistill.evaluate.report import TERMINAL_COLUMNS, quality_table
+    from edgedistill.run import open_ledger
+
+    with open_ledger(run) as ledger:
+        header, rows = quality_table(ledger, TERMINAL_COLUMNS)
+    if rows:
+        table = Table(*header, title="teacher vs student (held-out prompts)")
+        for row in rows:
+            table.add_row(*row)
+        console.print(table)
+    console.print(f"run folder: [bold]{run.root}[/]")
+    if run.student_dir.is_dir():
+        console.print(f"student (safetensors, loads with AutoModelForCausalLM): {run.student_dir}")
+    if run.report_path.is_file():
+        console.print(f"report: {run.report_path}")
+
+
+@app.command()
+@user_errors
+def run(recipe: Annotated[Path, typer.Argument(help="Recipe TOML file, or a run folder to resume.")],
+        set_: SetOpt = None, name: NameOpt = None, runs_dir: RunsDirOpt = None) -> None:
+    """Run every stage of a recipe: generate, student, train, evaluate, report. Finished stages are reused."""
+    from edgedistill.pipeline import run_recipe
+
+    _finish(run_recipe(_load(recipe, _overrides(set_, name, runs_dir))))
+
+
+@app.command()
+@user_errors
+def demo(tiny: Annotated[bool, typer.Option("--tiny", help="A tiny configuration that finishes in about a minute.")] = False,
+         set_: SetOpt = None, name: NameOpt = None, runs_dir: RunsDirOpt = None) -> None:
+    """Distil the embedded SmolLM2-135M-Instruct on the bundled EN/JA seeds (the bundled demo recipe)."""
+    from edgedistill.pipeline import run_recipe
+    from edgedistill.recipe import bundled_recipe
+
+    _finish(run_recipe(bundled_recipe("demo_tiny" if tiny else "demo", _overrides(set_, name, runs_dir))))
+
+
+def _stage_command(stage: str, summary: str) -> None:
+    @user_errors
+    def command(target: Annotated[Path, typer.Argument(help="Recipe TOML file or run folder.")],
+                set_: SetOpt = None, name: NameOpt = None, runs_dir: RunsDirOpt = None) -> None:
+        from edgedistill.pipeline import run_recipe
+
+        _finish(run_recipe(_load(target, _overrides(set_, name, runs_dir)), only=stage))
+    command.__doc__ = summary + " Earlier stages must be done."
+    app.command(name=stage)(command)
+
+
+_stage_command("generate", "Answer the seed prompts with the teacher and store its top-k log-probs.")
+_stage_command("student", "Cut the student from the teacher (layers chosen on the distill set).")
+_stage_command("train", "Distil: train the student on the cached teacher targets.")
+_stage_command("evaluate", "Compare teacher, student before and after KD on the held-out prompts.")
+_stage_command("report", "Write report.md from the run's ledger.")
+
+
+@app.command()
+@user_errors
+def runs(runs_dir: Annotated[Path, typer.Option("--runs-dir", help="Folder of runs.")] = Path("runs")) -> None:
+    """List runs with the status of each stage."""
+    from edgedistill.pipeline import STAGE_NAMES
+    from edgedistill.run import list_runs
+
+    found = list_runs(runs_dir)
+    if not found:
+        console.print(f"no runs in {runs_dir}")
+        return
+    table = Table("run", *STAGE_NAMES, "seconds", "path")
+    for r in found:
+        table.add_row(str(r["name"]), *[r["stages"].get(s, "–") for s in STAGE_NAMES],
+                      f"{r['seconds']:.0f}", str(r["path"]))
+    console.print(table)
+
+
+@app.command()
+@user_errors
+def recipe(tiny: Annotated[bool, typer.Option("--tiny", help="The tiny demo recipe.")] = False) -> None:
+    """Print the bundled demo recipe (a starting point for your own), with every field resolved."""
+    from edgedistill.recipe import bundled_recipe
+
+    typer.echo(bundled_recipe("demo_tiny" if tiny else "demo").to_toml())
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

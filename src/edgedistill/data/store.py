@@ -1,0 +1,125 @@
+"""The distill set: an append-only SQLite store of teacher answers with their sparse targets.
+
+One row per (teacher, generation settings, prompt); a batch of rows is one transaction, so a
+crash loses at most the batch in flight and never leaves half a row. Arrays are stored as raw
+little-endian bytes (int32 ids, float16 log-probs, float32 tail), k <= 64, i.e. 6*k+4 bytes per
+answer token: 196 bytes at k = 32.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sqlite3
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS samples (
+  key TEXT PRIMARY KEY,           -- hash(teacher, settings, prompt messages)
+  id TEXT NOT NULL,               -- hash(prompt messages)
+  settings TEXT NOT NULL,         -- fingerprint of teacher + generation settings
+  split TEXT NOT NULL, lang TEXT NOT NULL, source TEXT NOT NULL, teacher TEXT NOT NULL,
+  messages TEXT NOT NULL,         -- JSON chat, the last message is the teacher's answer
+  prompt_ids BLOB NOT NULL, answer_ids BLOB NOT NULL, finished INTEGER NOT NULL, k INTEGER NOT NULL,
+  topk_ids BLOB, topk_logprobs BLOB, tail_logprobs BLOB, created_at REAL NOT NULL);
+CREATE INDEX IF NOT EXISTS samples_settings ON samples (settings, split);
+"""
+
+
+@dataclass
+class Sample:
+    """One distill-set record (ARCHITECTURE.md contract)."""
+
+    id: str
+    split: str
+    lang: str
+    source: str
+    teacher: str
+    messages: list[dict[str, str]]
+    prompt_ids: np.ndarray  # (P,) int32
+    answer_ids: np.ndarray  # (T,) int32
+    finished: bool
+    topk_ids: np.ndarray | None = None  # (T, k) int32
+    topk_logprobs: np.ndarray | None = None  # (T, k) float16
+    tail_logprobs: np.ndarray | None = None  # (T,) float32
+
+    @property
+    def answer(self) -> str:
+        return self.messages[-1]["content"]
+
+    @property
+    def prompt_messages(self) -> list[dict[str, str]]:
+        return self.messages[:-1]
+
+
+def sample_key(settings: str, prompt_id: str) -> str:
+    return hashlib.sha256(f"{settings}\0{prompt_id}".encode()).hexdigest()[:32]
+
+
+def _blob(array: np.ndarray | None, dtype: str) -> bytes | None:
+    return None if array is None else np.ascontiguousarray(array, dtype=np.dtype(dtype).newbyteorder("<")).tobytes()
+
+
+def _array(blob: bytes | None, dtype: str, k: int | None = None) -> np.ndarray | None:
+    if blob is None:
+        return None
+    arr = np.frombuffer(blob, dtype=np.dtype(dtype).newbyteorder("<")).astype(dtype)
+    return arr.reshape(-1, k) if k else arr
+
+
+class SampleStore:
+    def __init__(self, path: Path):
+        self.path = path
+        self.db = sqlite3.connect(path, isolation_level=None, timeout=30)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable across process crashes
+        self.db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        self.db.close()
+
+    def __enter__(self) -> SampleStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def stored_ids(self, settings: str) -> set[str]:
+        return {r[0] for r in self.db.execute("SELECT id FROM samples WHERE settings=?", (settings,))}
+
+    def add(self, settings: str, samples: Iterable[Sample]) -> int:
+        """Insert samples atomically (all or none); an already stored key is left as it is."""
+        rows = [(
+            sample_key(settings, s.id), s.id, settings, s.split, s.lang, s.source, s.teacher,
+            json.dumps(s.messages, ensure_ascii=False), _blob(s.prompt_ids, "int32"), _blob(s.answer_ids, "int32"),
+            int(s.finished), 0 if s.topk_ids is None else s.topk_ids.shape[1], _blob(s.topk_ids, "int32"),
+            _blob(s.topk_logprobs, "float16"), _blob(s.tail_logprobs, "float32"), time.time(),
+        ) for s in samples]
+        with self.db:
+            before = self.db.total_changes
+            self.db.executemany("INSERT OR IGNORE INTO samples VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)", rows)
+            return self.db.total_changes - before
+
+    def samples(self, settings: str, split: str | None = None) -> Iterator[Sample]:
+        sql = ("SELECT id, split, lang, source, teacher, messages, prompt_ids, answer_ids, finished, k, "
+               "topk_ids, topk_logprobs, tail_logprobs FROM samples WHERE settings=?")
+        args: list[str] = [settings]
+        if split:
+            sql += " AND split=?"
+            args.append(split)
+        for row in self.db.execute(sql + " ORDER BY id", args):
+            (pid, spl, lang, source, teacher, messages, p_ids, a_ids, finished, k, t_ids, t_lp, tail) = row
+            yield Sample(pid, spl, lang, source, teacher, json.loads(messages), _array(p_ids, "int32"),
+                         _array(a_ids, "int32"), bool(finished), _array(t_ids, "int32", k),
+                         _array(t_lp, "float16", k), _array(tail, "float32"))
+
+    def count(self, settings: str, split: str | None = None) -> int:
+        if split:
+            return self.db.execute("SELECT COUNT(*) FROM samples WHERE settings=? AND split=?",
+                                   (settings, split)).fetchone()[0]
+        return self.db.execute("SELECT COUNT(*) FROM samples WHERE settings=?", (settings,)).fetchone()[0]

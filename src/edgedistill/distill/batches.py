@@ -1,0 +1,76 @@
+"""Turn distill-set samples into training batches: prompt+answer ids and the answer targets.
+
+Only answer positions carry a loss, so the model computes hidden states for the whole
+sequence but LM-head logits only where they are needed: for the 576-wide, 49k-vocabulary
+SmolLM2 the head costs as much as ~8 decoder layers per token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from edgedistill.data.store import Sample
+
+
+@dataclass
+class Example:
+    input_ids: np.ndarray  # (L,) prompt + answer, truncated
+    n_prompt: int
+    topk_ids: np.ndarray | None  # (A, k) for the A answer tokens kept
+    topk_logprobs: np.ndarray | None
+    tail_logprobs: np.ndarray | None
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor  # (B, T) right padded
+    attention_mask: torch.Tensor  # (B, T)
+    positions: torch.Tensor  # (N,) flat indices into B*T of the positions that predict answer tokens
+    labels: torch.Tensor  # (N,) the answer tokens
+    topk_ids: torch.Tensor | None  # (N, k)
+    topk_logprobs: torch.Tensor | None  # (N, k)
+    tail_logprobs: torch.Tensor | None  # (N,)
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.attention_mask.sum())
+
+
+def to_example(sample: Sample, max_seq_len: int) -> Example | None:
+    """None when nothing of the answer fits in max_seq_len."""
+    ids = np.concatenate([sample.prompt_ids, sample.answer_ids])[:max_seq_len]
+    n_answer = len(ids) - len(sample.prompt_ids)
+    if n_answer <= 0:
+        return None
+    cut = (lambda a: None if a is None else a[:n_answer])
+    return Example(ids, len(sample.prompt_ids), cut(sample.topk_ids), cut(sample.topk_logprobs),
+                   cut(sample.tail_logprobs))
+
+
+def collate(examples: list[Example], pad_id: int) -> Batch:
+    width = max(len(e.input_ids) for e in examples)
+    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    positions = []
+    for row, e in enumerate(examples):
+        input_ids[row, :len(e.input_ids)] = torch.from_numpy(e.input_ids.astype(np.int64))
+        mask[row, :len(e.input_ids)] = 1
+        # logits at position p predict token p+1: answer token j sits at n_prompt+j.
+        positions.append(row * width + np.arange(e.n_prompt - 1, len(e.input_ids) - 1))
+    flat = torch.from_numpy(np.concatenate(positions))
+    labels = input_ids.flatten()[flat + 1]
+    has_topk = all(e.topk_ids is not None for e in examples)
+    cat = (lambda name, dtype: torch.from_numpy(np.concatenate([getattr(e, name) for e in examples]).astype(dtype))
+           if has_topk else None)
+    return Batch(input_ids, mask, flat, labels, cat("topk_ids", np.int64), cat("topk_logprobs", np.float32),
+                 cat("tail_logprobs", np.float32))
+
+
+def answer_logits(model, batch: Batch) -> torch.Tensor:
+    """(N, V) student logits at the positions that predict answer tokens."""
+    hidden = model.get_decoder()(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
+    selected = hidden.flatten(0, 1)[batch.positions.to(hidden.device)]  # (N, H)
+    return model.get_output_embeddings()(selected)  # (N, V)

@@ -1,0 +1,95 @@
+"""Distillation losses as pure functions: tensors in, scalar out, no trainer state.
+
+Shapes: N answer tokens (batch and time flattened, masked positions already removed or given
+by `mask`), V vocabulary, k cached teacher entries. Log-probabilities are natural logs.
+
+Sparse target (ARCHITECTURE.md): the teacher's top-k log-probs plus one "tail" bucket holding
+the leftover mass, so the target is a distribution over k+1 buckets; the student is gathered
+on the same k ids plus its own tail. Neither side is renormalised over k alone, which would
+overstate the teacher's confidence (cf. DistillKit's sparse logits, and Anshumann et al. 2025
+on the bias of plain top-k targets).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+_LOG_HALF = -math.log(2.0)
+# The student's tail is log(1 - mass on the k ids); keep it finite when the k ids hold ~all of
+# it (log(1e-7) = -16.1), so its gradient never becomes inf. The bias is at most 1e-7 in mass.
+_MAX_TOPK_LOGMASS = math.log1p(-1e-7)
+
+
+def log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 - exp(x)) for x <= 0, stable at both ends (Maechler 2012)."""
+    return torch.where(x > _LOG_HALF, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+
+
+def sparse_student_logprobs(student_logits: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+    """Student log-probs on the teacher's k ids plus the student's own tail.
+
+    Args:
+        student_logits: (N, V) raw logits.
+        topk_ids: (N, k) teacher token ids.
+    Returns:
+        (N, k+1) log-probs; the last column is log of the mass outside the k ids.
+    """
+    log_z = student_logits.float().logsumexp(-1, keepdim=True)  # (N, 1)
+    top = student_logits.float().gather(-1, topk_ids.long()) - log_z  # (N, k)
+    tail = log1mexp(top.logsumexp(-1).clamp(max=_MAX_TOPK_LOGMASS))  # (N,)
+    return torch.cat([top, tail[:, None]], dim=-1)
+
+
+def sparse_teacher_logprobs(topk_logprobs: torch.Tensor, tail_logprobs: torch.Tensor) -> torch.Tensor:
+    """(N, k) top-k and (N,) tail log-probs -> the (N, k+1) target distribution."""
+    return torch.cat([topk_logprobs.float(), tail_logprobs.float()[:, None]], dim=-1)
+
+
+def _masked_mean(per_token: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    if mask is None:
+        return per_token.mean() if per_token.numel() else per_token.sum()
+    mask = mask.to(per_token.dtype)
+    return (per_token * mask).sum() / mask.sum().clamp(min=1.0)
+
+
+def kl_from_logprobs(teacher_lp: torch.Tensor, student_lp: torch.Tensor) -> torch.Tensor:
+    """Per-row KL(teacher || student) = sum_i p_i (log p_i - log q_i); rows (N, C) -> (N,).
+
+    Buckets where the teacher has zero mass contribute 0 (not 0 * -inf = nan).
+    """
+    p = teacher_lp.exp()
+    terms = torch.where(p > 0, p * (teacher_lp - student_lp), torch.zeros_like(p))
+    return terms.sum(-1)
+
+
+def forward_kl_sparse(student_logits: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torch.Tensor,
+                      tail_logprobs: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Forward KL(teacher || student) on the cached sparse target, mean over tokens.
+
+    Args:
+        student_logits: (N, V); topk_ids: (N, k); topk_logprobs: (N, k); tail_logprobs: (N,);
+        mask: optional (N,) 1 for tokens that count.
+    Memory is O(N*V) for the student's own logits and O(N*k) beyond that.
+    """
+    teacher_lp = sparse_teacher_logprobs(topk_logprobs, tail_logprobs)
+    student_lp = sparse_student_logprobs(student_logits, topk_ids)
+    return _masked_mean(kl_from_logprobs(teacher_lp, student_lp), mask)
+
+
+def forward_kl_dense(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                     mask: torch.Tensor | None = None, chunk_size: int = 1024) -> torch.Tensor:
+    """Forward KL on full logits, (N, V) each, computed in chunks of rows so that the
+    float32 log-softmax copies never hold more than chunk_size*V entries at once."""
+    per_token = torch.cat([
+        kl_from_logprobs(F.log_softmax(t.float(), -1), F.log_softmax(s.float(), -1))
+        for s, t in zip(student_logits.split(chunk_size), teacher_logits.split(chunk_size))
+    ]) if student_logits.shape[0] else student_logits.new_zeros(0)
+    return _masked_mean(per_token, mask)
+
+
+def cross_entropy(student_logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean next-token cross-entropy on the teacher's text: (N, V) logits, (N,) labels."""
+    return _masked_mean(F.cross_entropy(student_logits.float(), labels.long(), reduction="none"), mask)

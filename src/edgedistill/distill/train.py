@@ -1,0 +1,152 @@
+"""The train stage: an explicit KD loop on accelerate.Accelerator.
+
+loss = alpha * CE(teacher text) + (1 - alpha) * forward KL(cached sparse top-k + tail target),
+on answer tokens only. Offline: the teacher is never loaded, its distribution comes from the
+distill set. accelerate gives DDP/FSDP/DeepSpeed, mixed precision and checkpoint state
+(`accelerate launch -m edgedistill.cli train ...`); the step itself stays on one screen.
+
+Resume: a checkpoint (model, optimizer, scheduler, RNG) is written at the end of every epoch
+into a temporary folder and renamed; a rerun continues after the last complete epoch.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, RandomSampler
+
+from edgedistill.console import console, stage_progress
+from edgedistill.data.generate import generation_settings
+from edgedistill.data.store import SampleStore
+from edgedistill.distill.batches import answer_logits, collate, to_example
+from edgedistill.distill.losses import cross_entropy, forward_kl_sparse
+from edgedistill.distill.student import save_model
+from edgedistill.errors import UserError
+from edgedistill.recipe import Recipe
+from edgedistill.run import Ledger, RunDir
+
+
+def kd_loss(model, batch, alpha_ce: float) -> tuple[torch.Tensor, dict[str, float]]:
+    """The KD step's loss and its parts for logging."""
+    logits = answer_logits(model, batch)  # (N, V)
+    ce = cross_entropy(logits, batch.labels.to(logits.device))
+    if batch.topk_ids is None or alpha_ce == 1.0:
+        return ce, {"ce": ce.item()}
+    kl = forward_kl_sparse(logits, batch.topk_ids.to(logits.device), batch.topk_logprobs.to(logits.device),
+                           batch.tail_logprobs.to(logits.device))
+    return alpha_ce * ce + (1 - alpha_ce) * kl, {"ce": ce.item(), "kl": kl.item()}
+
+
+def _last_checkpoint(folder: Path) -> tuple[int, Path] | None:
+    done = sorted(folder.glob("epoch-*"), key=lambda p: int(p.name.split("-")[1])) if folder.is_dir() else []
+    return (int(done[-1].name.split("-")[1]), done[-1]) if done else None
+
+
+def _save_checkpoint(accelerator, folder: Path, epoch: int) -> None:
+    """accelerate state into a temp folder, renamed into place; older checkpoints removed."""
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f".epoch-{epoch}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.save_state(str(tmp), safe_serialization=True)
+    os.replace(tmp, folder / f"epoch-{epoch}")
+    for old in folder.glob("epoch-*"):
+        if old.name != f"epoch-{epoch}":
+            shutil.rmtree(old)
+
+
+def _cosine_with_warmup(optimizer, warmup: int, total: int):
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def run_train(recipe: Recipe, run: RunDir, ledger: Ledger) -> dict[str, float]:
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    cfg = recipe.train
+    with SampleStore(run.store_path) as store:
+        samples = list(store.samples(generation_settings(recipe), split="train"))
+    examples = [e for e in (to_example(s, cfg.max_seq_len) for s in samples) if e is not None]
+    if not examples:
+        raise UserError(f"{run.store_path}: no training samples — run the generate stage first")
+    if cfg.alpha_ce < 1.0 and any(e.topk_ids is None for e in examples):
+        raise UserError(f"{run.store_path}: samples have no teacher log-probs — set train.alpha_ce = 1.0 "
+                        "(sequence-level KD) or regenerate with a white-box teacher")
+
+    logging.getLogger("accelerate").setLevel(logging.ERROR)  # per-save notes about the tied head
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
+    set_seed(recipe.run.seed)
+    tokenizer = AutoTokenizer.from_pretrained(run.student_init_dir, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(run.student_init_dir, local_files_only=True, use_safetensors=True)
+    model.config.use_cache = False
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps_per_epoch = math.ceil(len(examples) / cfg.batch_size)
+    total_steps = steps_per_epoch * cfg.epochs
+    scheduler = _cosine_with_warmup(optimizer, int(cfg.warmup_fraction * total_steps), total_steps)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+
+    # Checkpoints belong to one training configuration (the stage's fingerprint in the ledger);
+    # those of an earlier configuration are removed, never resumed from.
+    record = ledger.stage("train")
+    checkpoints = run.checkpoints_dir / (record.fingerprint if record else "adhoc")
+    for stale in run.checkpoints_dir.glob("*") if run.checkpoints_dir.is_dir() else []:
+        if stale != checkpoints:
+            shutil.rmtree(stale, ignore_errors=True)
+    start_epoch = 0
+    if (last := _last_checkpoint(checkpoints)) is not None:
+        start_epoch, path = last
+        accelerator.load_state(str(path))
+        console.print(f"resuming training after epoch {start_epoch} ({path})")
+
+    log_path = run.root / "train_log.jsonl"
+    started, tokens, steps, capped, epochs_done = time.perf_counter(), 0, 0, False, start_epoch
+    deadline = started + cfg.max_minutes * 60 if cfg.max_minutes else None
+    with stage_progress() as progress, log_path.open("a", encoding="utf-8") as log:
+        task = progress.add_task("train", total=(cfg.epochs - start_epoch) * steps_per_epoch, rate="")
+        for epoch in range(start_epoch, cfg.epochs):
+            # One seeded order per epoch, so a resumed run sees the batches it would have seen.
+            order = RandomSampler(examples, generator=torch.Generator().manual_seed(recipe.run.seed + epoch))
+            loader = accelerator.prepare_data_loader(DataLoader(
+                examples, batch_size=cfg.batch_size, sampler=order,
+                collate_fn=lambda ex: collate(ex, tokenizer.pad_token_id)))
+            for batch in loader:
+                loss, parts = kd_loss(model, batch, cfg.alpha_ce)
+                accelerator.backward(loss)
+                accelerator.clip_grad_norm_(model.parameters(), 1.0)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                steps, tokens = steps + 1, tokens + batch.n_tokens
+                rate = tokens / (time.perf_counter() - started)
+                log.write(json.dumps({"epoch": epoch, "step": epoch * steps_per_epoch + steps, "loss": loss.item(),
+                                      **parts, "lr": scheduler.get_last_lr()[0]}) + "\n")
+                log.flush()
+                progress.update(task, advance=1, rate=f"{rate:.0f} tok/s loss {loss.item():.3f}")
+                if deadline and time.perf_counter() > deadline:
+                    capped = True
+                    break
+            if capped:
+                break
+            _save_checkpoint(accelerator, checkpoints, epoch + 1)
+            epochs_done = epoch + 1
+
+    seconds = time.perf_counter() - started
+    save_model(accelerator.unwrap_model(model), tokenizer, run.student_dir,
+               extra={"trained_from": str(run.student_init_dir), "objective": "ce+forward_kl_sparse",
+                      "alpha_ce": cfg.alpha_ce})
+    return {"steps": steps, "train_tokens": tokens, "train_seconds": seconds,
+            "tokens_per_s": tokens / seconds if seconds else 0.0, "capped_by_time": float(capped),
+            "train_samples": len(examples), "epochs_done": epochs_done}

@@ -1,0 +1,74 @@
+"""Quality and speed of one model on the held-out prompts, measured against the teacher.
+
+- perplexity of the teacher's answers (teacher forcing, answer tokens only);
+- top-1 agreement: the model's argmax equals the teacher's argmax (top-1 of the cached
+  top-k) at the same answer position;
+- ROUGE-L F1 of the model's greedy answer against the teacher's, on language-aware units
+  (Japanese by character, see data/similarity.py);
+- decode tokens/s at batch 1, prefill excluded: (n-1) / (t(n tokens) - t(1 token)).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import defaultdict
+
+import torch
+
+from edgedistill.data.similarity import rouge_l
+from edgedistill.data.store import Sample
+from edgedistill.distill.batches import answer_logits, collate, to_example
+from edgedistill.teachers.hf import encode_prompts, generate_batch
+
+
+@torch.inference_mode()
+def teacher_forced_metrics(model, samples: list[Sample], pad_id: int, batch_size: int = 8,
+                           max_seq_len: int = 2048) -> dict[str, float]:
+    nll, agree, count = 0.0, 0, 0
+    examples = [e for e in (to_example(s, max_seq_len) for s in samples) if e is not None]
+    for start in range(0, len(examples), batch_size):
+        batch = collate(examples[start:start + batch_size], pad_id)
+        logits = answer_logits(model, batch).float()  # (N, V)
+        nll += torch.nn.functional.cross_entropy(logits, batch.labels, reduction="sum").item()
+        if batch.topk_ids is not None:
+            agree += int((logits.argmax(-1) == batch.topk_ids[:, 0]).sum())
+        count += len(batch.labels)
+    return {"perplexity": math.exp(nll / count) if count else float("nan"),
+            "top1_agreement": agree / count if count else float("nan"), "answer_tokens": count}
+
+
+def greedy_answers(model, tokenizer, samples: list[Sample], max_new_tokens: int, batch_size: int) -> list[str]:
+    answers = []
+    for start in range(0, len(samples), batch_size):
+        chunk = samples[start:start + batch_size]
+        answers += [c.text for c in generate_batch(model, tokenizer, [s.prompt_messages for s in chunk],
+                                                   max_new_tokens=max_new_tokens, temperature=0.0,
+                                                   top_k_logprobs=None)]
+    return answers
+
+
+def rouge_by_lang(answers: list[str], samples: list[Sample]) -> dict[str, float]:
+    scores: dict[str, list[float]] = defaultdict(list)
+    for answer, sample in zip(answers, samples):
+        score = rouge_l(answer, sample.answer)
+        scores["rouge_l"].append(score)
+        scores[f"rouge_l_{sample.lang}"].append(score)
+    return {name: sum(v) / len(v) for name, v in scores.items()}
+
+
+@torch.inference_mode()
+def decode_tokens_per_second(model, tokenizer, samples: list[Sample], n_tokens: int) -> float:
+    """Batch-1 decode speed, prefill excluded; every prompt is forced to n_tokens new tokens."""
+    def timed(prompt_ids: list[int], n: int) -> float:
+        ids = torch.tensor([prompt_ids])
+        started = time.perf_counter()
+        model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                       do_sample=False, temperature=None, top_p=None, top_k=None,
+                       pad_token_id=tokenizer.pad_token_id)
+        return time.perf_counter() - started
+
+    prompts = encode_prompts(tokenizer, [s.prompt_messages for s in samples])
+    timed(prompts[0], 2)  # warm-up: first-call allocations are not decode speed
+    decode_seconds = sum(timed(p, n_tokens) - timed(p, 1) for p in prompts)
+    return len(prompts) * (n_tokens - 1) / max(decode_seconds, 1e-9)

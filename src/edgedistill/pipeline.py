@@ -1,0 +1,109 @@
+"""Run a recipe's stages in order, each one skipped when it already finished with the same
+settings, so a crash or a second `make demo` resumes instead of starting over."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from edgedistill.console import console
+from edgedistill.errors import UserError
+from edgedistill.recipe import Recipe
+from edgedistill.run import Ledger, RunDir, open_ledger
+
+StageFn = Callable[[Recipe, RunDir, Ledger], dict[str, float]]
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    depends_on: tuple[str, ...]  # recipe sections whose change makes the stage rerun
+    load: Callable[[], StageFn]  # imported lazily: `edgedistill runs` should not import torch
+
+
+def _generate() -> StageFn:
+    from edgedistill.data.generate import run_generate
+    return run_generate
+
+
+def _student() -> StageFn:
+    from edgedistill.distill.stage import run_student
+    return run_student
+
+
+def _train() -> StageFn:
+    from edgedistill.distill.train import run_train
+    return run_train
+
+
+def _evaluate() -> StageFn:
+    from edgedistill.evaluate.stage import run_evaluate
+    return run_evaluate
+
+
+def _report() -> StageFn:
+    from edgedistill.evaluate.report import write_report
+    return write_report
+
+
+STAGES = (
+    Stage("generate", ("teacher", "generate"), _generate),
+    Stage("student", ("teacher", "generate", "student"), _student),
+    Stage("train", ("teacher", "generate", "student", "train"), _train),
+    Stage("evaluate", ("teacher", "generate", "student", "train", "evaluate"), _evaluate),
+    Stage("report", ("teacher", "generate", "student", "train", "evaluate"), _report),
+)
+STAGE_NAMES = tuple(s.name for s in STAGES)
+
+
+def run_recipe(recipe: Recipe, only: str | None = None) -> RunDir:
+    """Run every stage (or just `only`, whose upstream stages must be done) of the recipe's run."""
+    if only is not None and only not in STAGE_NAMES:
+        raise UserError(f"unknown stage '{only}' (stages: {', '.join(STAGE_NAMES)})")
+    preflight(recipe)
+    run = RunDir.for_recipe(recipe)
+    run.create(recipe)
+    with open_ledger(run) as ledger:
+        ledger.set_meta("run", recipe.run.name)
+        upstream_ran = False
+        for stage in STAGES:
+            fingerprint = recipe.fingerprint(*stage.depends_on)
+            record = ledger.stage(stage.name)
+            fresh = record is not None and record.status == "done" and record.fingerprint == fingerprint
+            if only is not None and stage.name != only:
+                if STAGE_NAMES.index(stage.name) < STAGE_NAMES.index(only) and not fresh:
+                    raise UserError(f"{run.root}: stage '{stage.name}' is not done for this recipe — "
+                                    f"run it first (`edgedistill {stage.name} ...` or `edgedistill run ...`)")
+                continue
+            if fresh and not upstream_ran and only is None:
+                console.print(f"[green]✓[/] {stage.name}: done earlier ({record.seconds:.0f} s), reused")
+                continue
+            _run_stage(stage, recipe, run, ledger, fingerprint)
+            upstream_ran = True
+    return run
+
+
+def preflight(recipe: Recipe) -> None:
+    """Check the cheap things (seed files, teacher path, architecture) before any stage starts,
+    so a typo costs a second and one line, not a half-run."""
+    from edgedistill.data.prompts import load_prompts
+    from edgedistill.teachers.hf import resolve_source
+
+    load_prompts(recipe.generate.seeds, recipe.generate.heldout_fraction, recipe.generate.limit_per_source)
+    if recipe.teacher.backend == "hf":
+        resolve_source(recipe.teacher.model)
+
+
+def _run_stage(stage: Stage, recipe: Recipe, run: RunDir, ledger: Ledger, fingerprint: str) -> None:
+    console.rule(f"[bold]{stage.name}")
+    ledger.start_stage(stage.name, fingerprint)
+    try:
+        metrics = stage.load()(recipe, run, ledger)
+    except KeyboardInterrupt:
+        ledger.end_stage(stage.name, "interrupted")
+        raise
+    except Exception as exc:
+        ledger.end_stage(stage.name, "failed", f"{type(exc).__name__}: {exc}".splitlines()[0])
+        raise
+    ledger.log_metrics(stage.name, "stage", metrics)
+    ledger.end_stage(stage.name, "done")

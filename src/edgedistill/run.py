@@ -1,0 +1,171 @@
+"""A run directory and its SQLite ledger: which stages finished, when, with what metrics.
+
+Stages talk through files in the run directory; the ledger (`run.db`) records their status,
+timings and metrics so a run can be resumed, listed and reported. The standard-library
+`sqlite3` is enough here: one writer (the running stage) and a few small tables.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from edgedistill.errors import UserError
+from edgedistill.recipe import Recipe
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS stages (
+  name TEXT PRIMARY KEY, status TEXT NOT NULL, fingerprint TEXT NOT NULL,
+  started_at REAL, ended_at REAL, seconds REAL, attempts INTEGER NOT NULL DEFAULT 0, error TEXT);
+CREATE TABLE IF NOT EXISTS metrics (
+  stage TEXT NOT NULL, subject TEXT NOT NULL, name TEXT NOT NULL, value REAL,
+  PRIMARY KEY (stage, subject, name));
+"""
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write a file so that a crash leaves either the old or the new content, never half."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+@dataclass(frozen=True)
+class StageRecord:
+    name: str
+    status: str
+    fingerprint: str
+    seconds: float | None
+    attempts: int
+    error: str | None
+
+
+class Ledger:
+    """The run's `run.db`: stage status and metrics."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.db = sqlite3.connect(path, isolation_level=None, timeout=30)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        self.db.close()
+
+    def set_meta(self, key: str, value: str) -> None:
+        self.db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
+
+    def meta(self) -> dict[str, str]:
+        return dict(self.db.execute("SELECT key, value FROM meta"))
+
+    def stage(self, name: str) -> StageRecord | None:
+        row = self.db.execute(
+            "SELECT name, status, fingerprint, seconds, attempts, error FROM stages WHERE name=?", (name,)
+        ).fetchone()
+        return StageRecord(*row) if row else None
+
+    def stages(self) -> list[StageRecord]:
+        rows = self.db.execute(
+            "SELECT name, status, fingerprint, seconds, attempts, error FROM stages ORDER BY started_at")
+        return [StageRecord(*r) for r in rows]
+
+    def start_stage(self, name: str, fingerprint: str) -> None:
+        self.db.execute(
+            "INSERT INTO stages (name, status, fingerprint, started_at, attempts) VALUES (?, 'running', ?, ?, 1) "
+            "ON CONFLICT(name) DO UPDATE SET status='running', fingerprint=excluded.fingerprint, "
+            "started_at=excluded.started_at, ended_at=NULL, seconds=NULL, error=NULL, attempts=attempts+1",
+            (name, fingerprint, time.time()),
+        )
+
+    def end_stage(self, name: str, status: str, error: str | None = None) -> None:
+        now = time.time()
+        self.db.execute(
+            "UPDATE stages SET status=?, ended_at=?, seconds=? - started_at, error=? WHERE name=?",
+            (status, now, now, error, name),
+        )
+
+    def log_metrics(self, stage: str, subject: str, values: dict[str, float]) -> None:
+        with self.db:  # one transaction
+            self.db.executemany(
+                "INSERT OR REPLACE INTO metrics VALUES (?, ?, ?, ?)",
+                [(stage, subject, k, float(v)) for k, v in values.items()],
+            )
+
+    def metrics(self, stage: str, subject: str | None = None) -> dict[str, dict[str, float]]:
+        """`{subject: {name: value}}` for one stage."""
+        sql, args = "SELECT subject, name, value FROM metrics WHERE stage=?", [stage]
+        if subject is not None:
+            sql, args = sql + " AND subject=?", [stage, subject]
+        out: dict[str, dict[str, float]] = {}
+        for subj, name, value in self.db.execute(sql, args):
+            out.setdefault(subj, {})[name] = value
+        return out
+
+
+class RunDir:
+    """The files of one run. Every stage gets its paths from here, never from globals."""
+
+    def __init__(self, root: Path):
+        self.root = root
+
+    @classmethod
+    def for_recipe(cls, recipe: Recipe) -> RunDir:
+        return cls(Path(recipe.run.runs_dir) / recipe.run.name)
+
+    recipe_path = property(lambda self: self.root / "recipe.toml")
+    ledger_path = property(lambda self: self.root / "run.db")
+    store_path = property(lambda self: self.root / "distill.db")
+    student_init_dir = property(lambda self: self.root / "student_init")
+    checkpoints_dir = property(lambda self: self.root / "checkpoints")
+    student_dir = property(lambda self: self.root / "student")
+    eval_dir = property(lambda self: self.root / "eval")
+    report_path = property(lambda self: self.root / "report.md")
+
+    def create(self, recipe: Recipe) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.recipe_path, recipe.to_toml())
+
+    def ledger(self) -> Ledger:
+        if not self.root.is_dir():
+            raise UserError(f"{self.root}: no such run — start it with `edgedistill run RECIPE`")
+        return Ledger(self.ledger_path)
+
+
+@contextmanager
+def open_ledger(run: RunDir) -> Iterator[Ledger]:
+    ledger = run.ledger()
+    try:
+        yield ledger
+    finally:
+        ledger.close()
+
+
+def list_runs(runs_dir: Path) -> list[dict[str, object]]:
+    """One summary per run folder: name, stage statuses, total seconds."""
+    out = []
+    for db_path in sorted(runs_dir.glob("*/run.db")):
+        ledger = Ledger(db_path)
+        try:
+            stages = ledger.stages()
+            out.append({
+                "name": db_path.parent.name,
+                "path": str(db_path.parent),
+                "stages": {s.name: s.status for s in stages},
+                "seconds": sum(s.seconds or 0.0 for s in stages),
+                "meta": json.dumps(ledger.meta()),
+            })
+        finally:
+            ledger.close()
+    return out

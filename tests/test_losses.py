@@ -1,0 +1,101 @@
+import math
+
+import torch
+import torch.nn.functional as F
+
+from edgedistill.distill.losses import (cross_entropy, forward_kl_dense, forward_kl_sparse, log1mexp,
+                                        sparse_student_logprobs)
+
+
+def _topk_target(teacher_logits, k):
+    lp = F.log_softmax(teacher_logits, -1)
+    top_lp, top_ids = lp.topk(k, -1)
+    tail = lp.scatter(-1, top_ids, float("-inf")).logsumexp(-1)
+    return top_ids, top_lp, tail
+
+
+def test_sparse_equals_dense_when_k_is_the_vocabulary():
+    torch.manual_seed(0)
+    student, teacher = torch.randn(5, 11), torch.randn(5, 11) * 2
+    ids, lp, tail = _topk_target(teacher, k=11)
+    assert torch.isneginf(tail).all()
+    sparse = forward_kl_sparse(student, ids, lp, tail)
+    dense = forward_kl_dense(student, teacher)
+    assert torch.allclose(sparse, dense, atol=1e-5), (sparse, dense)
+
+
+def test_zero_for_identical_distributions_sparse_and_dense():
+    torch.manual_seed(1)
+    logits = torch.randn(7, 50)
+    ids, lp, tail = _topk_target(logits, k=8)
+    assert forward_kl_sparse(logits, ids, lp, tail).abs() < 1e-5
+    assert forward_kl_dense(logits, logits).abs() < 1e-6
+
+
+def test_sparse_target_is_a_distribution_and_lower_bounds_dense_kl():
+    torch.manual_seed(2)
+    student, teacher = torch.randn(6, 40), torch.randn(6, 40)
+    ids, lp, tail = _topk_target(teacher, k=5)
+    mass = torch.cat([lp, tail[:, None]], -1).exp().sum(-1)
+    assert torch.allclose(mass, torch.ones(6), atol=1e-5)
+    assert torch.allclose(sparse_student_logprobs(student, ids).exp().sum(-1), torch.ones(6), atol=1e-5)
+    # Merging buckets can only lose information (data-processing inequality).
+    assert forward_kl_sparse(student, ids, lp, tail) <= forward_kl_dense(student, teacher) + 1e-6
+
+
+def test_golden_value_by_hand():
+    # Teacher p = (0.5, 0.3, 0.2) over V=3, k=1 -> buckets (0.5, 0.5).
+    # Student logits 0 -> q = (1/3, 1/3, 1/3) -> buckets (1/3, 2/3).
+    # KL = 0.5 ln(0.5/(1/3)) + 0.5 ln(0.5/(2/3)) = 0.5 ln 1.5 + 0.5 ln 0.75
+    expected = 0.5 * math.log(1.5) + 0.5 * math.log(0.75)
+    ids = torch.tensor([[0]])
+    lp = torch.tensor([[math.log(0.5)]])
+    tail = torch.tensor([math.log(0.5)])
+    got = forward_kl_sparse(torch.zeros(1, 3), ids, lp, tail)
+    assert abs(got.item() - expected) < 1e-6
+
+
+def test_gradients_finite_with_neg_inf_logprobs_and_all_masked_rows():
+    student = torch.randn(4, 9, requires_grad=True)
+    ids = torch.tensor([[0, 1]] * 4)
+    lp = torch.tensor([[0.0, float("-inf")]] * 4)  # teacher certain of token 0
+    tail = torch.full((4,), float("-inf"))
+    loss = forward_kl_sparse(student, ids, lp, tail, mask=torch.tensor([1, 0, 1, 0]))
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(student.grad).all()
+    student.grad = None
+    loss = forward_kl_sparse(student, ids, lp, tail, mask=torch.zeros(4))
+    loss.backward()
+    assert loss.item() == 0.0 and torch.isfinite(student.grad).all()
+
+
+def test_student_tail_stays_finite_when_topk_holds_all_mass():
+    logits = torch.tensor([[50.0, -50.0, -50.0]], requires_grad=True)
+    out = sparse_student_logprobs(logits, torch.tensor([[0]]))
+    out.sum().backward()
+    assert torch.isfinite(out).all() and torch.isfinite(logits.grad).all()
+
+
+def test_mask_selects_tokens():
+    torch.manual_seed(3)
+    student, teacher = torch.randn(4, 10), torch.randn(4, 10)
+    full = forward_kl_dense(student[:2], teacher[:2])
+    masked = forward_kl_dense(student, teacher, mask=torch.tensor([1, 1, 0, 0]))
+    assert torch.allclose(full, masked)
+
+
+def test_dense_chunking_does_not_change_the_value():
+    torch.manual_seed(4)
+    student, teacher = torch.randn(37, 20), torch.randn(37, 20)
+    assert torch.allclose(forward_kl_dense(student, teacher, chunk_size=5),
+                          forward_kl_dense(student, teacher, chunk_size=1000), atol=1e-6)
+
+
+def test_log1mexp_matches_reference():
+    x = torch.tensor([-1e-8, -1e-3, -0.5, -0.7, -2.0, -30.0], dtype=torch.float64)
+    assert torch.allclose(log1mexp(x), torch.log(1 - torch.exp(x)), rtol=1e-6)
+
+
+def test_cross_entropy_matches_torch():
+    logits, labels = torch.randn(6, 12), torch.randint(0, 12, (6,))
+    assert torch.allclose(cross_entropy(logits, labels), F.cross_entropy(logits, labels))

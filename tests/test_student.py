@@ -1,0 +1,60 @@
+import pytest
+import torch
+
+from conftest import build_tiny_model, build_tiny_tokenizer
+from edgedistill.distill.student import angular_block, block_influence, count_parameters, cut_student, even_layers
+from edgedistill.errors import UserError
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_tiny_tokenizer()
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen2"])
+def test_cut_keeps_exactly_the_chosen_layers_bit_for_bit(tokenizer, model_type):
+    teacher = build_tiny_model(tokenizer, model_type, layers=6)
+    kept = [0, 2, 5]
+    student = cut_student(teacher, kept)
+    t, s = teacher.state_dict(), student.state_dict()
+    assert student.config.num_hidden_layers == 3
+    for new, old in enumerate(kept):
+        for key in [k for k in t if k.startswith(f"model.layers.{old}.")]:
+            assert torch.equal(t[key], s[key.replace(f"layers.{old}.", f"layers.{new}.", 1)]), key
+    for key in ("model.embed_tokens.weight", "model.norm.weight"):
+        assert torch.equal(t[key], s[key])
+    assert not any(k.startswith("model.layers.3.") for k in s)
+    assert count_parameters(student) < count_parameters(teacher)
+    ids = torch.tensor([[1, 5, 9, 12]])
+    assert torch.isfinite(student(ids).logits).all()
+
+
+def test_cut_refuses_unknown_architectures(tokenizer):
+    teacher = build_tiny_model(tokenizer, "llama", layers=2)
+    teacher.config.model_type = "gpt_bigcode"
+    with pytest.raises(UserError, match="cannot be cut"):
+        cut_student(teacher, [0])
+
+
+def test_even_layers_keeps_first_and_last():
+    assert even_layers(30, 24)[0] == 0 and even_layers(30, 24)[-1] == 29
+    assert len(even_layers(30, 24)) == 24 and len(even_layers(30, 6)) == 6
+    assert even_layers(4, 2) == [0, 3]
+
+
+def test_angular_block_drops_the_block_that_changes_nothing():
+    torch.manual_seed(0)
+    base = [torch.randn(20, 8) for _ in range(7)]  # 6 layers -> 7 boundaries
+    base[4] = base[2] + 1e-4 * torch.randn(20, 8)  # layers 2 and 3 leave the state unchanged
+    kept, scores = angular_block(base, 2)
+    assert kept == [0, 1, 4, 5]
+    assert min(scores) == scores[2]
+
+
+def test_block_influence_drops_low_influence_layers_but_never_the_last():
+    torch.manual_seed(0)
+    states = [torch.randn(20, 8) for _ in range(6)]  # 5 layers
+    states[2] = states[1].clone()  # layer 1: no change
+    states[5] = states[4].clone()  # last layer: no change, but always kept
+    kept, _ = block_influence(states, 1)
+    assert kept == [0, 2, 3, 4]
