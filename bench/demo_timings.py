@@ -4,7 +4,9 @@ Runs `edgedistill demo` (or `--tiny`) in a temporary runs folder, then prints th
 timings, the key metrics, and an anchor measured in the same process on the same machine
 (float32 matmul GFLOP/s at 2 threads), so numbers from different machines can be compared.
 
-    .venv/bin/python bench/demo_timings.py [--tiny]
+    .venv/bin/python bench/demo_timings.py [--tiny] [--keep DIR]
+
+With --keep DIR the run folder is left in DIR (for bench/cut_strategies.py).
 """
 
 from __future__ import annotations
@@ -33,8 +35,10 @@ def matmul_gflops(n: int = 1024, repeat: int = 20) -> float:
 
 def main() -> None:
     tiny = "--tiny" in sys.argv
+    keep = sys.argv[sys.argv.index("--keep") + 1] if "--keep" in sys.argv else None
     anchor = matmul_gflops()
-    with tempfile.TemporaryDirectory() as runs:
+    with tempfile.TemporaryDirectory() as tmp:
+        runs = keep or tmp
         started = time.perf_counter()
         subprocess.run([sys.executable, "-m", "edgedistill.cli", "demo", "--runs-dir", runs]
                        + (["--tiny"] if tiny else []), check=True)

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import ipaddress
+import importlib.util
 import os
-import socket
 from pathlib import Path
 
 import pytest
@@ -19,30 +18,17 @@ CHATML = (
 )
 
 
-def _is_loopback(address) -> bool:
-    if isinstance(address, tuple) and address:
-        host = address[0]
-        try:
-            return ipaddress.ip_address(host).is_loopback
-        except ValueError:
-            return host == "localhost"
-    return isinstance(address, (str, bytes))  # AF_UNIX paths stay on this machine
+NETGUARD_DIR = Path(__file__).parent / "_netguard"
+# Install the guard in this process (by path: another sitecustomize may already be imported).
+_spec = importlib.util.spec_from_file_location("edgedistill_netguard", NETGUARD_DIR / "sitecustomize.py")
+netguard = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(netguard)
 
 
-@pytest.fixture(autouse=True)
-def block_network(monkeypatch):
-    """Fail any connection to a non-loopback address: tests must run offline."""
-    real_connect, real_connect_ex = socket.socket.connect, socket.socket.connect_ex
-
-    def guarded(real):
-        def connect(self, address):
-            if not _is_loopback(address):
-                raise ConnectionRefusedError(f"test tried to reach the network: {address!r}")
-            return real(self, address)
-        return connect
-
-    monkeypatch.setattr(socket.socket, "connect", guarded(real_connect))
-    monkeypatch.setattr(socket.socket, "connect_ex", guarded(real_connect_ex))
+def subprocess_env() -> dict[str, str]:
+    """Environment for `edgedistill` subprocesses: offline, with the same network guard."""
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200",
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(NETGUARD_DIR), os.environ.get("PYTHONPATH")]))}
 
 
 def build_tiny_tokenizer():

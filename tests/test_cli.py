@@ -1,13 +1,14 @@
 """The command as a user runs it: a real subprocess, exit codes, one-line errors."""
 
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200"}
+from conftest import subprocess_env
+
+ENV = subprocess_env()
 
 
 def edgedistill(*args: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -92,3 +93,14 @@ def test_embedded_teacher_loads_and_answers(tmp_path):
     assert teacher.model_id == "SmolLM2-135M-Instruct-Q4_1"
     assert "Paris" in answer.text
     assert answer.topk_ids.shape == (len(answer.token_ids), 8)
+
+
+@pytest.mark.slow
+def test_demo_tiny_runs_the_whole_path_on_the_embedded_teacher(tmp_path):
+    result = edgedistill("demo", "--tiny", "--runs-dir", "runs", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    run = tmp_path / "runs" / "demo-tiny"
+    assert (run / "student" / "model.safetensors").is_file() and (run / "report.md").is_file()
+    assert "student after KD" in result.stderr and str(run.name) in result.stderr
+    again = edgedistill("demo", "--tiny", "--runs-dir", "runs", cwd=tmp_path)
+    assert again.returncode == 0 and again.stderr.count("reused") == 5

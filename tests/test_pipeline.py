@@ -50,8 +50,8 @@ def test_generation_resumes_after_the_last_stored_row(tiny_recipe):
     db.commit()
     db.close()
     with open_ledger(run) as ledger:
-        ledger.start_stage("generate", "crashed")
-    run_recipe(tiny_recipe, only="generate")
+        ledger.start_stage("generate", ledger.stage("generate").fingerprint)
+    run_recipe(tiny_recipe)  # the full run notices the unfinished stage and resumes it
     with open_ledger(run) as ledger:
         stage = ledger.metrics("generate")["stage"]
         assert ledger.stage("generate").status == "done"
@@ -89,3 +89,47 @@ def test_changed_training_settings_rerun_train_and_later_only(tiny_recipe):
     with open_ledger(run) as ledger:
         attempts = {s.name: s.attempts for s in ledger.stages()}
     assert attempts == {"generate": 1, "student": 1, "train": 2, "evaluate": 2, "report": 2}
+
+
+def test_training_resumes_from_the_last_epoch_checkpoint(tiny_recipe):
+    run = run_recipe(tiny_recipe)
+    with open_ledger(run) as ledger:
+        steps = ledger.metrics("train")["stage"]["steps"]
+        fingerprint = ledger.stage("train").fingerprint
+        # A crash after the last checkpoint, before the student was saved.
+        ledger.start_stage("train", fingerprint)
+    import shutil
+    shutil.rmtree(run.student_dir)
+    assert [p.name for p in (run.checkpoints_dir / fingerprint).iterdir()] == ["epoch-2"]
+    run_recipe(tiny_recipe)
+    with open_ledger(run) as ledger:
+        train = ledger.metrics("train")["stage"]
+        attempts = {s.name: s.attempts for s in ledger.stages()}
+    assert train["resumed_from_epoch"] == 2 and train["steps"] == steps  # totals carried over
+    assert (run.student_dir / "model.safetensors").is_file()
+    # train: the first run, the simulated crashed attempt, the resume; later stages reran.
+    assert attempts == {"generate": 1, "student": 1, "train": 3, "evaluate": 2, "report": 2}
+
+
+def test_a_single_stage_command_makes_later_stages_stale(tiny_recipe):
+    run = run_recipe(tiny_recipe)
+    run_recipe(tiny_recipe, only="train")
+    with open_ledger(run) as ledger:
+        status = {s.name: s.status for s in ledger.stages()}
+    assert status == {"generate": "done", "student": "done", "train": "done", "evaluate": "stale", "report": "stale"}
+    run_recipe(tiny_recipe)
+    with open_ledger(run) as ledger:
+        assert {s.name: s.attempts for s in ledger.stages()}["evaluate"] == 2
+
+
+def test_edited_seed_files_make_generation_rerun(tiny_recipe, tmp_path):
+    seeds = tmp_path / "seeds.jsonl"
+    seeds.write_text("".join(f'{{"instruction": "Task {i}"}}\n' for i in range(5)))
+    recipe = tiny_recipe.model_copy(update={"generate": tiny_recipe.generate.model_copy(
+        update={"seeds": [str(seeds)], "limit_per_source": None})})
+    run = run_recipe(recipe, only="generate")
+    seeds.write_text(seeds.read_text() + '{"instruction": "Task 5"}\n')
+    run_recipe(recipe, only="generate")
+    with open_ledger(run) as ledger:
+        stage = ledger.metrics("generate")["stage"]
+    assert stage["prompts"] == 6 and stage["requested_prompts"] == 1

@@ -36,3 +36,15 @@ def test_text_only_samples_have_no_arrays(tmp_path):
         store.add("S", [s])
         (back,) = store.samples("S")
     assert back.topk_ids is None and back.tail_logprobs is None
+
+
+def test_a_failed_batch_stores_nothing(tmp_path):
+    good, bad = _sample(1), _sample(2)
+    bad.answer_ids = None  # violates NOT NULL: fails inside the INSERT, after `good` went in
+    with SampleStore(tmp_path / "d.db") as store:
+        import sqlite3
+
+        import pytest
+        with pytest.raises(sqlite3.IntegrityError):
+            store.add("S", [good, bad])
+        assert store.count("S") == 0

@@ -3,6 +3,7 @@ settings, so a crash or a second `make demo` resumes instead of starting over.""
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -60,14 +61,16 @@ def run_recipe(recipe: Recipe, only: str | None = None) -> RunDir:
     """Run every stage (or just `only`, whose upstream stages must be done) of the recipe's run."""
     if only is not None and only not in STAGE_NAMES:
         raise UserError(f"unknown stage '{only}' (stages: {', '.join(STAGE_NAMES)})")
-    preflight(recipe)
+    inputs = preflight(recipe)
     run = RunDir.for_recipe(recipe)
     run.create(recipe)
     with open_ledger(run) as ledger:
         ledger.set_meta("run", recipe.run.name)
         upstream_ran = False
         for stage in STAGES:
-            fingerprint = recipe.fingerprint(*stage.depends_on)
+            # Seed contents are inputs too; the run seed matters from the student on.
+            extra = inputs if stage.name == "generate" else f"{inputs}|seed={recipe.run.seed}"
+            fingerprint = recipe.fingerprint(*stage.depends_on, extra=extra)
             record = ledger.stage(stage.name)
             fresh = record is not None and record.status == "done" and record.fingerprint == fingerprint
             if only is not None and stage.name != only:
@@ -80,18 +83,24 @@ def run_recipe(recipe: Recipe, only: str | None = None) -> RunDir:
                 continue
             _run_stage(stage, recipe, run, ledger, fingerprint)
             upstream_ran = True
+        if only is not None:
+            ledger.mark_stale(list(STAGE_NAMES[STAGE_NAMES.index(only) + 1:]))
     return run
 
 
-def preflight(recipe: Recipe) -> None:
-    """Check the cheap things (seed files, teacher path, architecture) before any stage starts,
-    so a typo costs a second and one line, not a half-run."""
+def preflight(recipe: Recipe) -> str:
+    """Check the cheap things (seed files, teacher path, architecture, student size) before
+    any stage starts, so a typo costs a second and one line, not a half-run. Returns a hash of
+    the prompts, so that edited seed files make the stages rerun."""
     from edgedistill.data.prompts import load_prompts
-    from edgedistill.teachers.hf import resolve_source
+    from edgedistill.distill.student import check_cut
+    from edgedistill.teachers.hf import model_shape, resolve_source
 
-    load_prompts(recipe.generate.seeds, recipe.generate.heldout_fraction, recipe.generate.limit_per_source)
+    prompts = load_prompts(recipe.generate.seeds, recipe.generate.heldout_fraction, recipe.generate.limit_per_source)
     if recipe.teacher.backend == "hf":
-        resolve_source(recipe.teacher.model)
+        model_type, n_layers = model_shape(resolve_source(recipe.teacher.model))
+        check_cut(model_type, n_layers, recipe.student.keep_layers)
+    return hashlib.sha256("".join(sorted(f"{p.id}:{p.split}" for p in prompts)).encode()).hexdigest()[:16]
 
 
 def _run_stage(stage: Stage, recipe: Recipe, run: RunDir, ledger: Ledger, fingerprint: str) -> None:

@@ -105,10 +105,10 @@ class Recipe(_Section):
     def to_toml(self) -> str:
         return tomli_w.dumps(self.model_dump(mode="json", exclude_none=True))
 
-    def fingerprint(self, *sections: str) -> str:
-        """Hash of the named sections: a stage reruns when the sections it depends on change."""
+    def fingerprint(self, *sections: str, extra: str = "") -> str:
+        """Hash of the named sections (and `extra`): a stage reruns when what it depends on changes."""
         data = {s: getattr(self, s).model_dump(mode="json") for s in sections}
-        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+        return hashlib.sha256((json.dumps(data, sort_keys=True) + extra).encode()).hexdigest()[:16]
 
 
 def _describe_validation_error(err: ValidationError, source: str) -> str:

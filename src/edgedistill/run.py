@@ -42,6 +42,19 @@ def atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+@contextmanager
+def transaction(db: sqlite3.Connection) -> Iterator[None]:
+    """BEGIN ... COMMIT, or ROLLBACK on any error. Needed because the connections run in
+    autocommit mode (isolation_level=None), where `with db:` opens no transaction."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    db.execute("COMMIT")
+
+
 @dataclass(frozen=True)
 class StageRecord:
     name: str
@@ -96,8 +109,13 @@ class Ledger:
             (status, now, now, error, name),
         )
 
+    def mark_stale(self, names: list[str]) -> None:
+        """Stages whose inputs were rebuilt by a single-stage command: rerun them next time."""
+        self.db.executemany("UPDATE stages SET status='stale' WHERE name=? AND status='done'",
+                            [(n,) for n in names])
+
     def log_metrics(self, stage: str, subject: str, values: dict[str, float]) -> None:
-        with self.db:  # one transaction
+        with transaction(self.db):
             self.db.executemany(
                 "INSERT OR REPLACE INTO metrics VALUES (?, ?, ?, ?)",
                 [(stage, subject, k, float(v)) for k, v in values.items()],

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
+from edgedistill.run import transaction
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS samples (
   key TEXT PRIMARY KEY,           -- hash(teacher, settings, prompt messages)
@@ -100,9 +102,11 @@ class SampleStore:
             int(s.finished), 0 if s.topk_ids is None else s.topk_ids.shape[1], _blob(s.topk_ids, "int32"),
             _blob(s.topk_logprobs, "float16"), _blob(s.tail_logprobs, "float32"), time.time(),
         ) for s in samples]
-        with self.db:
+        with transaction(self.db):
             before = self.db.total_changes
-            self.db.executemany("INSERT OR IGNORE INTO samples VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)", rows)
+            # ON CONFLICT(key) skips stored keys only; OR IGNORE would also drop rows that break NOT NULL.
+            self.db.executemany("INSERT INTO samples VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?) "
+                                "ON CONFLICT(key) DO NOTHING", rows)
             return self.db.total_changes - before
 
     def samples(self, settings: str, split: str | None = None) -> Iterator[Sample]:

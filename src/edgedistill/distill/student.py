@@ -77,11 +77,19 @@ def block_influence(states: list[torch.Tensor], n_drop: int) -> tuple[list[int],
     return [i for i in range(n_layers) if i not in dropped], scores
 
 
-def choose_layers(model, strategy: str, keep: int, samples: Sequence[Sample]) -> tuple[list[int], list[float]]:
-    n_layers = model.config.num_hidden_layers
+def check_cut(model_type: str, n_layers: int, keep: int) -> None:
+    """The cut is possible: a known decoder stack, and fewer layers kept than the teacher has."""
+    if model_type not in CUTTABLE:
+        raise UserError(f"teacher architecture '{model_type}' cannot be cut into a student yet "
+                        f"(supported: {', '.join(sorted(CUTTABLE))})")
     if not 1 <= keep < n_layers:
         raise UserError(f"student.keep_layers: must be between 1 and {n_layers - 1} for this "
                         f"{n_layers}-layer teacher (got {keep})")
+
+
+def choose_layers(model, strategy: str, keep: int, samples: Sequence[Sample]) -> tuple[list[int], list[float]]:
+    n_layers = model.config.num_hidden_layers
+    check_cut(model.config.model_type, n_layers, keep)
     if strategy == "even":
         return even_layers(n_layers, keep), []
     if not samples:
@@ -107,10 +115,7 @@ def cut_student(teacher, kept: list[int]):
     """A new model holding exactly the teacher's kept layers (renumbered), embeddings, norm and head."""
     from transformers import AutoModelForCausalLM
 
-    model_type = teacher.config.model_type
-    if model_type not in CUTTABLE:
-        raise UserError(f"teacher architecture '{model_type}' cannot be cut into a student yet "
-                        f"(supported: {', '.join(sorted(CUTTABLE))})")
+    check_cut(teacher.config.model_type, teacher.config.num_hidden_layers, len(kept))
     student = AutoModelForCausalLM.from_config(_cut_config(teacher.config, kept), dtype=teacher.dtype)
     renumber = {old: new for new, old in enumerate(kept)}
     state = {}

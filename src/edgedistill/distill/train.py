@@ -17,6 +17,7 @@ import math
 import os
 import shutil
 import time
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -33,9 +34,18 @@ from edgedistill.recipe import Recipe
 from edgedistill.run import Ledger, RunDir
 
 
-def kd_loss(model, batch, alpha_ce: float) -> tuple[torch.Tensor, dict[str, float]]:
+@dataclass
+class Totals:
+    """Work done so far, kept in each checkpoint so a resumed run reports the whole training."""
+
+    steps: int = 0
+    tokens: int = 0
+    seconds: float = 0.0
+
+
+def kd_loss(model, batch, alpha_ce: float, head=None) -> tuple[torch.Tensor, dict[str, float]]:
     """The KD step's loss and its parts for logging."""
-    logits = answer_logits(model, batch)  # (N, V)
+    logits = answer_logits(model, batch, head)  # (N, V)
     ce = cross_entropy(logits, batch.labels.to(logits.device))
     if batch.topk_ids is None or alpha_ce == 1.0:
         return ce, {"ce": ce.item()}
@@ -49,16 +59,22 @@ def _last_checkpoint(folder: Path) -> tuple[int, Path] | None:
     return (int(done[-1].name.split("-")[1]), done[-1]) if done else None
 
 
-def _save_checkpoint(accelerator, folder: Path, epoch: int) -> None:
+def _save_checkpoint(accelerator, folder: Path, epoch: int, totals: Totals) -> None:
     """accelerate state into a temp folder, renamed into place; older checkpoints removed."""
-    folder.mkdir(parents=True, exist_ok=True)
     tmp = folder / f".epoch-{epoch}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
+    if accelerator.is_main_process:
+        folder.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp), safe_serialization=True)
-    os.replace(tmp, folder / f"epoch-{epoch}")
-    for old in folder.glob("epoch-*"):
-        if old.name != f"epoch-{epoch}":
-            shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (tmp / "totals.json").write_text(json.dumps(asdict(totals)), encoding="utf-8")
+        os.replace(tmp, folder / f"epoch-{epoch}")
+        for old in folder.glob("epoch-*"):
+            if old.name != f"epoch-{epoch}":
+                shutil.rmtree(old)
+    accelerator.wait_for_everyone()
 
 
 def _cosine_with_warmup(optimizer, warmup: int, total: int):
@@ -105,15 +121,18 @@ def run_train(recipe: Recipe, run: RunDir, ledger: Ledger) -> dict[str, float]:
     for stale in run.checkpoints_dir.glob("*") if run.checkpoints_dir.is_dir() else []:
         if stale != checkpoints:
             shutil.rmtree(stale, ignore_errors=True)
-    start_epoch = 0
+    start_epoch, totals = 0, Totals()
     if (last := _last_checkpoint(checkpoints)) is not None:
         start_epoch, path = last
         accelerator.load_state(str(path))
+        totals = Totals(**json.loads((path / "totals.json").read_text(encoding="utf-8")))
         console.print(f"resuming training after epoch {start_epoch} ({path})")
+    ledger.log_metrics("train", "stage", {"resumed_from_epoch": start_epoch})
 
+    head = accelerator.unwrap_model(model).get_output_embeddings()
     log_path = run.root / "train_log.jsonl"
-    started, tokens, steps, capped, epochs_done = time.perf_counter(), 0, 0, False, start_epoch
-    deadline = started + cfg.max_minutes * 60 if cfg.max_minutes else None
+    started, capped, epochs_done, new_tokens = time.perf_counter(), False, start_epoch, 0
+    deadline = started + cfg.max_minutes * 60 - totals.seconds if cfg.max_minutes else None
     with stage_progress() as progress, log_path.open("a", encoding="utf-8") as log:
         task = progress.add_task("train", total=(cfg.epochs - start_epoch) * steps_per_epoch, rate="")
         for epoch in range(start_epoch, cfg.epochs):
@@ -123,15 +142,18 @@ def run_train(recipe: Recipe, run: RunDir, ledger: Ledger) -> dict[str, float]:
                 examples, batch_size=cfg.batch_size, sampler=order,
                 collate_fn=lambda ex: collate(ex, tokenizer.pad_token_id)))
             for batch in loader:
-                loss, parts = kd_loss(model, batch, cfg.alpha_ce)
+                with accelerator.autocast():
+                    loss, parts = kd_loss(model, batch, cfg.alpha_ce, head)
                 accelerator.backward(loss)
                 accelerator.clip_grad_norm_(model.parameters(), 1.0)
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
-                steps, tokens = steps + 1, tokens + batch.n_tokens
-                rate = tokens / (time.perf_counter() - started)
-                log.write(json.dumps({"epoch": epoch, "step": epoch * steps_per_epoch + steps, "loss": loss.item(),
+                totals.steps += 1
+                totals.tokens += batch.n_tokens
+                new_tokens += batch.n_tokens
+                rate = new_tokens / (time.perf_counter() - started)
+                log.write(json.dumps({"epoch": epoch, "step": totals.steps, "loss": loss.item(),
                                       **parts, "lr": scheduler.get_last_lr()[0]}) + "\n")
                 log.flush()
                 progress.update(task, advance=1, rate=f"{rate:.0f} tok/s loss {loss.item():.3f}")
@@ -140,13 +162,16 @@ def run_train(recipe: Recipe, run: RunDir, ledger: Ledger) -> dict[str, float]:
                     break
             if capped:
                 break
-            _save_checkpoint(accelerator, checkpoints, epoch + 1)
             epochs_done = epoch + 1
+            _save_checkpoint(accelerator, checkpoints, epochs_done,
+                             replace(totals, seconds=totals.seconds + time.perf_counter() - started))
 
-    seconds = time.perf_counter() - started
-    save_model(accelerator.unwrap_model(model), tokenizer, run.student_dir,
-               extra={"trained_from": str(run.student_init_dir), "objective": "ce+forward_kl_sparse",
-                      "alpha_ce": cfg.alpha_ce})
-    return {"steps": steps, "train_tokens": tokens, "train_seconds": seconds,
-            "tokens_per_s": tokens / seconds if seconds else 0.0, "capped_by_time": float(capped),
-            "train_samples": len(examples), "epochs_done": epochs_done}
+    totals.seconds += time.perf_counter() - started
+    if accelerator.is_main_process:
+        save_model(accelerator.unwrap_model(model), tokenizer, run.student_dir,
+                   extra={"trained_from": str(run.student_init_dir), "objective": "ce+forward_kl_sparse",
+                          "alpha_ce": cfg.alpha_ce})
+    accelerator.wait_for_everyone()
+    return {"steps": totals.steps, "train_tokens": totals.tokens, "train_seconds": totals.seconds,
+            "tokens_per_s": totals.tokens / totals.seconds if totals.seconds else 0.0,
+            "capped_by_time": float(capped), "train_samples": len(examples), "epochs_done": epochs_done}

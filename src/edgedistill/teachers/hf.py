@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 
 from edgedistill.console import console
 from edgedistill.errors import UserError
@@ -92,6 +93,16 @@ def _load_error(where: Path, exc: Exception) -> UserError:
     return UserError(f"{where}: cannot load this model (unsupported architecture or broken files: {first})")
 
 
+def gguf_cache_dir(source: ModelSource) -> Path:
+    """Where the safetensors copy of a GGUF lives: keyed by the file's identity and transformers' version."""
+    import transformers
+
+    gguf_path = (source.folder / source.gguf_file).resolve()
+    stat = gguf_path.stat()
+    key = hashlib.sha256(f"{gguf_path}|{stat.st_size}|{stat.st_mtime_ns}|{transformers.__version__}".encode())
+    return cache_root() / "gguf" / f"{gguf_path.stem}-{key.hexdigest()[:12]}"
+
+
 def gguf_as_safetensors(source: ModelSource) -> Path:
     """A safetensors copy of a GGUF model, converted once and cached.
 
@@ -100,12 +111,9 @@ def gguf_as_safetensors(source: ModelSource) -> Path:
     The copy is written to a temporary folder and renamed, so a crash never leaves half of it.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    import transformers
 
     gguf_path = (source.folder / source.gguf_file).resolve()
-    stat = gguf_path.stat()
-    key = hashlib.sha256(f"{gguf_path}|{stat.st_size}|{stat.st_mtime_ns}|{transformers.__version__}".encode())
-    target = cache_root() / "gguf" / f"{gguf_path.stem}-{key.hexdigest()[:12]}"
+    target = gguf_cache_dir(source)
     if (target / "config.json").is_file():
         return target
     _quiet_transformers()
@@ -116,7 +124,7 @@ def gguf_as_safetensors(source: ModelSource) -> Path:
                                                       local_files_only=True)
             quantized = AutoModelForCausalLM.from_pretrained(source.folder, gguf_file=source.gguf_file,
                                                              local_files_only=True)
-    except (ValueError, KeyError, OSError) as exc:
+    except (ValueError, KeyError, OSError, RuntimeError, NotImplementedError) as exc:
         raise _load_error(gguf_path, exc) from None
     config = quantized.config
     if hasattr(config, "quantization_config"):
@@ -134,6 +142,23 @@ def gguf_as_safetensors(source: ModelSource) -> Path:
     except OSError:  # another process finished first: keep theirs
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def model_shape(source: ModelSource) -> tuple[str, int]:
+    """(model_type, decoder layers) from config.json or GGUF metadata, without loading weights."""
+    folder = source.folder if source.gguf_file is None else gguf_cache_dir(source)
+    if (folder / "config.json").is_file():
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        return str(config.get("model_type")), int(config.get("num_hidden_layers") or 0)
+    from gguf import GGUFReader  # ~7 s on the embedded GGUF (it parses the whole vocabulary)
+
+    path = source.folder / source.gguf_file
+    try:
+        fields = GGUFReader(path).fields
+        arch = fields["general.architecture"].contents()
+        return str(arch), int(fields[f"{arch}.block_count"].contents())
+    except (KeyError, ValueError, OSError) as exc:
+        raise UserError(f"{path}: not a readable GGUF model ({exc})") from None
 
 
 def check_architecture(config_path: Path) -> None:
@@ -161,7 +186,7 @@ def load_causal_lm(spec: str, dtype: str = "float32"):
         tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype),
                                                      use_safetensors=True, **kwargs)
-    except (ValueError, KeyError, OSError) as exc:
+    except (ValueError, KeyError, OSError, RuntimeError, NotImplementedError, SafetensorError) as exc:
         raise _load_error(folder, exc) from None
     prepare_tokenizer(tokenizer)
     model.eval()
