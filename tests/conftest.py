@@ -91,3 +91,55 @@ def tiny_recipe(tiny_teacher_dir, tmp_path):
         "train": {"epochs": 2, "batch_size": 2, "lr": 1e-3},
         "evaluate": {"speed_prompts": 1, "speed_tokens": 8},
     }, "<tiny test recipe>")
+
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+class ScriptedTeacher:
+    """A registered teacher backend for tests of the data engine: it 'invents' tasks by quoting
+    real questions (GSM8K in English, JCommonsenseQA in Japanese, from ../shared/data), plus one
+    copy of an example and one blacklisted task per request, and answers other prompts with a
+    short text. Its output is a pure function of the prompt, like a greedy model's."""
+
+    model_id = "scripted"
+
+    def __init__(self, teacher_cfg, gen_cfg):
+        import json
+
+        read = lambda path, key: [json.loads(line)[key] for line in path.read_text().splitlines()[:400]]
+        self.corpus = {"en": read(SHARED_DATA / "gsm8k" / "train.jsonl", "question"),
+                       "ja": read(SHARED_DATA / "jcommonsenseqa" / "train-v1.3.jsonl", "question")}
+
+    def chat(self, batch, sampling=None):
+        import hashlib
+
+        from edgedistill.data.selfinstruct import parse_tasks
+        from edgedistill.teachers import Completion
+
+        out = []
+        for messages in batch:
+            prompt = messages[-1]["content"]
+            if sampling is None:
+                text = f"Answer: {prompt[:20]}"
+            else:
+                ja = "指示" in prompt
+                examples = parse_tasks(prompt)
+                corpus = self.corpus["ja" if ja else "en"]
+                start = int(hashlib.sha256(prompt.encode()).hexdigest(), 16) % len(corpus)
+                ideas = [corpus[(start + i) % len(corpus)] for i in range(3)]
+                ideas += [examples[0].instruction, "写真を撮って送ってください。" if ja else "Draw a picture of a cat."]
+                label, noinput = ("指示：", "入力：なし") if ja else ("Instruction: ", "Input: <noinput>")
+                text = "\n".join(f"{len(examples) + i + 1}. {label}{idea}\n{noinput}" for i, idea in enumerate(ideas))
+            out.append(Completion(prompt_ids=[1, 2], token_ids=[3, 4, 5], text=text, finished=True))
+        return out
+
+
+@pytest.fixture()
+def scripted_teacher():
+    if not (SHARED_DATA / "gsm8k").is_dir() or not (SHARED_DATA / "jcommonsenseqa").is_dir():
+        pytest.skip("../shared/data not present")
+    from edgedistill.teachers import register_backend
+
+    register_backend("scripted")(ScriptedTeacher)
+    return "scripted"

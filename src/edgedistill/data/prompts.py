@@ -6,6 +6,7 @@ machine and every rerun, and adding seeds moves few existing prompts across the 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -20,19 +21,36 @@ BUNDLED = ("en", "ja")
 
 
 @dataclass(frozen=True)
+class SeedTask:
+    instruction: str
+    input: str = ""
+
+    @property
+    def text(self) -> str:
+        """The user turn: the instruction, then the input after a blank line."""
+        return self.instruction + (f"\n\n{self.input}" if self.input else "")
+
+
+@dataclass(frozen=True)
 class Prompt:
     id: str  # hash of the prompt messages (ARCHITECTURE.md record contract)
     messages: list[dict[str, str]]
     lang: str
     source: str
     split: str  # "train" | "heldout"
+    task: SeedTask
 
 
 def prompt_id(messages: list[dict[str, str]]) -> str:
     return hashlib.sha256(json.dumps(messages, ensure_ascii=False, sort_keys=True).encode()).hexdigest()[:24]
 
 
-def _record_text(record: dict, where: str) -> str:
+def make_prompt(task: SeedTask, source: str, split: str) -> Prompt:
+    messages = [{"role": "user", "content": task.text}]
+    return Prompt(prompt_id(messages), messages, detect_lang(task.instruction), source, split, task)
+
+
+def _record_task(record: dict, where: str) -> SeedTask:
     """Instruction plus optional input; also reads the Self-Instruct seed layout (instances[0].input)."""
     instruction = record.get("instruction")
     if not isinstance(instruction, str) or not instruction.strip():
@@ -40,8 +58,7 @@ def _record_text(record: dict, where: str) -> str:
     extra = record.get("input")
     if extra is None and isinstance(record.get("instances"), list) and record["instances"]:
         extra = record["instances"][0].get("input")
-    extra = extra.strip() if isinstance(extra, str) else ""
-    return instruction.strip() + (f"\n\n{extra}" if extra else "")
+    return SeedTask(instruction.strip(), extra.strip() if isinstance(extra, str) else "")
 
 
 def _read_lines(source: str) -> tuple[list[str], str]:
@@ -61,9 +78,9 @@ def _read_lines(source: str) -> tuple[list[str], str]:
         raise UserError(f"{path}: not UTF-8 text — save the seed file as UTF-8 JSONL") from None
 
 
-def read_seed_texts(source: str) -> list[str]:
+def read_seed_tasks(source: str) -> list[SeedTask]:
     lines, where = _read_lines(source)
-    texts = []
+    tasks = []
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
@@ -73,23 +90,27 @@ def read_seed_texts(source: str) -> list[str]:
             raise UserError(f"{where}:{number}: not valid JSON ({exc.msg})") from None
         if not isinstance(record, dict):
             raise UserError(f"{where}:{number}: expected a JSON object per line")
-        texts.append(_record_text(record, f"{where}:{number}"))
-    if not texts:
+        tasks.append(_record_task(record, f"{where}:{number}"))
+    if not tasks:
         raise UserError(f"{where}: no seed records — add JSONL lines with an 'instruction'")
-    return texts
+    return tasks
+
+
+def read_seed_texts(source: str) -> list[str]:
+    return [task.text for task in read_seed_tasks(source)]
 
 
 def load_prompts(sources: list[str], heldout_fraction: float, limit_per_source: int | None = None) -> list[Prompt]:
     """All prompts of all sources, deduplicated, each tagged with its language and split."""
     prompts: dict[str, Prompt] = {}
     for source in sources:
-        texts = read_seed_texts(source)
-        messages = [[{"role": "user", "content": t}] for t in texts]
-        ordered = sorted(((prompt_id(m), m) for m in messages), key=lambda x: x[0])
+        ordered = sorted((make_prompt(task, source, "train") for task in read_seed_tasks(source)),
+                         key=lambda p: p.id)
         if limit_per_source:
             ordered = ordered[:limit_per_source]
         n_heldout = max(1, math.ceil(heldout_fraction * len(ordered))) if len(ordered) > 1 else 0
-        for rank, (pid, msgs) in enumerate(ordered):
-            split = "heldout" if rank < n_heldout else "train"
-            prompts.setdefault(pid, Prompt(pid, msgs, detect_lang(msgs[0]["content"]), source, split))
+        for rank, prompt in enumerate(ordered):
+            if rank < n_heldout:
+                prompt = dataclasses.replace(prompt, split="heldout")
+            prompts.setdefault(prompt.id, prompt)
     return list(prompts.values())

@@ -127,3 +127,48 @@ class SampleStore:
             return self.db.execute("SELECT COUNT(*) FROM samples WHERE settings=? AND split=?",
                                    (settings, split)).fetchone()[0]
         return self.db.execute("SELECT COUNT(*) FROM samples WHERE settings=?", (settings,)).fetchone()[0]
+
+
+INSTRUCTIONS_SCHEMA = """
+CREATE TABLE IF NOT EXISTS instructions (
+  settings TEXT NOT NULL, request INTEGER NOT NULL, position INTEGER NOT NULL,
+  instruction TEXT NOT NULL, input TEXT NOT NULL, lang TEXT NOT NULL, created_at REAL NOT NULL,
+  PRIMARY KEY (settings, request, position));
+CREATE TABLE IF NOT EXISTS bootstrap_requests (
+  settings TEXT NOT NULL, request INTEGER NOT NULL, counts TEXT NOT NULL,  -- filter counts, JSON
+  PRIMARY KEY (settings, request));
+"""
+
+
+class InstructionStore:
+    """Self-Instruct's accepted instructions, one transaction per batch of teacher requests, so
+    a rerun after a crash continues from the last finished batch with the same pool (the
+    prompts of a batch are built from the pool as it was before the batch)."""
+
+    def __init__(self, db: sqlite3.Connection):
+        self.db = db
+        self.db.executescript(INSTRUCTIONS_SCHEMA)
+
+    def add_batch(self, settings: str, requests: list[tuple[int, list[tuple[str, str, str]], dict[str, int]]]) -> None:
+        """requests: (request number, kept (instruction, input, lang) in acceptance order, filter counts)."""
+        with transaction(self.db):
+            for request, kept, counts in requests:
+                self.db.executemany("INSERT INTO instructions VALUES (?,?,?,?,?,?,?)",
+                                    [(settings, request, i, ins, inp, lang, time.time())
+                                     for i, (ins, inp, lang) in enumerate(kept)])
+                self.db.execute("INSERT INTO bootstrap_requests VALUES (?,?,?)",
+                                (settings, request, json.dumps(counts)))
+
+    def instructions(self, settings: str) -> list[tuple[str, str, str]]:
+        return list(self.db.execute("SELECT instruction, input, lang FROM instructions WHERE settings=? "
+                                    "ORDER BY request, position", (settings,)))
+
+    def requests_done(self, settings: str) -> int:
+        return self.db.execute("SELECT COUNT(*) FROM bootstrap_requests WHERE settings=?", (settings,)).fetchone()[0]
+
+    def counts(self, settings: str) -> dict[str, int]:
+        total: dict[str, int] = {}
+        for (counts,) in self.db.execute("SELECT counts FROM bootstrap_requests WHERE settings=?", (settings,)):
+            for reason, n in json.loads(counts).items():
+                total[reason] = total.get(reason, 0) + n
+        return total

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 from edgedistill.console import console
-from edgedistill.data.generate import generation_settings
-from edgedistill.data.store import SampleStore
+from edgedistill.data.generate import load_distill_set
 from edgedistill.distill.student import choose_layers, count_parameters, cut_student, save_model
 from edgedistill.errors import UserError
 from edgedistill.recipe import Recipe
@@ -15,9 +14,7 @@ from edgedistill.teachers.hf import load_causal_lm
 def run_student(recipe: Recipe, run: RunDir, ledger: Ledger) -> dict[str, float]:
     cfg = recipe.student
     teacher, tokenizer, _ = load_causal_lm(recipe.teacher.model, recipe.teacher.dtype)
-    with SampleStore(run.store_path) as store:
-        probe = [s for _, s in zip(range(cfg.probe_samples),
-                                   store.samples(generation_settings(recipe), split="train"))]
+    probe = load_distill_set(run, split="train")[:cfg.probe_samples]
     kept, scores = choose_layers(teacher, cfg.strategy, cfg.keep_layers, probe)
     student = cut_student(teacher, kept)
     teacher_params, student_params = count_parameters(teacher), count_parameters(student)

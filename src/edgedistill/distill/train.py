@@ -24,8 +24,7 @@ import torch
 from torch.utils.data import DataLoader, RandomSampler
 
 from edgedistill.console import console, stage_progress
-from edgedistill.data.generate import generation_settings
-from edgedistill.data.store import SampleStore
+from edgedistill.data.generate import load_distill_set
 from edgedistill.distill.batches import answer_logits, collate, to_example
 from edgedistill.distill.losses import cross_entropy, forward_kl_sparse
 from edgedistill.distill.student import save_model
@@ -92,8 +91,7 @@ def run_train(recipe: Recipe, run: RunDir, ledger: Ledger) -> dict[str, float]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     cfg = recipe.train
-    with SampleStore(run.store_path) as store:
-        samples = list(store.samples(generation_settings(recipe), split="train"))
+    samples = load_distill_set(run, split="train")
     examples = [e for e in (to_example(s, cfg.max_seq_len) for s in samples) if e is not None]
     if not examples:
         raise UserError(f"{run.store_path}: no training samples — run the generate stage first")

@@ -62,7 +62,8 @@ Held-out prompts: {int(gen.get('heldout_prompts', 0))} (never trained on). edged
 Perplexity is of the teacher's answers to the held-out prompts; top-1 agreement is the share
 of answer positions where the model's most likely token is the teacher's; ROUGE-L compares
 the model's greedy answer with the teacher's (Japanese by character); decode speed is batch 1
-on this machine, prefill excluded.
+on this machine, prefill excluded. The teacher's own ROUGE-L is below 1 when batched greedy
+decoding with different padding drifts at near-ties: read it as the noise floor of that column.
 
 ## Data and training
 

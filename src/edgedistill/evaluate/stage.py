@@ -6,8 +6,7 @@ import json
 import time
 
 from edgedistill.console import console
-from edgedistill.data.generate import generation_settings
-from edgedistill.data.store import SampleStore
+from edgedistill.data.generate import load_distill_set
 from edgedistill.distill.student import count_parameters
 from edgedistill.errors import UserError
 from edgedistill.evaluate.metrics import (decode_tokens_per_second, greedy_answers, rouge_by_lang,
@@ -35,8 +34,7 @@ def evaluate_model(model, tokenizer, samples, recipe: Recipe) -> tuple[dict[str,
 
 
 def run_evaluate(recipe: Recipe, run: RunDir, ledger: Ledger) -> dict[str, float]:
-    with SampleStore(run.store_path) as store:
-        samples = list(store.samples(generation_settings(recipe), split="heldout"))
+    samples = load_distill_set(run, split="heldout")
     if not samples:
         raise UserError(f"{run.store_path}: no held-out samples — raise generate.heldout_fraction or add seeds")
     sources = {"teacher": recipe.teacher.model, "student_before": str(run.student_init_dir),

