@@ -5,8 +5,10 @@ timings, the key metrics, and an anchor measured in the same process on the same
 (float32 matmul GFLOP/s at 2 threads), so numbers from different machines can be compared.
 
     .venv/bin/python bench/demo_timings.py [--tiny] [--keep DIR]
+    .venv/bin/python bench/demo_timings.py --from-run runs/demo
 
-With --keep DIR the run folder is left in DIR (for bench/cut_strategies.py).
+With --keep DIR the run folder is left in DIR (for bench/cut_strategies.py); --from-run
+summarises a finished run's ledger instead of starting one.
 """
 
 from __future__ import annotations
@@ -33,30 +35,41 @@ def matmul_gflops(n: int = 1024, repeat: int = 20) -> float:
     return 2 * n**3 * repeat / (time.perf_counter() - started) / 1e9
 
 
+def summarize(run_db: Path) -> dict:
+    ledger = Ledger(run_db)
+    try:
+        gen, train = ledger.metrics("generate")["stage"], ledger.metrics("train")["stage"]
+        return {
+            "stage_seconds": {s.name: round(s.seconds or 0.0, 1) for s in ledger.stages()},
+            "teacher_tokens_per_s": round(gen["teacher_tokens_per_s"], 1), "answer_tokens": gen["answer_tokens"],
+            "train_tokens_per_s": round(train["tokens_per_s"], 1),
+            "evaluate": {subject: {k: round(v, 4) for k, v in m.items()}
+                         for subject, m in ledger.metrics("evaluate").items() if subject != "stage"},
+        }
+    finally:
+        ledger.close()
+
+
 def main() -> None:
+    """--from-run DIR summarises an existing run (e.g. the one `make demo` just made) instead."""
     tiny = "--tiny" in sys.argv
     keep = sys.argv[sys.argv.index("--keep") + 1] if "--keep" in sys.argv else None
+    from_run = sys.argv[sys.argv.index("--from-run") + 1] if "--from-run" in sys.argv else None
     anchor = matmul_gflops()
-    with tempfile.TemporaryDirectory() as tmp:
-        runs = keep or tmp
-        started = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "edgedistill.cli", "demo", "--runs-dir", runs]
-                       + (["--tiny"] if tiny else []), check=True)
-        wall = time.perf_counter() - started
-        ledger = Ledger(next(Path(runs).glob("*/run.db")))
-        stages = {s.name: round(s.seconds or 0.0, 1) for s in ledger.stages()}
-        results = {subject: {k: round(v, 4) for k, v in m.items()} for subject, m in ledger.metrics("evaluate").items()}
-        gen = ledger.metrics("generate")["stage"]
-        train = ledger.metrics("train")["stage"]
-        ledger.close()
-    print(json.dumps({
-        "benchmark": "demo_timings", "recipe": "demo_tiny" if tiny else "demo",
-        "machine": {"cpu_threads": torch.get_num_threads(), "platform": platform.platform(),
-                    "anchor_matmul_fp32_gflops": round(anchor, 1)},
-        "wall_seconds": round(wall, 1), "stage_seconds": stages,
-        "teacher_tokens_per_s": round(gen["teacher_tokens_per_s"], 1), "answer_tokens": gen["answer_tokens"],
-        "train_tokens_per_s": round(train["tokens_per_s"], 1), "evaluate": results,
-    }, indent=2))
+    result: dict = {"benchmark": "demo_timings", "machine": {
+        "cpu_threads": torch.get_num_threads(), "platform": platform.platform(),
+        "anchor_matmul_fp32_gflops": round(anchor, 1)}}
+    if from_run:
+        result |= {"run": from_run} | summarize(Path(from_run) / "run.db")
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            runs = keep or tmp
+            started = time.perf_counter()
+            subprocess.run([sys.executable, "-m", "edgedistill.cli", "demo", "--runs-dir", runs]
+                           + (["--tiny"] if tiny else []), check=True)
+            result |= {"recipe": "demo_tiny" if tiny else "demo", "wall_seconds": round(time.perf_counter() - started, 1)}
+            result |= summarize(next(Path(runs).glob("*/run.db")))
+    print(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":

@@ -76,7 +76,7 @@ class StudentCfg(_Section):
     init: Literal["cut"] = Field("cut", description="How the student is made: 'cut' drops teacher layers.")
     keep_layers: int = Field(24, ge=1, description="Decoder layers the student keeps.")
     strategy: Literal["even", "angular", "block_influence"] = Field(
-        "even",
+        "angular",
         description="Which layers to keep: 'even' spacing, drop the contiguous block with the "
         "smallest angular distance (Gromov et al. 2024), or drop the layers with the lowest "
         "Block Influence (ShortGPT, Men et al. 2024).",
