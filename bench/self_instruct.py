@@ -5,7 +5,7 @@ Runs the generate stage in self_instruct mode (new instructions only are timed h
 answering that follows is the generate stage's usual work) and prints JSON with the anchor
 (fp32 matmul GFLOP/s) measured in the same process.
 
-    .venv/bin/python bench/self_instruct.py [--new 100] [--teacher embedded]
+    .venv/bin/python bench/self_instruct.py [--new 100] [--teacher embedded] [--max-requests 400]
 """
 
 from __future__ import annotations
@@ -31,10 +31,12 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--new", type=int, default=100)
     parser.add_argument("--teacher", default="embedded")
+    parser.add_argument("--max-requests", type=int, default=400)
     args = parser.parse_args()
     anchor = matmul_gflops()
     recipe = bundled_recipe("demo", [f'teacher.model="{args.teacher}"', 'generate.mode="self_instruct"',
-                                     f"generate.new_instructions={args.new}"])
+                                     f"generate.new_instructions={args.new}",
+                                     f"generate.bootstrap_max_requests={args.max_requests}"])
     cfg = recipe.generate
     seeds = load_prompts(cfg.seeds, cfg.heldout_fraction, cfg.limit_per_source)
     teacher = build_teacher(recipe.teacher, cfg)

@@ -12,6 +12,7 @@ os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import functools  # noqa: E402
+import json  # noqa: E402
 from collections.abc import Callable  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Annotated, Optional  # noqa: E402
@@ -56,9 +57,9 @@ def user_errors(fn: Callable) -> Callable:
 def _overrides(sets: list[str] | None, name: str | None, runs_dir: Path | None) -> list[str]:
     out = list(sets or [])
     if name:
-        out.append(f'run.name="{name}"')
+        out.append(f"run.name={json.dumps(name)}")  # a JSON string is a valid TOML basic string
     if runs_dir:
-        out.append(f"run.runs_dir={str(runs_dir)!r}".replace("'", '"'))
+        out.append(f"run.runs_dir={json.dumps(str(runs_dir))}")
     return out
 
 
@@ -69,8 +70,7 @@ def _load(target: Path, overrides: list[str]):
     if target.is_dir():
         if not (target / "recipe.toml").is_file():
             raise UserError(f"{target}: not a run folder (no recipe.toml) — pass a recipe file or a run folder")
-        data_path = target / "recipe.toml"
-        recipe = load_recipe(data_path, overrides)
+        recipe = load_recipe(target / "recipe.toml", overrides)
         # A run folder is its own location, wherever it has been moved to.
         return recipe.model_copy(update={"run": recipe.run.model_copy(
             update={"name": target.resolve().name, "runs_dir": str(target.resolve().parent)})})
