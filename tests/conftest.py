@@ -90,6 +90,8 @@ def tiny_recipe(tiny_teacher_dir, tmp_path):
         "student": {"keep_layers": 2, "strategy": "angular", "probe_samples": 4},
         "train": {"epochs": 2, "batch_size": 2, "lr": 1e-3},
         "evaluate": {"speed_prompts": 1, "speed_tokens": 8},
+        "export": {"types": ["f16", "q8_0"], "parity_prompts": 2, "parity_tokens": 8, "eval_positions": 48,
+                   "speed_prompt_tokens": 32, "speed_tokens": 8},
     }, "<tiny test recipe>")
 
 
@@ -107,6 +109,9 @@ class ScriptedTeacher:
     def __init__(self, teacher_cfg, gen_cfg):
         import json
 
+        from edgedistill.teachers import Usage
+
+        self.usage = Usage()
         read = lambda path, key: [json.loads(line)[key] for line in path.read_text().splitlines()[:400]]
         self.corpus = {"en": read(SHARED_DATA / "gsm8k" / "train.jsonl", "question"),
                        "ja": read(SHARED_DATA / "jcommonsenseqa" / "train-v1.3.jsonl", "question")}
@@ -132,6 +137,7 @@ class ScriptedTeacher:
                 label, noinput = ("指示：", "入力：なし") if ja else ("Instruction: ", "Input: <noinput>")
                 text = "\n".join(f"{len(examples) + i + 1}. {label}{idea}\n{noinput}" for i, idea in enumerate(ideas))
             out.append(Completion(prompt_ids=[1, 2], token_ids=[3, 4, 5], text=text, finished=True))
+        self.usage.requests += len(batch)
         return out
 
 

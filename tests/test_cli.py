@@ -102,5 +102,7 @@ def test_demo_tiny_runs_the_whole_path_on_the_embedded_teacher(tmp_path):
     run = tmp_path / "runs" / "demo-tiny"
     assert (run / "student" / "model.safetensors").is_file() and (run / "report.md").is_file()
     assert "student after KD" in result.stderr and str(run.name) in result.stderr
+    assert sorted(p.name for p in (run / "export").glob("*.gguf")) == ["demo-tiny-f16.gguf", "demo-tiny-q8_0.gguf"]
+    assert "ollama create demo-tiny" in result.stderr
     again = edgedistill("demo", "--tiny", "--runs-dir", "runs", cwd=tmp_path)
-    assert again.returncode == 0 and again.stderr.count("reused") == 5
+    assert again.returncode == 0 and again.stderr.count("reused") == 6

@@ -29,6 +29,24 @@ def test_end_to_end_then_rerun_reuses_every_stage(tiny_recipe):
 
     report = run.report_path.read_text()
     assert "student after KD" in report and f"{results['teacher']['perplexity']:.2f}" in report
+    # The cost ledger: a local teacher, 8 prompts asked once, no retries, nothing to pay.
+    with open_ledger(run) as ledger:
+        spent = ledger.usage()
+        gen = ledger.metrics("generate", "stage")["stage"]
+    [(stage, teacher)] = spent
+    assert stage == "generate" and spent[(stage, teacher)]["requests"] == 8
+    assert spent[(stage, teacher)].get("cost_usd", 0.0) == 0.0 and gen["pii_scrubbing"] == 0.0
+    assert f"| generate | {teacher} | 8 | 0 | 0 |" in report and "off (local teacher)" in report
+    assert gen["logit_bytes_per_token"] == 6 * 16 + 4  # k = 16: int32 ids + fp16 log-probs + fp32 tail
+    # The edge files: written, run in llama.cpp, measured, and in the report.
+    files = sorted(p.name for p in run.export_dir.glob("*.gguf"))
+    assert files == ["tiny-f16.gguf", "tiny-q8_0.gguf"] and (run.export_dir / "Modelfile").is_file()
+    with open_ledger(run) as ledger:
+        export = ledger.metrics("export")
+    assert export["parity"]["tokenizer_match"] == 1.0 and export["parity"]["template_match"] == 1.0
+    assert export["parity"]["greedy_match"] == export["parity"]["greedy_prompts"] == 2
+    assert 0 <= export["gguf:q8_0"]["kl_vs_reference"] < 0.05 and export["gguf:q8_0"]["decode_tokens_per_s"] > 0
+    assert "## Edge files (GGUF, measured in llama.cpp)" in report and "| q8_0 |" in report
     student = AutoModelForCausalLM.from_pretrained(run.student_dir)  # plain transformers, safetensors
     assert student.config.num_hidden_layers == 2
     assert (run.student_dir / "model.safetensors").is_file()
@@ -88,7 +106,7 @@ def test_changed_training_settings_rerun_train_and_later_only(tiny_recipe):
     run_recipe(changed)
     with open_ledger(run) as ledger:
         attempts = {s.name: s.attempts for s in ledger.stages()}
-    assert attempts == {"generate": 1, "student": 1, "train": 2, "evaluate": 2, "report": 2}
+    assert attempts == {"generate": 1, "student": 1, "train": 2, "evaluate": 2, "export": 2, "report": 2}
 
 
 def test_training_resumes_from_the_last_epoch_checkpoint(tiny_recipe):
@@ -108,7 +126,7 @@ def test_training_resumes_from_the_last_epoch_checkpoint(tiny_recipe):
     assert train["resumed_from_epoch"] == 2 and train["steps"] == steps  # totals carried over
     assert (run.student_dir / "model.safetensors").is_file()
     # train: the first run, the simulated crashed attempt, the resume; later stages reran.
-    assert attempts == {"generate": 1, "student": 1, "train": 3, "evaluate": 2, "report": 2}
+    assert attempts == {"generate": 1, "student": 1, "train": 3, "evaluate": 2, "export": 2, "report": 2}
 
 
 def test_a_single_stage_command_makes_later_stages_stale(tiny_recipe):
@@ -116,7 +134,8 @@ def test_a_single_stage_command_makes_later_stages_stale(tiny_recipe):
     run_recipe(tiny_recipe, only="train")
     with open_ledger(run) as ledger:
         status = {s.name: s.status for s in ledger.stages()}
-    assert status == {"generate": "done", "student": "done", "train": "done", "evaluate": "stale", "report": "stale"}
+    assert status == {"generate": "done", "student": "done", "train": "done", "evaluate": "stale", "export": "stale",
+                      "report": "stale"}
     run_recipe(tiny_recipe)
     with open_ledger(run) as ledger:
         assert {s.name: s.attempts for s in ledger.stages()}["evaluate"] == 2

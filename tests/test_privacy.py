@@ -100,7 +100,7 @@ def test_neighbouring_items_are_both_replaced():
     "+1 415 555 0132", "+1 (415) 555-0132", "+44 20 7946 0958",
 ])
 def test_phone_formats(phone):
-    for template in ("連絡先: {} まで", "電話{}まで", "call {} today", "Tel.{}"):
+    for template in ("連絡先: {} まで", "電話{}まで", "call {} today", "Tel.{}", "(tel {}) paid", "（{}）"):
         result = scrub(template.format(phone))
         assert result.text == template.format("[PHONE]"), phone
         assert result.counts == {"phone": 1}

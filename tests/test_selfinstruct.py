@@ -212,11 +212,12 @@ def test_add_grows_pool_and_counts_every_reason():
         "次の文章を丁寧語に書き換えてください。",  # a near copy of the one just kept
         "summarise  this MEMO in one line.",
         "Plot the data.", "Hi", "* Name a colour, please.", "word " * 200,
+        "Describe the colour \ufffd of the sea.",
         "List three ways to save energy at home.",
     ]]
-    assert outcomes == [True, False, False, False, False, False, False, False, True]
-    assert flt.counts == {"kept": 2, "too_short": 1, "too_long": 1, "bad_start": 1, "blacklist": 1,
-                          "exact_duplicate": 2, "near_duplicate": 1}
+    assert outcomes == [True, False, False, False, False, False, False, False, False, True]
+    assert flt.counts == {"kept": 2, "too_short": 1, "too_long": 1, "broken_text": 1, "bad_start": 1,
+                          "blacklist": 1, "exact_duplicate": 2, "near_duplicate": 1}
     assert len(flt.pool) == 3
 
 
@@ -240,3 +241,14 @@ def test_check_against_500_item_pool():
     assert flt.check(Task("Explain why the sky is blue to a child.")) is None
     assert flt.check(pool[-1]) == "exact_duplicate"
     assert flt.check(Task(pool[7].instruction + " please")) == "near_duplicate"
+
+
+def test_broken_text_from_a_small_teacher_is_dropped():
+    flt = TaskFilter([], FilterConfig())
+    for broken in ("Translate this sentence into Fren\ufffd", "次のワーワーワーワーワーを説明してください。",
+                   "Explain why!!!!!! the sky is blue", "Summarize\x07 the text"):
+        assert flt.check(Task(broken)) == "broken_text", broken
+    assert flt.check(Task("Describe the photo.", input="caf\ufffd")) == "broken_text"
+    for fine in ("Convert 10000000 yen to dollars at 150 yen per dollar.", "「ありがとう」を英語に訳してください。",
+                 "Write a haiku about autumn... then explain it."):
+        assert flt.check(Task(fine)) is None, fine

@@ -91,6 +91,11 @@ def _finish(run) -> None:
     console.print(f"run folder: [bold]{run.root}[/]")
     if run.student_dir.is_dir():
         console.print(f"student (safetensors, loads with AutoModelForCausalLM): {run.student_dir}")
+    modelfile = run.export_dir / "Modelfile"
+    if modelfile.is_file():
+        files = ", ".join(sorted(p.name for p in run.export_dir.glob("*.gguf")))
+        console.print(f"GGUF for llama.cpp / Ollama: {run.export_dir} ({files}; "
+                      f"`ollama create {run.root.name} -f {modelfile}`)")
     if run.report_path.is_file():
         console.print(f"report: {run.report_path}")
 
@@ -99,7 +104,7 @@ def _finish(run) -> None:
 @user_errors
 def run(recipe: Annotated[Path, typer.Argument(help="Recipe TOML file, or a run folder to resume.")],
         set_: SetOpt = None, name: NameOpt = None, runs_dir: RunsDirOpt = None) -> None:
-    """Run every stage of a recipe: generate, student, train, evaluate, report. Finished stages are reused."""
+    """Run every stage of a recipe: generate, student, train, evaluate, export, report. Finished stages are reused."""
     from edgedistill.pipeline import run_recipe
 
     _finish(run_recipe(_load(recipe, _overrides(set_, name, runs_dir))))
@@ -131,6 +136,7 @@ _stage_command("generate", "Answer the seed prompts with the teacher and store i
 _stage_command("student", "Cut the student from the teacher (layers chosen on the distill set).")
 _stage_command("train", "Distil: train the student on the cached teacher targets.")
 _stage_command("evaluate", "Compare teacher, student before and after KD on the held-out prompts.")
+_stage_command("export", "Write the student as GGUF files (llama.cpp / Ollama), checked in llama.cpp.")
 _stage_command("report", "Write report.md from the run's ledger.")
 
 
@@ -154,11 +160,23 @@ def runs(runs_dir: Annotated[Path, typer.Option("--runs-dir", help="Folder of ru
 
 @app.command()
 @user_errors
-def recipe(tiny: Annotated[bool, typer.Option("--tiny", help="The tiny demo recipe.")] = False) -> None:
-    """Print the bundled demo recipe (a starting point for your own), with every field resolved."""
-    from edgedistill.recipe import bundled_recipe
+def recipe(name: Annotated[Optional[str], typer.Argument(
+               help="A bundled recipe: demo, demo_tiny, self_instruct, remote_teacher.")] = None,
+           tiny: Annotated[bool, typer.Option("--tiny", help="The tiny demo recipe.")] = False,
+           commented: Annotated[bool, typer.Option("--commented", help="The file as shipped, with its comments, "
+                                                   "instead of every field resolved.")] = False) -> None:
+    """Print a bundled recipe (a starting point for your own), with every field resolved."""
+    from importlib import resources
 
-    typer.echo(bundled_recipe("demo_tiny" if tiny else "demo").to_toml())
+    from edgedistill.recipe import BUNDLED_RECIPES, bundled_recipe
+
+    chosen = name or ("demo_tiny" if tiny else "demo")
+    if chosen not in BUNDLED_RECIPES:
+        raise UserError(f"no bundled recipe '{chosen}' (have: {', '.join(BUNDLED_RECIPES)})")
+    if commented:
+        typer.echo(resources.files("edgedistill.recipes").joinpath(f"{chosen}.toml").read_text(encoding="utf-8"))
+    else:
+        typer.echo(bundled_recipe(chosen).to_toml())
 
 
 def main() -> None:

@@ -42,6 +42,11 @@ def _evaluate() -> StageFn:
     return run_evaluate
 
 
+def _export() -> StageFn:
+    from edgedistill.export.stage import run_export
+    return run_export
+
+
 def _report() -> StageFn:
     from edgedistill.evaluate.report import write_report
     return write_report
@@ -52,7 +57,8 @@ STAGES = (
     Stage("student", ("teacher", "generate", "student"), _student),
     Stage("train", ("teacher", "generate", "student", "train"), _train),
     Stage("evaluate", ("teacher", "generate", "student", "train", "evaluate"), _evaluate),
-    Stage("report", ("teacher", "generate", "student", "train", "evaluate"), _report),
+    Stage("export", ("teacher", "generate", "student", "train", "export"), _export),
+    Stage("report", ("teacher", "generate", "student", "train", "evaluate", "export"), _report),
 )
 STAGE_NAMES = tuple(s.name for s in STAGES)
 
@@ -97,8 +103,12 @@ def preflight(recipe: Recipe) -> str:
     from edgedistill.teachers.hf import model_shape, resolve_source
 
     prompts = load_prompts(recipe.generate.seeds, recipe.generate.heldout_fraction, recipe.generate.limit_per_source)
-    if recipe.teacher.backend == "hf":
-        model_type, n_layers = model_shape(resolve_source(recipe.teacher.model))
+    local = recipe.teacher.local_model
+    if recipe.teacher.backend == "openai" and not local:
+        raise UserError("teacher.tokenizer: the openai backend needs the local model the student is cut from "
+                        "('embedded', a model folder or a .gguf) — its tokenizer also maps the server's tokens")
+    if recipe.teacher.backend in ("hf", "llamacpp", "openai") and local:
+        model_type, n_layers = model_shape(resolve_source(local))
         check_cut(model_type, n_layers, recipe.student.keep_layers)
     return hashlib.sha256("".join(sorted(f"{p.id}:{p.split}" for p in prompts)).encode()).hexdigest()[:16]
 

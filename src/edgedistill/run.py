@@ -28,6 +28,9 @@ CREATE TABLE IF NOT EXISTS stages (
 CREATE TABLE IF NOT EXISTS metrics (
   stage TEXT NOT NULL, subject TEXT NOT NULL, name TEXT NOT NULL, value REAL,
   PRIMARY KEY (stage, subject, name));
+CREATE TABLE IF NOT EXISTS teacher_usage (  -- cumulative over every attempt: what was spent
+  stage TEXT NOT NULL, teacher TEXT NOT NULL, name TEXT NOT NULL, value REAL NOT NULL,
+  PRIMARY KEY (stage, teacher, name));
 """
 
 
@@ -121,6 +124,22 @@ class Ledger:
                 [(stage, subject, k, float(v)) for k, v in values.items()],
             )
 
+    def add_usage(self, stage: str, teacher: str, deltas: dict[str, float]) -> None:
+        """Add to the cumulative teacher usage (requests, tokens, cost...) of a stage."""
+        with transaction(self.db):
+            self.db.executemany(
+                "INSERT INTO teacher_usage VALUES (?, ?, ?, ?) "
+                "ON CONFLICT(stage, teacher, name) DO UPDATE SET value = value + excluded.value",
+                [(stage, teacher, k, float(v)) for k, v in deltas.items() if v])
+
+    def usage(self) -> dict[tuple[str, str], dict[str, float]]:
+        """`{(stage, teacher): {name: total}}` over the run's whole life."""
+        out: dict[tuple[str, str], dict[str, float]] = {}
+        for stage, teacher, name, value in self.db.execute(
+                "SELECT stage, teacher, name, value FROM teacher_usage ORDER BY stage, teacher, name"):
+            out.setdefault((stage, teacher), {})[name] = value
+        return out
+
     def metrics(self, stage: str, subject: str | None = None) -> dict[str, dict[str, float]]:
         """`{subject: {name: value}}` for one stage."""
         sql, args = "SELECT subject, name, value FROM metrics WHERE stage=?", [stage]
@@ -151,6 +170,9 @@ class RunDir:
     student_dir = property(lambda self: self.root / "student")
     eval_dir = property(lambda self: self.root / "eval")
     report_path = property(lambda self: self.root / "report.md")
+    export_dir = property(lambda self: self.root / "export")  # GGUF files, Modelfile, export.md
+    dataset_dir = property(lambda self: self.root / "dataset")  # Hugging Face `datasets` (Arrow)
+    dataset_jsonl_path = property(lambda self: self.root / "distill_set.jsonl")
 
     def create(self, recipe: Recipe) -> None:
         self.root.mkdir(parents=True, exist_ok=True)

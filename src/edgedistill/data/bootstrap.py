@@ -12,6 +12,7 @@ the same questions again and keeps the same tasks.
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 
 from edgedistill.console import stage_progress
 from edgedistill.data.prompts import Prompt
@@ -31,8 +32,12 @@ def _examples(rng: random.Random, seeds: list[Task], generated: list[Task], k: i
 
 
 def grow_instructions(teacher: Teacher, seeds: list[Prompt], cfg: GenerateCfg, store: InstructionStore,
-                      settings: str, run_seed: int) -> tuple[list[Task], dict[str, int]]:
-    """New tasks (at most cfg.new_instructions, in acceptance order) and the filter counts."""
+                      settings: str, run_seed: int, after_batch: Callable[[], None] = lambda: None,
+                      ) -> tuple[list[Task], dict[str, int]]:
+    """New tasks (at most cfg.new_instructions, in acceptance order) and the filter counts.
+
+    A request the teacher failed on after every retry is stored as done with nothing kept
+    (counted as `teacher_failed`): request numbers stay dense, so resuming stays exact."""
     pool = [Task(p.task.instruction, p.task.input, p.lang) for p in seeds]
     generated = [Task(*row) for row in store.instructions(settings)]
     task_filter = TaskFilter(pool + generated, FilterConfig(max_rouge_l=cfg.filter_max_rouge_l))
@@ -51,11 +56,15 @@ def grow_instructions(teacher: Teacher, seeds: list[Prompt], cfg: GenerateCfg, s
                 batch.append(bootstrap_prompt(examples, cfg.bootstrap_new_per_request, lang))
             rows = []
             for offset, completion in enumerate(teacher.chat(batch, sampling)):
+                if completion is None:
+                    rows.append((request + offset, [], {"teacher_failed": 1}))
+                    continue
                 before = dict(task_filter.counts)
                 kept = [t for t in parse_tasks(completion.text) if task_filter.add(t)]
                 delta = {k: v - before.get(k, 0) for k, v in task_filter.counts.items() if v - before.get(k, 0)}
                 rows.append((request + offset, [(t.instruction, t.input, t.lang) for t in kept], delta))
                 generated += kept
+            after_batch()  # the spend first: a crash before the commit still shows it
             store.add_batch(settings, rows)
             request += len(batch)
             progress.update(task, completed=min(len(generated), cfg.new_instructions),

@@ -135,8 +135,9 @@ _RULES: tuple[_Rule, ...] = (
     _Rule("my_number", _number(r"\d{12}", ((4, 4, 4),)), _is_my_number),
     # International: +CC then up to five groups (spaces or dashes, a bracketed area code, the
     # "(0)" trunk prefix some Japanese cards print): +1 415 555 0132, +81 (0)3-1234-5678.
+    # Brackets only in pairs, so "(+1 415 555 0132)" keeps its closing bracket.
     _Rule("phone", re.compile(
-        rf"(?<![\w+])\+\d{{1,3}}(?: ?\(0\))?(?:(?: |{_DASH})?\(?\d{{1,4}}\)?){{2,5}}{_AFTER}",
+        rf"(?<![\w+])\+\d{{1,3}}(?: ?\(0\))?(?:(?: |{_DASH})?(?:\(\d{{1,4}}\)|\d{{1,4}})){{2,5}}{_AFTER}",
         re.ASCII), _is_intl_phone),
     # Japanese, always starting with the trunk 0: 0312345678, 03-1234-5678, 0120-123-456,
     # 03 1234 5678, (03)1234-5678.

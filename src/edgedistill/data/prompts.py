@@ -79,6 +79,11 @@ def _read_lines(source: str) -> tuple[list[str], str]:
 
 
 def read_seed_tasks(source: str) -> list[SeedTask]:
+    folder = Path(source).expanduser()
+    if not source.startswith("bundled:") and folder.is_dir():
+        from edgedistill.data.documents import document_tasks
+
+        return document_tasks(folder)
     lines, where = _read_lines(source)
     tasks = []
     for number, line in enumerate(lines, 1):

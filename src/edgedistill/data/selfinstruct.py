@@ -218,7 +218,7 @@ _BLACKLIST = (
     "画像", "写真", "図示", "図解", "図を", "図表", "グラフ", "描いて", "描く", "描き", "絵を",
     "動画", "音声", "音楽", "ファイル", "地図", "フローチャート",
 )
-REASONS = ("too_short", "too_long", "bad_start", "blacklist", "exact_duplicate", "near_duplicate")
+REASONS = ("too_short", "too_long", "broken_text", "bad_start", "blacklist", "exact_duplicate", "near_duplicate")
 
 
 @dataclass
@@ -262,6 +262,19 @@ def _blacklist_pattern(words: tuple[str, ...]) -> re.Pattern | None:
 _LIST_MARKER = re.compile(rf"^[{_DIGITS}]+\s*[.)．）、:：](?![{_DIGITS}])")
 # Opening quotes/brackets start real instructions ("「こんにちは」を英訳して", '"Hi" in French?').
 _OK_START_PUNCT = set("\"'`¿¡")
+
+
+# A small teacher's degenerate output: a cut UTF-8 sequence (U+FFFD, measured on SmolLM2),
+# control characters, or a loop of one short piece ("ワーワーワーワー", "!!!!!!").
+_LOOP = re.compile(r"(.{1,4}?)\1{4,}", re.DOTALL)
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
+
+
+def _broken(text: str) -> bool:
+    if "\ufffd" in text or _CONTROL.search(text):
+        return True
+    # Digits may repeat (10000000 yen); anything else five times in a row is a loop.
+    return any(not unit.isdigit() for unit in (m.group(1) for m in _LOOP.finditer(text)))
 
 
 def _bad_start(text: str) -> bool:
@@ -312,6 +325,8 @@ class TaskFilter:
             return "too_short"
         if len(units) > cfg.max_units:
             return "too_long"
+        if _broken(text) or _broken(task.input):
+            return "broken_text"
         if _bad_start(text):
             return "bad_start"
         if self._blacklist is not None and self._blacklist.search(text):

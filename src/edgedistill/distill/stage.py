@@ -13,7 +13,7 @@ from edgedistill.teachers.hf import load_causal_lm
 
 def run_student(recipe: Recipe, run: RunDir, ledger: Ledger) -> dict[str, float]:
     cfg = recipe.student
-    teacher, tokenizer, _ = load_causal_lm(recipe.teacher.model, recipe.teacher.dtype)
+    teacher, tokenizer, _ = load_causal_lm(recipe.teacher.local_model, recipe.teacher.dtype)
     probe = load_distill_set(run, split="train")[:cfg.probe_samples]
     kept, scores = choose_layers(teacher, cfg.strategy, cfg.keep_layers, probe)
     student = cut_student(teacher, kept)

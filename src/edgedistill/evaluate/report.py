@@ -49,6 +49,29 @@ def write_report(recipe: Recipe, run: RunDir, ledger: Ledger) -> dict[str, float
     student = ledger.metrics("student").get("stage", {})
     train = ledger.metrics("train").get("stage", {})
     stage_rows = [[s.name, s.status, f"{s.seconds:.1f}" if s.seconds else "–"] for s in ledger.stages() if s.name != "report"]
+    usage_rows = [[stage, teacher, *(f"{int(v.get(k, 0)):,}" for k in ("requests", "retries", "failures",
+                                                                    "prompt_tokens", "completion_tokens")),
+                   f"{v.get('cost_usd', 0.0):.4f}"] for (stage, teacher), v in ledger.usage().items()]
+    export = ledger.metrics("export")
+    gguf_rows = [[subject.removeprefix("gguf:"), f"{m['size_bytes'] / 1e6:.1f}", f"{m['bits_per_weight']:.2f}",
+                  f"{m['kl_vs_reference']:.4f}" if "kl_vs_reference" in m else "—",
+                  f"{m['top1_vs_reference']:.1%}" if "top1_vs_reference" in m else "—",
+                  f"{m.get('prefill_tokens_per_s', 0):.0f}", f"{m.get('decode_tokens_per_s', 0):.1f}"]
+                 for subject, m in export.items() if subject.startswith("gguf:")]
+    parity = export.get("parity", {})
+    gguf_text = (_markdown_table(["type", "size MB", "bits/weight", "KL vs first", "top-1 vs first",
+                                  "prefill tok/s", "decode tok/s"], gguf_rows)
+                 + f"\n\nThe first row is the reference (highest precision). Against transformers it gives "
+                 f"identical greedy tokens on {int(parity.get('greedy_match', 0))} of "
+                 f"{int(parity.get('greedy_prompts', 0))} held-out prompts, log-probs within "
+                 f"{parity.get('max_logprob_diff', float('nan')):.4f}, tokenizer "
+                 f"{'identical' if parity.get('tokenizer_match') else 'different'}, chat template "
+                 f"{'identical' if parity.get('template_match') else 'different'}. Files: `{run.export_dir}`.") \
+        if gguf_rows else "No export yet."
+    pii = {name.removeprefix("pii_"): int(value) for name, value in gen.items()
+           if name.startswith("pii_") and name not in ("pii_scrubbing", "pii_replaced")}
+    pii_text = (", ".join(f"{kind} {n}" for kind, n in pii.items()) or "none found") if gen.get("pii_scrubbing") \
+        else "off (local teacher)"
     text = f"""# edgedistill report — run `{recipe.run.name}`
 
 Teacher `{meta.get('teacher', recipe.teacher.model)}`; student cut from it, keeping layers
@@ -73,10 +96,20 @@ decoding with different padding drifts at near-ties: read it as the noise floor 
 | Japanese prompts | {int(gen.get('prompts_ja', 0))} |
 | teacher answer tokens | {int(gen.get('answer_tokens', 0))} |
 | answers cut by max_new_tokens | {int(gen.get('unfinished_answers', 0))} |
-| stored logits, bytes per answer token | {int(gen.get('logit_bytes_per_token', 0))} |
+| answers kept as text only (teacher vocabulary did not map) | {int(gen.get('text_only_answers', 0))} |
+| stored logits, bytes per answer token | {gen.get('logit_bytes_per_token', 0):.0f} |
+| PII placeholders sent instead of the original | {pii_text} |
 | student / teacher parameters | {student.get('param_fraction', float('nan')):.1%} |
 | training steps / tokens | {int(train.get('steps', 0))} / {int(train.get('train_tokens', 0))} |
 | training speed | {train.get('tokens_per_s', 0):.0f} tokens/s |
+
+## Edge files (GGUF, measured in llama.cpp)
+
+{gguf_text}
+
+## Teacher usage (cost ledger, every attempt)
+
+{_markdown_table(['stage', 'teacher', 'requests', 'retries', 'failures', 'prompt tokens', 'completion tokens', 'cost USD'], usage_rows)}
 
 ## Stages
 

@@ -37,7 +37,7 @@ def run_evaluate(recipe: Recipe, run: RunDir, ledger: Ledger) -> dict[str, float
     samples = load_distill_set(run, split="heldout")
     if not samples:
         raise UserError(f"{run.store_path}: no held-out samples — raise generate.heldout_fraction or add seeds")
-    sources = {"teacher": recipe.teacher.model, "student_before": str(run.student_init_dir),
+    sources = {"teacher": recipe.teacher.local_model, "student_before": str(run.student_init_dir),
                "student_after": str(run.student_dir)}
     per_example = [{"id": s.id, "lang": s.lang, "prompt": s.prompt_messages[-1]["content"], "teacher_answer": s.answer}
                    for s in samples]

@@ -1,6 +1,7 @@
 """Teacher backends. Importing this package registers every built-in backend."""
 
-from edgedistill.teachers import hf  # noqa: F401  (registers "hf")
-from edgedistill.teachers.base import Completion, Sampling, Teacher, build_teacher, register_backend
+from edgedistill.teachers import hf, llamacpp, openai_compat  # noqa: F401  (registers the backends)
+from edgedistill.teachers.base import (Completion, Sampling, Teacher, Usage, build_teacher,
+                                       register_backend)
 
-__all__ = ["Completion", "Sampling", "Teacher", "build_teacher", "register_backend"]
+__all__ = ["Completion", "Sampling", "Teacher", "Usage", "build_teacher", "register_backend"]

@@ -7,7 +7,7 @@ needs no edit to a dispatcher.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
@@ -36,6 +36,27 @@ class Completion:
     tail_logprobs: np.ndarray | None = None  # (T,) float32
 
 
+@dataclass
+class Usage:
+    """What a teacher was asked and what it cost, accumulated over a stage (the cost ledger).
+
+    `requests` counts prompts asked (a batch of 16 is 16), `retries` the extra attempts,
+    `failures` the prompts given up after the last retry (not stored; a rerun asks again).
+    """
+
+    requests: int = 0
+    retries: int = 0
+    failures: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    text_only: int = 0  # answers whose tokens did not map onto the local vocabulary
+    pii: dict[str, int] = field(default_factory=dict)  # placeholders put in, per type
+
+    def add_pii(self, counts: dict[str, int]) -> None:
+        for kind, n in counts.items():
+            self.pii[kind] = self.pii.get(kind, 0) + n
+
+
 @dataclass(frozen=True)
 class Sampling:
     """Decoding settings of one call; `top_k_logprobs=None` asks for text only."""
@@ -46,15 +67,18 @@ class Sampling:
 
 
 class Teacher(Protocol):
-    """What every backend offers: a stable id for the store, and batched chat.
+    """What every backend offers: a stable id for the store, batched chat, and its usage.
 
     `sampling=None` means the recipe's generate settings (answers with their sparse targets);
-    the Self-Instruct bootstrap passes its own (longer, sampled, text only).
+    the Self-Instruct bootstrap passes its own (longer, sampled, text only). An entry is None
+    when that prompt failed after every retry: it is counted, never stored as data. A backend
+    that holds resources (a server process) may also offer `close()`; the stage calls it.
     """
 
     model_id: str
+    usage: Usage
 
-    def chat(self, batch: list[Messages], sampling: Sampling | None = None) -> list[Completion]: ...
+    def chat(self, batch: list[Messages], sampling: Sampling | None = None) -> list[Completion | None]: ...
 
 
 TeacherFactory = Callable[[TeacherCfg, GenerateCfg], Teacher]

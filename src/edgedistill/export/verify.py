@@ -1,0 +1,188 @@
+"""Check a GGUF in the llama.cpp runtime against the transformers model it came from, and
+measure quantised files against the highest-precision one — verified, not assumed.
+
+Everything goes through llama.cpp's own server (serve/llamacpp.py): `/tokenize` and
+`/apply-template` for the tokenizer and chat template, `/completion` with token-id prompts,
+greedy decoding and `n_probs` for tokens and log-probabilities (natural logs over the whole
+vocabulary, from the raw logits). Quality of a quantised file is measured teacher-forced on
+held-out text, one request per position with llama.cpp's prompt cache (each request adds one
+token): KL(reference ‖ quant) on the reference's top-k plus one tail bucket — the same sparse
+form the KD losses use — and top-1 agreement. llama.cpp drops the probabilities of a position
+whose argmax token ends inside a UTF-8 character; such positions are skipped and counted.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+from edgedistill.serve.llamacpp import LlamaCppServer, start_llamacpp_server
+
+PROBE_TEXT = ("Distil a model for the edge: 価格は ¥12,800（税込）です。 Ship it on 2026-11-28 🙂 — "
+              "naïve café, ＡＢＣ１２３, 東京都千代田区 〒100-0001.")
+KL_TOP_K = 20  # reference buckets for the sparse KL (the OpenAI-compatible cap, as in the data engine)
+N_PROBS = 64   # what each side lists per position; a reference id outside the quant's list is
+               # given the quant's smallest listed log-prob (an upper bound), and counted
+
+
+class LlamaCppClient:
+    def __init__(self, server: LlamaCppServer, timeout_s: float = 300.0):
+        self.http = httpx.Client(base_url=f"http://{server.host}:{server.port}", timeout=timeout_s, trust_env=False)
+
+    def close(self) -> None:
+        self.http.close()
+
+    def _post(self, path: str, body: dict) -> dict:
+        response = self.http.post(path, json=body)
+        response.raise_for_status()
+        return response.json()
+
+    def tokenize(self, text: str) -> list[int]:
+        return self._post("/tokenize", {"content": text, "add_special": False, "parse_special": False})["tokens"]
+
+    def apply_template(self, messages: list[dict[str, str]]) -> str:
+        return self._post("/apply-template", {"messages": messages})["prompt"]
+
+    def complete(self, prompt_ids: list[int], n_predict: int, n_probs: int = 0, ignore_eos: bool = False,
+                 cache_prompt: bool = True) -> dict:
+        return self._post("/completion", {
+            "prompt": prompt_ids, "n_predict": n_predict, "temperature": 0.0, "n_probs": n_probs,
+            "return_tokens": True, "cache_prompt": cache_prompt, "ignore_eos": ignore_eos})
+
+
+@dataclass
+class Parity:
+    tokenizer_match: bool
+    template_match: bool
+    greedy_match: int  # prompts whose greedy tokens are identical
+    prompts: int
+    compared_positions: int
+    max_logprob_diff: float  # over the top entries llama.cpp lists, vs transformers on the same tokens
+    first_difference: str  # a human-readable note on the first mismatch, "" if none
+
+    def as_metrics(self) -> dict[str, float]:
+        return {"tokenizer_match": float(self.tokenizer_match), "template_match": float(self.template_match),
+                "greedy_match": self.greedy_match, "greedy_prompts": self.prompts,
+                "compared_positions": self.compared_positions, "max_logprob_diff": self.max_logprob_diff}
+
+
+def _position_of(tokens: list[int], entries: list[dict]) -> list[tuple[int, dict]]:
+    """Align llama.cpp's per-token probability entries with generated token positions (entries of
+    tokens that end inside a UTF-8 character are missing; the next entry is the next position)."""
+    aligned, cursor = [], 0
+    for entry in entries:
+        while cursor < len(tokens) and tokens[cursor] != entry.get("id"):
+            cursor += 1
+        if cursor == len(tokens):
+            break
+        aligned.append((cursor, entry))
+        cursor += 1
+    return aligned
+
+
+def check_parity(client: LlamaCppClient, model, tokenizer, conversations: list[list[dict[str, str]]],
+                 max_new_tokens: int = 16, n_probs: int = 5) -> Parity:
+    """Tokenizer, chat template, greedy tokens and log-probs of the GGUF vs transformers."""
+    import torch
+
+    from edgedistill.teachers.hf import encode_prompts
+
+    notes: list[str] = []
+    hf_ids = tokenizer(PROBE_TEXT, add_special_tokens=False)["input_ids"]
+    gguf_ids = client.tokenize(PROBE_TEXT)
+    if hf_ids != gguf_ids:
+        at = next(i for i, (a, b) in enumerate(zip(hf_ids + [-1], gguf_ids + [-1])) if a != b)
+        notes.append(f"tokenizer differs at token {at}: transformers {hf_ids[at:at + 3]} vs llama.cpp {gguf_ids[at:at + 3]}")
+    template_match = all(client.apply_template(m) == tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=True)
+                         for m in conversations)
+    if not template_match:
+        notes.append("chat template renders differently")
+    greedy_match, compared, max_diff = 0, 0, 0.0
+    stop = {tokenizer.eos_token_id}
+    for prompt in encode_prompts(tokenizer, conversations):
+        answer = client.complete(prompt, max_new_tokens, n_probs)
+        tokens = answer.get("tokens") or []
+        with torch.inference_mode():
+            out = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                                 max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        reference = out[0, len(prompt):].tolist()
+        if reference and reference[-1] in stop:
+            reference = reference[:-1]  # llama.cpp does not return the end-of-turn token
+        if reference == tokens:
+            greedy_match += 1
+        elif not notes:
+            at = next((i for i, (a, b) in enumerate(zip(reference, tokens)) if a != b), min(len(reference), len(tokens)))
+            notes.append(f"greedy tokens differ at step {at}")
+        if not tokens:
+            continue
+        with torch.inference_mode():  # transformers' log-probs along llama.cpp's own tokens
+            logits = model(torch.tensor([prompt + tokens])).logits[0, len(prompt) - 1:-1].float()
+        logprobs = torch.log_softmax(logits, -1)
+        for position, entry in _position_of(tokens, answer.get("completion_probabilities") or []):
+            for top in entry.get("top_logprobs", []):
+                max_diff = max(max_diff, abs(float(logprobs[position, top["id"]]) - float(top["logprob"])))
+                compared += 1
+    return Parity(hf_ids == gguf_ids, template_match, greedy_match, len(conversations), compared, max_diff,
+                  notes[0] if notes else "")
+
+
+@dataclass
+class Distributions:
+    """Per evaluated position, the listed ids and log-probs (None where llama.cpp gave none)."""
+
+    rows: list[tuple[np.ndarray, np.ndarray] | None]
+
+
+def teacher_forced(client: LlamaCppClient, sequences: list[list[int]], max_positions: int,
+                   n_probs: int = N_PROBS) -> Distributions:
+    """Next-token distributions at every position of the sequences (after the first token)."""
+    rows: list[tuple[np.ndarray, np.ndarray] | None] = []
+    for sequence in sequences:
+        for end in range(1, len(sequence)):
+            if len(rows) >= max_positions:
+                return Distributions(rows)
+            probs = client.complete(sequence[:end], 1, n_probs).get("completion_probabilities") or []
+            top = probs[0].get("top_logprobs") if probs else None
+            rows.append((np.array([t["id"] for t in top]), np.array([t["logprob"] for t in top], dtype=np.float64))
+                        if top else None)
+    return Distributions(rows)
+
+
+def sparse_kl_top1(reference: Distributions, quant: Distributions, k: int = KL_TOP_K) -> dict[str, float]:
+    """Mean KL(reference ‖ quant) over reference top-k + tail, top-1 agreement, and coverage."""
+    kls, agree, missing, used = [], 0, 0, 0
+    for ref, qnt in zip(reference.rows, quant.rows):
+        if ref is None or qnt is None:
+            continue
+        used += 1
+        ref_ids, ref_lp = ref[0][:k], ref[1][:k]
+        lookup = dict(zip(qnt[0].tolist(), qnt[1].tolist()))
+        floor = float(qnt[1].min())
+        q_lp = np.array([lookup.get(i, floor) for i in ref_ids.tolist()])
+        missing += sum(i not in lookup for i in ref_ids.tolist())
+        p_tail = max(1.0 - float(np.exp(ref_lp).sum()), 1e-12)
+        q_tail = max(1.0 - float(np.exp(q_lp).sum()), 1e-12)
+        p = np.exp(ref_lp)
+        kls.append(float((p * (ref_lp - q_lp)).sum()) + p_tail * (math.log(p_tail) - math.log(q_tail)))
+        agree += int(ref[0][0] == qnt[0][0])
+    return {"kl_vs_reference": float(np.mean(kls)) if kls else float("nan"),
+            "top1_vs_reference": agree / used if used else float("nan"),
+            "kl_positions": used, "kl_positions_skipped": len(reference.rows) - used,
+            "kl_ids_outside_quant_list": missing}
+
+
+def speed(client: LlamaCppClient, prompt_ids: list[int], n_predict: int) -> dict[str, float]:
+    """Prefill and decode tokens/s from llama.cpp's own timings (second run: warm, no prompt cache)."""
+    timings = {}
+    for _ in range(2):
+        timings = client.complete(prompt_ids, n_predict, ignore_eos=True, cache_prompt=False).get("timings", {})
+    return {"prefill_tokens_per_s": float(timings.get("prompt_per_second", 0.0)),
+            "decode_tokens_per_s": float(timings.get("predicted_per_second", 0.0))}
+
+
+def serve(gguf_path: Path, threads: int = 2, ctx: int = 4096) -> LlamaCppServer:
+    return start_llamacpp_server(gguf_path, parallel=1, ctx_per_slot=ctx, threads=threads, alias=gguf_path.stem)

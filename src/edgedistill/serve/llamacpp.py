@@ -1,0 +1,156 @@
+"""llama.cpp's own OpenAI-compatible HTTP server for a GGUF, through `xllamacpp`, in a child process.
+
+Why xllamacpp (not llama-cpp-python): it ships prebuilt manylinux wheels built without
+`-march=native`, so it installs in seconds and runs on CPUs without AMX/AVX-512 (measured
+here: no SIGILL, ~70 tokens/s decode on the embedded SmolLM2 Q4_1), and it embeds llama.cpp's
+real server — continuous batching, parallel slots, `logprobs`/`top_logprobs` with token ids —
+rather than a Python re-implementation. llama-cpp-python builds from source (6-8 minutes)
+and its native build executes AMX instructions that SIGILL on this machine.
+
+Why a child process: the server runs on C++ threads inside the interpreter and has no stop
+call; dropping it waits for every open request, and a client in the same process can
+deadlock it. A process is stopped with a signal, whatever is in flight, and it exits by
+itself when its parent is gone (a `kill -9` of the stage leaves no server behind).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+from edgedistill.errors import UserError
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _exit_with_parent(parent: int) -> None:
+    """A server started for a stage must not outlive it, even if it is killed with -9."""
+    import os
+    import threading
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(0)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
+def _serve(gguf: str, host: str, port: int, parallel: int, ctx_per_slot: int, threads: int, alias: str,
+           parent: int | None = None) -> None:
+    import threading
+
+    import xllamacpp
+
+    if parent:
+        _exit_with_parent(parent)
+
+    params = xllamacpp.CommonParams()
+    params.model.path = gguf
+    params.n_parallel = parallel
+    params.n_ctx = ctx_per_slot * parallel  # llama.cpp splits the context across slots
+    params.cpuparams.n_threads = threads
+    params.cpuparams_batch.n_threads = threads
+    params.hostnames = [host]
+    params.port = port
+    params.model_alias = {alias}
+    params.verbosity = 0  # no request text in logs
+    server = xllamacpp.Server(params)  # noqa: F841  (kept alive until the process is stopped)
+    threading.Event().wait()
+
+
+@dataclass
+class LlamaCppServer:
+    """A running server; `base_url` ends in /v1, as the openai backend expects."""
+
+    process: subprocess.Popen
+    host: str
+    port: int
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.host}:{self.port}/v1"
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(5)
+
+    def __enter__(self) -> LlamaCppServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def start_llamacpp_server(gguf: Path, *, port: int | None = None, host: str = "127.0.0.1", parallel: int = 4,
+                          ctx_per_slot: int = 2048, threads: int = 2, alias: str = "model",
+                          ready_timeout_s: float = 120.0) -> LlamaCppServer:
+    """Start the server in a child process and return once /health answers 200."""
+    if not gguf.is_file():
+        raise UserError(f"{gguf}: GGUF file not found")
+    if importlib.util.find_spec("xllamacpp") is None:
+        raise UserError("the llama.cpp runtime is missing — `pip install xllamacpp` (or `make setup`)")
+    port = port or free_port()
+    command = [sys.executable, "-m", "edgedistill.serve.llamacpp", str(gguf), "--host", host, "--port", str(port),
+               "--parallel", str(parallel), "--ctx-per-slot", str(ctx_per_slot), "--threads", str(threads),
+               "--alias", alias, "--parent", str(os.getpid())]
+    process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    server = LlamaCppServer(process, host, port)
+    deadline = time.monotonic() + ready_timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"http://{host}:{port}/health", timeout=2, trust_env=False).status_code == 200:
+                return server
+        except httpx.TransportError:
+            pass
+        if process.poll() is not None:
+            last = (process.stderr.read().decode("utf-8", "replace").strip().splitlines() or ["no output"])[-1]
+            raise UserError(f"{gguf}: llama.cpp could not serve this file (exit {process.returncode}: {last})")
+        time.sleep(0.1)
+    server.stop()
+    raise UserError(f"{gguf}: llama.cpp server not ready after {ready_timeout_s:.0f} s")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m edgedistill.serve.llamacpp MODEL.gguf --port N`: serve in the foreground until stopped."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("gguf", type=Path)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8080)
+    parser.add_argument("--parallel", type=int, default=4)
+    parser.add_argument("--ctx-per-slot", type=int, default=2048)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--alias", default="model")
+    parser.add_argument("--parent", type=int, default=None, help="Exit when this process is gone.")
+    args = parser.parse_args(argv)
+    try:
+        _serve(str(args.gguf), args.host, args.port, args.parallel, args.ctx_per_slot, args.threads, args.alias,
+               args.parent)
+    except KeyboardInterrupt:
+        pass
+    except RuntimeError as exc:  # xllamacpp's one error: bad file, port in use
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

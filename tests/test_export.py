@@ -1,0 +1,173 @@
+"""GGUF export, verified in the real llama.cpp runtime (xllamacpp's server on 127.0.0.1)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import build_tiny_model, build_tiny_tokenizer, subprocess_env
+from edgedistill.errors import UserError
+from edgedistill.export.gguf import export_gguf, permute_qk
+from edgedistill.export.ollama import modelfile
+from edgedistill.export.verify import LlamaCppClient, check_parity, serve, sparse_kl_top1, teacher_forced
+
+CONVERSATIONS = [[{"role": "user", "content": "Name three fruits."}],
+                 [{"role": "user", "content": "日本の首都はどこですか？"}],
+                 [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Say hi 🙂"}]]
+
+
+def tiny_folder(tmp_path: Path, model_type: str) -> Path:
+    from edgedistill.teachers.hf import prepare_tokenizer
+
+    tokenizer = build_tiny_tokenizer()
+    model = build_tiny_model(tokenizer, model_type, layers=2)
+    if model_type == "qwen2":  # non-zero q/k/v biases, so a wrong bias layout cannot hide
+        torch.manual_seed(1)
+        for layer in model.model.layers:
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                proj.bias.data.normal_(0, 0.5)
+    folder = tmp_path / model_type
+    model.save_pretrained(folder)
+    prepare_tokenizer(tokenizer)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def parity_of(folder: Path, gguf: Path, tokens: int = 12):
+    from edgedistill.teachers.hf import load_causal_lm
+
+    model, tokenizer, _ = load_causal_lm(str(folder))
+    with serve(gguf, threads=1, ctx=1024) as server:
+        client = LlamaCppClient(server)
+        try:
+            return check_parity(client, model, tokenizer, CONVERSATIONS, tokens)
+        finally:
+            client.close()
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen2"])
+def test_f32_gguf_runs_in_llamacpp_exactly_as_in_transformers(tmp_path, model_type):
+    folder = tiny_folder(tmp_path, model_type)
+    result = export_gguf(folder, tmp_path / "out" / "tiny-f32.gguf", "f32", name="tiny")
+    assert result.bits_per_weight == 32.0 and result.tensor_types == {"F32": result.tensor_types["F32"]}
+    parity = parity_of(folder, result.path)
+    assert parity.tokenizer_match and parity.template_match, parity.first_difference
+    assert parity.greedy_match == len(CONVERSATIONS), parity.first_difference
+    # F32 weights; llama.cpp keeps its KV cache in F16, hence not 1e-6.
+    assert parity.compared_positions >= 50 and parity.max_logprob_diff < 1e-2
+
+
+def test_real_smollm2_weights_export_f16_with_parity():
+    """The embedded teacher's real weights (the demo student is a cut of them)."""
+    from edgedistill.teachers.hf import gguf_as_safetensors, resolve_source
+
+    folder = gguf_as_safetensors(resolve_source("embedded"))
+    out = Path(folder.parent.parent / "test-export")  # beside the cache, not in the repo
+    result = export_gguf(folder, out / "smollm2-f16.gguf", "f16", name="smollm2")
+    try:
+        assert 15.9 < result.bits_per_weight < 16.2 and result.parameters > 134e6
+        parity = parity_of(folder, result.path, tokens=16)
+        assert parity.tokenizer_match and parity.template_match, parity.first_difference
+        # fp16 weights vs float32: near-ties may flip late in an answer, log-probs stay close.
+        assert parity.greedy_match >= 2 and parity.max_logprob_diff < 0.1, parity
+    finally:
+        result.path.unlink(missing_ok=True)
+
+
+def test_quantised_files_keep_embeddings_8_bit_and_carry_provenance(tmp_path):
+    from gguf import GGUFReader
+
+    folder = tiny_folder(tmp_path, "llama")
+    bits = {}
+    for export_type in ("f16", "q8_0", "q4_0", "q4_k_m"):
+        result = export_gguf(folder, tmp_path / f"tiny-{export_type}.gguf", export_type, name="tiny",
+                             metadata={"general.license": "apache-2.0", "edgedistill.run": "unit"})
+        bits[export_type] = result.bits_per_weight
+    assert bits["f16"] > bits["q8_0"] > bits["q4_k_m"] > bits["q4_0"]
+    reader = GGUFReader(tmp_path / "tiny-q4_0.gguf")
+    types = {t.name: t.tensor_type.name for t in reader.tensors}
+    assert types["token_embd.weight"] == "Q8_0" and types["blk.0.attn_q.weight"] == "Q4_0"
+    assert types["blk.0.attn_norm.weight"] == "F32"
+    fields = reader.fields
+    assert fields["general.license"].contents() == "apache-2.0" and fields["edgedistill.run"].contents() == "unit"
+    assert "edgedistill.version" in fields and fields["tokenizer.ggml.pre"].contents() == "gpt-2"
+    assert "<|im_start|>" in fields["tokenizer.chat_template"].contents()
+    # 32-wide rows do not split into K-quant super-blocks: llama.cpp's fallbacks apply.
+    k_types = {t.name: t.tensor_type.name for t in GGUFReader(tmp_path / "tiny-q4_k_m.gguf").tensors}
+    assert k_types["blk.0.attn_q.weight"] == "Q5_0" and k_types["blk.0.attn_v.weight"] == "Q5_0"
+    assert k_types["blk.1.attn_v.weight"] == "Q8_0"  # Q6_K (last layer: more bits) falls back to Q8_0
+
+
+def test_quality_of_a_quantised_file_is_measured_against_the_reference(tmp_path):
+    folder = tiny_folder(tmp_path, "llama")
+    tokenizer = build_tiny_tokenizer()
+    text = [tokenizer("Summarise the meeting notes: ship on Friday, 価格は据え置き。")["input_ids"]]
+    measured = {}
+    for export_type in ("f32", "q8_0", "q4_0"):
+        path = export_gguf(folder, tmp_path / f"{export_type}.gguf", export_type, name="tiny").path
+        with serve(path, threads=1, ctx=512) as server:
+            client = LlamaCppClient(server)
+            measured[export_type] = teacher_forced(client, text, 40)
+            client.close()
+    same = sparse_kl_top1(measured["f32"], measured["f32"])
+    assert same["kl_vs_reference"] == pytest.approx(0.0, abs=1e-9) and same["top1_vs_reference"] == 1.0
+    q8, q4 = sparse_kl_top1(measured["f32"], measured["q8_0"]), sparse_kl_top1(measured["f32"], measured["q4_0"])
+    assert q8["kl_positions"] >= 20
+    assert 0 < q8["kl_vs_reference"] < q4["kl_vs_reference"]
+
+
+def test_permutation_interleaves_the_rotary_halves_per_head():
+    heads, dim = 2, 4
+    rows = np.arange(heads * dim)[:, None].repeat(3, axis=1)  # row i holds the value i
+    assert permute_qk(rows, heads)[:, 0].tolist() == [0, 2, 1, 3, 4, 6, 5, 7]
+    assert permute_qk(np.arange(8.0), heads).tolist() == [0, 2, 1, 3, 4, 6, 5, 7]
+
+
+def test_bad_inputs_fail_in_one_line_and_leave_nothing(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    gpt2 = tmp_path / "gpt2"
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64)).save_pretrained(gpt2)
+    out = tmp_path / "out"
+    with pytest.raises(UserError, match="architecture 'GPT2LMHeadModel' has no GGUF writer"):
+        export_gguf(gpt2, out / "x.gguf", "f16", name="x")
+    folder = tiny_folder(tmp_path, "llama")
+    (folder / "tokenizer.json").unlink()
+    with pytest.raises(UserError, match="tokenizer.json: missing"):
+        export_gguf(folder, out / "y.gguf", "q8_0", name="y")
+    assert not out.exists() or list(out.iterdir()) == []  # no half-written file, no temp file
+    with pytest.raises(UserError, match="not one of"):
+        export_gguf(folder, out / "z.gguf", "q3_xl", name="z")
+
+
+def test_cli_export_before_training_is_one_line_exit_2(tmp_path, tiny_teacher_dir):
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(f'[run]\nname = "x"\nruns_dir = "{tmp_path / "runs"}"\n[teacher]\nmodel = "{tiny_teacher_dir}"\n'
+                      '[student]\nkeep_layers = 2\n', encoding="utf-8")
+    done = subprocess.run([sys.executable, "-m", "edgedistill", "export", str(recipe)], env=subprocess_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert [line for line in done.stderr.splitlines() if line.startswith("error:")][0].endswith(
+        "is not done for this recipe — run it first (`edgedistill generate ...` or `edgedistill run ...`)")
+
+
+SMOLLM2_TEMPLATE = ("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+                    "{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face"
+                    "<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
+                    "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+def test_modelfile_translates_chatml_and_stops_at_end_of_turn():
+    text = modelfile("demo-q8_0.gguf", SMOLLM2_TEMPLATE, ["<|im_end|>"])
+    assert "FROM ./demo-q8_0.gguf" in text and '<|im_start|>{{ .Role }}' in text
+    assert 'SYSTEM """You are a helpful AI assistant named SmolLM, trained by Hugging Face"""' in text
+    assert text.count('PARAMETER stop "<|im_end|>"') == 1
+    llama3 = modelfile("m.gguf", "{{ '<|start_header_id|>' }}", ["<|eot_id|>", "<|end_of_text|>"])
+    assert "<|start_header_id|>assistant<|end_header_id|>" in llama3 and 'PARAMETER stop "<|end_of_text|>"' in llama3
+    other = modelfile("m.gguf", "[INST] {{ messages }}", ["</s>"])
+    assert "TEMPLATE" not in other.replace("# The chat template", "") and 'PARAMETER stop "</s>"' in other
