@@ -51,6 +51,37 @@ def build_tiny_tokenizer():
     return fast
 
 
+def build_tiny_spm_tokenizer():
+    """A SentencePiece-style BPE (Llama 2 layout: ▁ for spaces, byte fallback <0x..>), ~960 ids."""
+    import json
+
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from edgedistill.data.prompts import read_seed_texts
+
+    texts = read_seed_texts("bundled:en") + read_seed_texts("bundled:ja")
+    tok = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>", fuse_unk=True))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first", split=True)
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=700, special_tokens=["<unk>", "<s>", "</s>"],
+                                                       limit_alphabet=300))
+    data = json.loads(tok.to_str())
+    vocab = data["model"]["vocab"]
+    for byte in range(256):  # the byte-fallback pieces, in the model vocabulary as in Llama 2
+        vocab.setdefault(f"<0x{byte:02X}>", len(vocab))
+    data["pre_tokenizer"] = None
+    data["normalizer"] = {"type": "Sequence", "normalizers": [
+        {"type": "Prepend", "prepend": "\u2581"}, {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"}]}
+    data["decoder"] = {"type": "Sequence", "decoders": [
+        {"type": "Replace", "pattern": {"String": "\u2581"}, "content": " "}, {"type": "ByteFallback"},
+        {"type": "Fuse"}, {"type": "Strip", "content": " ", "start": 1, "stop": 0}]}
+    fast = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(data)), bos_token="<s>",
+                                   eos_token="</s>", unk_token="<unk>")
+    fast.chat_template = ("{% for m in messages %}<s>[{{ m['role'] }}] {{ m['content'] }}</s>{% endfor %}"
+                          "{% if add_generation_prompt %}<s>[assistant]{% endif %}")
+    return fast
+
+
 def build_tiny_model(tokenizer, model_type: str = "llama", layers: int = 4):
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM

@@ -71,6 +71,13 @@ epochs = 1
 [evaluate]
 speed_prompts = 1
 speed_tokens = 8
+[export]
+types = ["f16"]
+parity_prompts = 1
+parity_tokens = 4
+eval_positions = 16
+speed_prompt_tokens = 16
+speed_tokens = 8
 """)
     result = edgedistill("run", "tiny.toml", "--name", "cli", "--set", "train.batch_size=2", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
@@ -81,6 +88,14 @@ speed_tokens = 8
     assert listing.returncode == 0 and "cli" in listing.stderr and "done" in listing.stderr
     again = edgedistill("evaluate", "runs/cli", cwd=tmp_path)  # a stage on a run folder
     assert again.returncode == 0, again.stderr
+    quant = edgedistill("export", "runs/cli", "--quant", "f16,q4_0", cwd=tmp_path)
+    assert quant.returncode == 0, quant.stderr
+    export = tmp_path / "runs" / "cli" / "export"
+    assert sorted(p.name for p in export.glob("*.gguf")) == ["cli-f16.gguf", "cli-q4_0.gguf"]
+    card = (export / "README.md").read_text(encoding="utf-8")
+    assert card.startswith("---\nlicense:") and "## Evaluation (held-out prompts)" in card
+    assert "student after KD" in card and "| cli-q4_0.gguf | q4_0 |" in card
+    assert 'FROM ./cli-q4_0.gguf' in (export / "Modelfile").read_text()
 
 
 @pytest.mark.slow

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import build_tiny_model, build_tiny_tokenizer, subprocess_env
+from conftest import build_tiny_model, build_tiny_spm_tokenizer, build_tiny_tokenizer, subprocess_env
 from edgedistill.errors import UserError
 from edgedistill.export.gguf import export_gguf, permute_qk
 from edgedistill.export.ollama import modelfile
@@ -21,17 +21,17 @@ CONVERSATIONS = [[{"role": "user", "content": "Name three fruits."}],
                  [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Say hi 🙂"}]]
 
 
-def tiny_folder(tmp_path: Path, model_type: str) -> Path:
+def tiny_folder(tmp_path: Path, model_type: str, sentencepiece: bool = False) -> Path:
     from edgedistill.teachers.hf import prepare_tokenizer
 
-    tokenizer = build_tiny_tokenizer()
+    tokenizer = build_tiny_spm_tokenizer() if sentencepiece else build_tiny_tokenizer()
     model = build_tiny_model(tokenizer, model_type, layers=2)
     if model_type == "qwen2":  # non-zero q/k/v biases, so a wrong bias layout cannot hide
         torch.manual_seed(1)
         for layer in model.model.layers:
             for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
                 proj.bias.data.normal_(0, 0.5)
-    folder = tmp_path / model_type
+    folder = tmp_path / (model_type + ("-spm" if sentencepiece else ""))
     model.save_pretrained(folder)
     prepare_tokenizer(tokenizer)
     tokenizer.save_pretrained(folder)
@@ -60,6 +60,22 @@ def test_f32_gguf_runs_in_llamacpp_exactly_as_in_transformers(tmp_path, model_ty
     assert parity.greedy_match == len(CONVERSATIONS), parity.first_difference
     # F32 weights; llama.cpp keeps its KV cache in F16, hence not 1e-6.
     assert parity.compared_positions >= 50 and parity.max_logprob_diff < 1e-2
+
+
+def test_sentencepiece_vocabulary_tokenizes_as_in_transformers(tmp_path):
+    """Llama 2 / Mistral layout: ▁ for spaces, <0x..> byte fallback, scores from the merges."""
+    from gguf import GGUFReader
+
+    folder = tiny_folder(tmp_path, "llama", sentencepiece=True)
+    result = export_gguf(folder, tmp_path / "out" / "spm-f32.gguf", "f32", name="spm")
+    fields = GGUFReader(result.path).fields
+    assert fields["tokenizer.ggml.model"].contents() == "llama" and "tokenizer.ggml.scores" in fields
+    parity = parity_of(folder, result.path)
+    assert parity.tokenizer_match and parity.template_match, parity.first_difference
+    # A random model's first steps can be near-ties that F16 KV rounding flips; the log-probs
+    # compared along llama.cpp's own tokens are the strict check.
+    assert parity.greedy_match >= len(CONVERSATIONS) - 1 and parity.max_logprob_diff < 1e-2, parity
+    assert parity.compared_positions >= 50
 
 
 def test_real_smollm2_weights_export_f16_with_parity():
@@ -171,3 +187,17 @@ def test_modelfile_translates_chatml_and_stops_at_end_of_turn():
     assert "<|start_header_id|>assistant<|end_header_id|>" in llama3 and 'PARAMETER stop "<|end_of_text|>"' in llama3
     other = modelfile("m.gguf", "[INST] {{ messages }}", ["</s>"])
     assert "TEMPLATE" not in other.replace("# The chat template", "") and 'PARAMETER stop "</s>"' in other
+
+
+def test_published_files_are_readable_by_other_local_users(tmp_path):
+    """mkstemp makes 0600 files: Ollama's service account could not read the GGUF."""
+    import os
+    import stat
+
+    folder = tiny_folder(tmp_path, "llama")
+    old = os.umask(0o022)
+    try:
+        path = export_gguf(folder, tmp_path / "out" / "tiny-q8_0.gguf", "q8_0", name="tiny").path
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644

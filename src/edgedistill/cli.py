@@ -136,7 +136,23 @@ _stage_command("generate", "Answer the seed prompts with the teacher and store i
 _stage_command("student", "Cut the student from the teacher (layers chosen on the distill set).")
 _stage_command("train", "Distil: train the student on the cached teacher targets.")
 _stage_command("evaluate", "Compare teacher, student before and after KD on the held-out prompts.")
-_stage_command("export", "Write the student as GGUF files (llama.cpp / Ollama), checked in llama.cpp.")
+
+
+@app.command()
+@user_errors
+def export(target: Annotated[Path, typer.Argument(help="Recipe TOML file or run folder.")],
+           quant: Annotated[Optional[str], typer.Option("--quant", help="GGUF types, comma separated, e.g. "
+                                                        "f16,q8_0,q4_0,q4_k_m (overrides export.types).")] = None,
+           set_: SetOpt = None, name: NameOpt = None, runs_dir: RunsDirOpt = None) -> None:
+    """Write the student as GGUF files (llama.cpp / Ollama) with a Modelfile and a model card, each file
+    checked in llama.cpp. Earlier stages must be done."""
+    from edgedistill.pipeline import run_recipe
+
+    overrides = _overrides(set_, name, runs_dir)
+    if quant:
+        overrides.append(f"export.types={json.dumps([q.strip() for q in quant.split(',') if q.strip()])}")
+    _finish(run_recipe(_load(target, overrides), only="export"))
+
 _stage_command("report", "Write report.md from the run's ledger.")
 
 
@@ -156,6 +172,26 @@ def runs(runs_dir: Annotated[Path, typer.Option("--runs-dir", help="Folder of ru
         table.add_row(str(r["name"]), *[r["stages"].get(s, "–") for s in STAGE_NAMES],
                       f"{r['seconds']:.0f}", str(r["path"]))
     console.print(table)
+
+
+@app.command()
+@user_errors
+def serve(target: Annotated[str, typer.Argument(help="A run folder (its exported GGUF), a .gguf file, or 'embedded'.")],
+          host: Annotated[str, typer.Option(help="Address to listen on. Anything but loopback needs an API key.")] = "127.0.0.1",
+          port: Annotated[int, typer.Option(help="Port.")] = 8000,
+          api_key_env: Annotated[Optional[str], typer.Option("--api-key-env", help="NAME of the environment "
+                                                             "variable holding the API key.")] = None,
+          parallel: Annotated[int, typer.Option(help="Requests generating at once.", min=1, max=64)] = 2,
+          queue: Annotated[int, typer.Option(help="Requests waiting beyond those; more get 503.", min=0)] = 16,
+          max_tokens: Annotated[int, typer.Option(help="Largest max_tokens a request may ask for.", min=1)] = 2048,
+          context: Annotated[int, typer.Option(help="Context tokens per request slot.", min=256)] = 4096,
+          log_content: Annotated[bool, typer.Option("--log-content", help="Log prompts and completions "
+                                                    "(off: request ids and token counts only).")] = False) -> None:
+    """A private OpenAI-compatible server (chat, completions, streaming, logprobs) on llama.cpp, with a chat page at /."""
+    from edgedistill.serve.server import run_server
+
+    run_server(target, host=host, port=port, api_key_env=api_key_env, parallel=parallel, queue_size=queue,
+               max_tokens=max_tokens, context_per_slot=context, log_content=log_content)
 
 
 @app.command()

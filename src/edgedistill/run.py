@@ -34,6 +34,18 @@ CREATE TABLE IF NOT EXISTS teacher_usage (  -- cumulative over every attempt: wh
 """
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def publish_mode(path: Path) -> None:
+    """Give a file or folder made by mkstemp/mkdtemp (0600/0700) the usual umask-based mode, so
+    other local users — e.g. the `ollama` service account — can read what we publish."""
+    os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~_umask())
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     """Write a file so that a crash leaves either the old or the new content, never half."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -42,6 +54,7 @@ def atomic_write_text(path: Path, text: str) -> None:
         fh.write(text)
         fh.flush()
         os.fsync(fh.fileno())
+    publish_mode(Path(tmp))
     os.replace(tmp, path)
 
 

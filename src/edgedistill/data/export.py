@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from edgedistill.data.store import Sample
-from edgedistill.run import atomic_write_text
+from edgedistill.run import atomic_write_text, publish_mode
 
 
 def _features():
@@ -69,6 +69,7 @@ def export_distill_set(samples: list[Sample], dataset_dir: Path, jsonl_path: Pat
     dataset_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=dataset_dir.parent, prefix=f".{dataset_dir.name}."))
     dataset.save_to_disk(str(tmp / "data"))
+    publish_mode(tmp / "data")
     old = dataset_dir.with_name(f".{dataset_dir.name}.old")
     if dataset_dir.exists():
         os.replace(dataset_dir, old)

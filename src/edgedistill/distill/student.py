@@ -27,6 +27,7 @@ import torch
 
 from edgedistill.data.store import Sample
 from edgedistill.errors import UserError
+from edgedistill.run import publish_mode
 
 # Architectures whose decoder stack is `model.model.layers` with per-layer config lists we know.
 CUTTABLE = {"llama", "mistral", "qwen2", "qwen3"}
@@ -144,6 +145,7 @@ def save_model(model, tokenizer, target: Path, extra: dict | None = None) -> Non
     tokenizer.save_pretrained(tmp)
     if extra is not None:
         (tmp / "edgedistill.json").write_text(json.dumps(extra, indent=2), encoding="utf-8")
+    publish_mode(tmp)
     if target.exists():
         shutil.rmtree(target)
     os.replace(tmp, target)

@@ -9,9 +9,11 @@ convert_hf_to_gguf.py, re-stated here:
   (dimension i pairs with i + d/2) to llama.cpp's interleaved pairs (2i, 2i+1); Qwen2 uses
   llama.cpp's NEOX rope and is written as it is, q/k/v biases included.
 - Tied embeddings: no `output.weight`; llama.cpp reuses `token_embd`.
-- GPT-2 style byte-level BPE vocabularies: tokens, merges, token types (control for special
-  added tokens), bos/eos/unk/pad ids, the chat template, and the pre-tokenizer name that makes
-  llama.cpp split text the way the Hugging Face tokenizer does (checked after export).
+- GPT-2 style byte-level BPE vocabularies (SmolLM2, Qwen2, Llama 3): tokens, merges, token
+  types (control for special added tokens), and the pre-tokenizer name that makes llama.cpp
+  split text the way the Hugging Face tokenizer does; SentencePiece-style BPE with byte
+  fallback (Llama 2, Mistral): llama.cpp's "llama" vocabulary with scores from the merge
+  order. Both with bos/eos/unk/pad ids and the chat template — checked after export.
 
 The file is written next to its destination and renamed at the end: a crash or a bad input
 never leaves half a GGUF.
@@ -31,6 +33,7 @@ import numpy as np
 from edgedistill import __version__
 from edgedistill.errors import UserError
 from edgedistill.export.quantize import EXPORT_TYPES, Q, encode, tensor_type
+from edgedistill.run import publish_mode
 
 ARCHITECTURES = {"LlamaForCausalLM": gguf.MODEL_ARCH.LLAMA, "MistralForCausalLM": gguf.MODEL_ARCH.LLAMA,
                  "Qwen2ForCausalLM": gguf.MODEL_ARCH.QWEN2}
@@ -94,7 +97,7 @@ def _chat_template(folder: Path, tokenizer_config: dict) -> str | None:
 
 
 def write_tokenizer(writer: gguf.GGUFWriter, folder: Path, model_type: str, vocab_size: int) -> None:
-    """Vocabulary, merges, token types, special ids and chat template of a byte-level BPE."""
+    """Vocabulary, merges or scores, token types, special ids and the chat template."""
     from transformers import AutoTokenizer
 
     _read_json(folder / "tokenizer.json")  # present and readable, or one clear line
@@ -106,28 +109,13 @@ def write_tokenizer(writer: gguf.GGUFWriter, folder: Path, model_type: str, voca
     except (ValueError, OSError, AttributeError) as exc:
         raise UserError(f"{folder}: cannot load the tokenizer ({exc})") from None
     model = tokenizer_json.get("model") or {}
-    if model.get("type") != "BPE" or model.get("byte_fallback"):
-        raise UserError(f"{folder / 'tokenizer.json'}: only GPT-2 style byte-level BPE vocabularies are "
-                        "written to GGUF so far (SentencePiece / byte-fallback ones are not)")
-    vocab: dict[str, int] = dict(model["vocab"])
-    added = {entry["id"]: entry for entry in tokenizer_json.get("added_tokens", [])}
-    for idx, entry in added.items():
-        vocab[entry["content"]] = idx
-    size = max(vocab_size, max(vocab.values()) + 1)
-    tokens = [f"[PAD{i}]" for i in range(size)]  # embedding rows beyond the tokenizer
-    types = [int(gguf.TokenType.UNUSED)] * size
-    for token, idx in vocab.items():
-        tokens[idx] = token
-        types[idx] = int(gguf.TokenType.NORMAL)
-    for idx, entry in added.items():
-        types[idx] = int(gguf.TokenType.CONTROL if entry.get("special") else gguf.TokenType.USER_DEFINED)
-    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(pre_tokenizer_name(tokenizer_json, model_type))
-    writer.add_token_list(tokens)
-    writer.add_token_types(types)
-    if merges:
-        writer.add_token_merges(merges)
+    if model.get("type") != "BPE":
+        raise UserError(f"{folder / 'tokenizer.json'}: a {model.get('type')} vocabulary — the GGUF writer handles "
+                        "BPE ones (GPT-2 style byte-level, and SentencePiece-style with byte fallback)")
+    if model.get("byte_fallback"):
+        _sentencepiece_vocabulary(writer, tokenizer_json, vocab_size)
+    else:
+        _byte_level_vocabulary(writer, tokenizer_json, model_type, vocab_size)
     for token_id, add in ((tokenizer.bos_token_id, writer.add_bos_token_id),
                           (tokenizer.eos_token_id, writer.add_eos_token_id),
                           (tokenizer.unk_token_id, writer.add_unk_token_id),
@@ -140,6 +128,62 @@ def write_tokenizer(writer: gguf.GGUFWriter, folder: Path, model_type: str, voca
     template = _chat_template(folder, tokenizer_config)
     if template:
         writer.add_chat_template(template)
+
+
+def _token_table(tokenizer_json: dict, vocab_size: int) -> tuple[list[str], list[int], dict[str, int]]:
+    """Tokens by id (model vocabulary + added tokens; rows beyond the tokenizer padded) and types."""
+    vocab: dict[str, int] = dict(tokenizer_json["model"]["vocab"])
+    added = {entry["id"]: entry for entry in tokenizer_json.get("added_tokens", [])}
+    for idx, entry in added.items():
+        vocab[entry["content"]] = idx
+    size = max(vocab_size, max(vocab.values()) + 1)
+    tokens = [f"[PAD{i}]" for i in range(size)]  # embedding rows beyond the tokenizer
+    types = [int(gguf.TokenType.UNUSED)] * size
+    for token, idx in vocab.items():
+        tokens[idx] = token
+        types[idx] = int(gguf.TokenType.NORMAL)
+    for idx, entry in added.items():
+        types[idx] = int(gguf.TokenType.CONTROL if entry.get("special") else gguf.TokenType.USER_DEFINED)
+    return tokens, types, vocab
+
+
+def _merges(model: dict) -> list[str]:
+    return [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+
+
+def _byte_level_vocabulary(writer: gguf.GGUFWriter, tokenizer_json: dict, model_type: str, vocab_size: int) -> None:
+    tokens, types, _ = _token_table(tokenizer_json, vocab_size)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(pre_tokenizer_name(tokenizer_json, model_type))
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    if merges := _merges(tokenizer_json["model"]):
+        writer.add_token_merges(merges)
+
+
+def _sentencepiece_vocabulary(writer: gguf.GGUFWriter, tokenizer_json: dict, vocab_size: int) -> None:
+    """SentencePiece-style BPE with byte fallback (Llama 2, Mistral, TinyLlama), as llama.cpp's
+    "llama" vocabulary. llama.cpp merges the adjacent pair whose concatenation has the highest
+    score, so a token made by merge number r scores -r: the same order the Hugging Face BPE
+    applies its merges in (checked token for token in the parity test)."""
+    tokens, types, vocab = _token_table(tokenizer_json, vocab_size)
+    rank: dict[str, int] = {}
+    for number, merge in enumerate(_merges(tokenizer_json["model"])):
+        rank.setdefault(merge.replace(" ", ""), number)
+    scores = [-float(rank[token]) if token in rank else 0.0 for token in tokens]
+    for token, idx in vocab.items():
+        if len(token) == 6 and token.startswith("<0x") and token.endswith(">"):
+            types[idx] = int(gguf.TokenType.BYTE)
+    unk = tokenizer_json["model"].get("unk_token")
+    if unk in vocab:
+        types[vocab[unk]] = int(gguf.TokenType.UNKNOWN)
+    normalizer = json.dumps(tokenizer_json.get("normalizer") or {}) + json.dumps(tokenizer_json.get("pre_tokenizer") or {})
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list(tokens)
+    writer.add_token_scores(scores)
+    writer.add_token_types(types)
+    writer.add_add_space_prefix('"Prepend"' in normalizer or '"prepend_scheme": "first"' in normalizer
+                                or '"prepend_scheme": "always"' in normalizer)
 
 
 def _hyperparameters(writer: gguf.GGUFWriter, config: dict) -> None:
@@ -237,6 +281,7 @@ def export_gguf(folder: Path, destination: Path, export_type: str, *, name: str,
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file(progress=False)
         writer.close()
+        publish_mode(tmp)
         os.replace(tmp, destination)
     except BaseException:
         tmp.unlink(missing_ok=True)

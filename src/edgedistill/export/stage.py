@@ -4,7 +4,8 @@ For every type in the recipe: write the file (atomic), load it in llama.cpp, mea
 and decode speed, and — against the highest-precision file — KL and top-1 agreement on
 held-out text. The highest-precision file is also checked against transformers (tokenizer,
 chat template, greedy tokens, log-probs). Results go to the ledger (subjects `gguf:<type>`
-and `parity`), to `export/export.md`, and an Ollama Modelfile points at the best small file.
+and `parity`), to `export/export.md`; an Ollama Modelfile points at the best small file and
+a model card (README.md) goes with the files.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import json
 from edgedistill.console import console, stage_progress
 from edgedistill.data.generate import load_distill_set
 from edgedistill.errors import UserError
+from edgedistill.export.card import write_model_card
 from edgedistill.export.gguf import export_gguf
 from edgedistill.export.ollama import write_modelfile
 from edgedistill.export.verify import LlamaCppClient, check_parity, serve, sparse_kl_top1, speed, teacher_forced
@@ -101,6 +103,7 @@ def run_export(recipe: Recipe, run: RunDir, ledger: Ledger) -> dict[str, float]:
                     [tokenizer.eos_token] if tokenizer.eos_token else [])
     table = _markdown(rows, parity, reference)
     atomic_write_text(run.export_dir / "export.md", f"# GGUF export — run `{recipe.run.name}`\n\n{table}")
+    write_model_card(recipe, run, ledger, table)
     atomic_write_text(run.export_dir / "export.json", json.dumps({"reference": reference, "files": rows,
                                                                   "parity": parity}, indent=2))
     console.print(table)

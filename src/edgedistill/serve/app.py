@@ -1,0 +1,296 @@
+"""The private OpenAI-compatible server: FastAPI in front of llama.cpp's own server.
+
+Why a front at all, when llama.cpp already speaks OpenAI: it is what makes the server safe to
+leave running — an API key whenever it listens beyond loopback, request limits answered with
+OpenAI-style 400s (never a stack trace), a bounded queue that sheds overload with 503 +
+Retry-After instead of piling up, no prompt or completion text in the logs, Prometheus
+metrics, the run's name as the model id, and a chat page for people who do not use curl.
+Generation itself (chat template, sampling, stop strings, logprobs, SSE streaming) is
+llama.cpp's: the front forwards bodies and streams, and closing a client's stream closes the
+upstream request, which frees the slot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import secrets
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from importlib import resources
+
+import httpx
+from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+log = logging.getLogger("edgedistill.serve")
+MAX_TOP_LOGPROBS = 20
+
+
+@dataclass
+class ServeSettings:
+    model_id: str
+    upstream: str  # llama.cpp's server, e.g. http://127.0.0.1:PORT
+    api_key: str | None = None
+    max_body_bytes: int = 1 << 20
+    max_tokens_cap: int = 2048
+    parallel: int = 2  # requests generating at once (llama.cpp slots)
+    queue_size: int = 16  # requests waiting beyond those; more → 503
+    context_per_slot: int = 4096
+    log_content: bool = False
+
+
+def openai_error(status: int, message: str, kind: str = "invalid_request_error", code: str | None = None,
+                 headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": kind, "param": None, "code": code}},
+                        status_code=status, headers=headers)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter("edgedistill_requests", "Requests by endpoint and status",
+                                ["endpoint", "status"], registry=self.registry)
+        self.tokens = Counter("edgedistill_tokens", "Tokens by kind", ["kind"], registry=self.registry)
+        self.latency = Histogram("edgedistill_request_seconds", "Request latency", ["endpoint"],
+                                 registry=self.registry, buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120))
+        self.queue_depth = Gauge("edgedistill_queue_depth", "Requests waiting for a slot", registry=self.registry)
+        self.in_flight = Gauge("edgedistill_in_flight", "Requests generating", registry=self.registry)
+
+
+class Admission:
+    """`parallel` requests generate, `queue_size` wait; anything beyond is refused at once."""
+
+    def __init__(self, parallel: int, queue_size: int, metrics: Metrics):
+        self.slots = asyncio.Semaphore(parallel)
+        self.limit = parallel + queue_size
+        self.admitted = 0
+        self.metrics = metrics
+
+    def try_enter(self) -> bool:
+        if self.admitted >= self.limit:
+            return False
+        self.admitted += 1
+        return True
+
+    async def acquire(self) -> None:
+        self.metrics.queue_depth.inc()
+        try:
+            await self.slots.acquire()
+        finally:
+            self.metrics.queue_depth.dec()
+        self.metrics.in_flight.inc()
+
+    def release(self, acquired: bool) -> None:
+        if acquired:
+            self.slots.release()
+            self.metrics.in_flight.dec()
+        self.admitted -= 1
+
+
+def _validate(body: dict, settings: ServeSettings) -> JSONResponse | None:
+    model = body.get("model")
+    if model not in (None, "", settings.model_id):
+        return openai_error(404, f"The model '{model}' does not exist; this server has '{settings.model_id}'.",
+                            code="model_not_found")
+    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+    if max_tokens is not None and (not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1):
+        return openai_error(400, "max_tokens must be a positive integer.")
+    if isinstance(max_tokens, int) and max_tokens > settings.max_tokens_cap:
+        return openai_error(400, f"max_tokens {max_tokens} is above this server's limit of {settings.max_tokens_cap}.")
+    if body.get("n", 1) != 1:
+        return openai_error(400, "Only n = 1 is supported.")
+    # chat: top_logprobs = k; completions: logprobs = k (in chat, logprobs is a boolean)
+    for field in ("top_logprobs", "logprobs"):
+        k = body.get(field)
+        if isinstance(k, int) and not isinstance(k, bool) and not 0 <= k <= MAX_TOP_LOGPROBS:
+            return openai_error(400, f"{field} must be between 0 and {MAX_TOP_LOGPROBS}.")
+    return None
+
+
+def create_app(settings: ServeSettings) -> FastAPI:
+    metrics = Metrics()
+    admission = Admission(settings.parallel, settings.queue_size, metrics)
+    state = {"ready": False}
+    client = httpx.AsyncClient(base_url=settings.upstream, timeout=httpx.Timeout(600.0, connect=5.0), trust_env=False)
+
+    async def wait_for_model() -> None:
+        while not state["ready"]:
+            try:
+                state["ready"] = (await client.get("/health")).status_code == 200
+            except httpx.TransportError:
+                pass
+            await asyncio.sleep(0.2)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        task = asyncio.create_task(wait_for_model())  # /health answers 503 until it is done
+        yield
+        task.cancel()
+        await client.aclose()
+
+    app = FastAPI(title="edgedistill", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next):
+        path = request.url.path
+        open_paths = ("/health", "/") if settings.api_key else None
+        if settings.api_key and path not in open_paths:
+            given = request.headers.get("authorization", "")
+            if not secrets.compare_digest(given.encode(), f"Bearer {settings.api_key}".encode()):
+                metrics.requests.labels(path, "401").inc()
+                return openai_error(401, "Missing or invalid API key (send 'Authorization: Bearer <key>').",
+                                    kind="authentication_error", code="invalid_api_key")
+        length = request.headers.get("content-length")
+        if length and length.isdigit() and int(length) > settings.max_body_bytes:
+            metrics.requests.labels(path, "413").inc()
+            return openai_error(413, f"Request body above {settings.max_body_bytes} bytes.")
+        return await call_next(request)
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        if not state["ready"]:
+            return JSONResponse({"status": "loading"}, status_code=503)
+        return JSONResponse({"status": "ok", "model": settings.model_id})
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models")
+    async def models() -> JSONResponse:
+        return JSONResponse({"object": "list", "data": [
+            {"id": settings.model_id, "object": "model", "created": 0, "owned_by": "edgedistill"}]})
+
+    @app.get("/", response_class=HTMLResponse)
+    async def chat_page() -> HTMLResponse:
+        page = resources.files("edgedistill.serve").joinpath("chat.html").read_text(encoding="utf-8")
+        return HTMLResponse(page.replace("{{MODEL}}", settings.model_id))
+
+    async def _body(request: Request) -> dict | JSONResponse:
+        raw = await request.body()
+        if len(raw) > settings.max_body_bytes:
+            return openai_error(413, f"Request body above {settings.max_body_bytes} bytes.")
+        try:
+            body = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return openai_error(400, "The body is not valid JSON.")
+        if not isinstance(body, dict):
+            return openai_error(400, "The body must be a JSON object.")
+        return body
+
+    async def _forward(request: Request, endpoint: str) -> Response:
+        started = time.perf_counter()
+        request_id = uuid.uuid4().hex[:12]
+        body = await _body(request)
+        if isinstance(body, JSONResponse):
+            metrics.requests.labels(endpoint, str(body.status_code)).inc()
+            return body
+        if (error := _validate(body, settings)) is not None:
+            metrics.requests.labels(endpoint, str(error.status_code)).inc()
+            return error
+        if not state["ready"]:
+            return openai_error(503, "The model is still loading.", kind="server_error", headers={"Retry-After": "2"})
+        if not admission.try_enter():
+            metrics.requests.labels(endpoint, "503").inc()
+            return openai_error(503, "The server is at capacity; retry shortly.", kind="server_error",
+                                code="overloaded", headers={"Retry-After": "1"})
+        body["model"] = settings.model_id
+        if settings.log_content:
+            log.info("%s %s content=%s", request_id, endpoint, json.dumps(body, ensure_ascii=False)[:2000])
+        if body.get("stream"):
+            return StreamingResponse(_stream(endpoint, body, request_id, started), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Request-Id": request_id})
+        acquired = False
+        try:
+            await admission.acquire()
+            acquired = True
+            upstream = await client.post(f"/v1/{endpoint}", json=body)
+        except httpx.HTTPError as exc:
+            metrics.requests.labels(endpoint, "502").inc()
+            log.warning("%s %s upstream error %s", request_id, endpoint, type(exc).__name__)
+            return openai_error(502, "The model runtime did not answer.", kind="server_error")
+        finally:
+            admission.release(acquired)
+        return _relay(endpoint, upstream, request_id, started)
+
+    def _relay(endpoint: str, upstream: httpx.Response, request_id: str, started: float) -> Response:
+        try:
+            data = upstream.json()
+        except json.JSONDecodeError:
+            metrics.requests.labels(endpoint, "502").inc()
+            return openai_error(502, "The model runtime sent a broken answer.", kind="server_error")
+        if upstream.status_code >= 400:  # llama.cpp's own validation, e.g. the prompt is too long
+            message = (data.get("error") or {}).get("message", "Request rejected.") if isinstance(data, dict) else "Request rejected."
+            status = 400 if upstream.status_code < 500 else 502
+            metrics.requests.labels(endpoint, str(status)).inc()
+            return openai_error(status, message)
+        data["model"] = settings.model_id
+        data.pop("timings", None)
+        usage = data.get("usage") or {}
+        _count(endpoint, usage, "200", started)
+        log.info("%s %s prompt_tokens=%s completion_tokens=%s", request_id, endpoint,
+                 usage.get("prompt_tokens"), usage.get("completion_tokens"))
+        return JSONResponse(data)
+
+    def _count(endpoint: str, usage: dict, status: str, started: float) -> None:
+        metrics.requests.labels(endpoint, status).inc()
+        metrics.tokens.labels("prompt").inc(usage.get("prompt_tokens") or 0)
+        metrics.tokens.labels("completion").inc(usage.get("completion_tokens") or 0)
+        metrics.latency.labels(endpoint).observe(time.perf_counter() - started)
+
+    async def _stream(endpoint: str, body: dict, request_id: str, started: float) -> AsyncIterator[bytes]:
+        acquired = False
+        usage: dict = {}
+        status = "200"
+        try:
+            await admission.acquire()
+            acquired = True
+            async with client.stream("POST", f"/v1/{endpoint}", json=body) as upstream:
+                if upstream.status_code >= 400:
+                    raw = await upstream.aread()
+                    try:
+                        message = json.loads(raw).get("error", {}).get("message", "Request rejected.")
+                    except (json.JSONDecodeError, AttributeError):
+                        message = "Request rejected."
+                    status = "400"
+                    yield f"data: {json.dumps({'error': {'message': message, 'type': 'invalid_request_error'}})}\n\n".encode()
+                    return
+                async for line in upstream.aiter_lines():
+                    if not line.startswith("data: "):
+                        continue
+                    payload = line[6:]
+                    if payload.strip() != "[DONE]":
+                        try:
+                            chunk = json.loads(payload)
+                            chunk["model"] = settings.model_id
+                            chunk.pop("timings", None)
+                            usage = chunk.get("usage") or usage
+                            payload = json.dumps(chunk, ensure_ascii=False)
+                        except json.JSONDecodeError:
+                            continue
+                    yield f"data: {payload}\n\n".encode()
+        except httpx.HTTPError as exc:
+            status = "502"
+            log.warning("%s %s upstream error %s", request_id, endpoint, type(exc).__name__)
+            yield b'data: {"error": {"message": "The model runtime did not answer.", "type": "server_error"}}\n\n'
+        finally:  # also when the client went away: the upstream stream is closed, the slot freed
+            admission.release(acquired)
+            _count(endpoint, usage, status, started)
+            log.info("%s %s stream prompt_tokens=%s completion_tokens=%s", request_id, endpoint,
+                     usage.get("prompt_tokens"), usage.get("completion_tokens"))
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        return await _forward(request, "chat/completions")
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        return await _forward(request, "completions")
+
+    return app
