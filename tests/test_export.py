@@ -21,17 +21,20 @@ CONVERSATIONS = [[{"role": "user", "content": "Name three fruits."}],
                  [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Say hi 🙂"}]]
 
 
-def tiny_folder(tmp_path: Path, model_type: str, sentencepiece: bool = False) -> Path:
+def tiny_folder(tmp_path: Path, model_type: str, sentencepiece: bool = False, tied: bool = True) -> Path:
     from edgedistill.teachers.hf import prepare_tokenizer
 
     tokenizer = build_tiny_spm_tokenizer() if sentencepiece else build_tiny_tokenizer()
     model = build_tiny_model(tokenizer, model_type, layers=2)
+    if not tied:  # a separate output matrix, written as output.weight
+        model.config.tie_word_embeddings = False
+        model.lm_head.weight = torch.nn.Parameter(torch.randn_like(model.lm_head.weight) * 0.2)
     if model_type == "qwen2":  # non-zero q/k/v biases, so a wrong bias layout cannot hide
         torch.manual_seed(1)
         for layer in model.model.layers:
             for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
                 proj.bias.data.normal_(0, 0.5)
-    folder = tmp_path / (model_type + ("-spm" if sentencepiece else ""))
+    folder = tmp_path / (model_type + ("-spm" if sentencepiece else "") + ("" if tied else "-untied"))
     model.save_pretrained(folder)
     prepare_tokenizer(tokenizer)
     tokenizer.save_pretrained(folder)
@@ -50,11 +53,14 @@ def parity_of(folder: Path, gguf: Path, tokens: int = 12):
             client.close()
 
 
-@pytest.mark.parametrize("model_type", ["llama", "qwen2"])
-def test_f32_gguf_runs_in_llamacpp_exactly_as_in_transformers(tmp_path, model_type):
-    folder = tiny_folder(tmp_path, model_type)
+@pytest.mark.parametrize("model_type,tied", [("llama", True), ("qwen2", True), ("llama", False)])
+def test_f32_gguf_runs_in_llamacpp_exactly_as_in_transformers(tmp_path, model_type, tied):
+    from gguf import GGUFReader
+
+    folder = tiny_folder(tmp_path, model_type, tied=tied)
     result = export_gguf(folder, tmp_path / "out" / "tiny-f32.gguf", "f32", name="tiny")
     assert result.bits_per_weight == 32.0 and result.tensor_types == {"F32": result.tensor_types["F32"]}
+    assert ("output.weight" in {t.name for t in GGUFReader(result.path).tensors}) is not tied
     parity = parity_of(folder, result.path)
     assert parity.tokenizer_match and parity.template_match, parity.first_difference
     assert parity.greedy_match == len(CONVERSATIONS), parity.first_difference

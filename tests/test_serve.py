@@ -185,3 +185,21 @@ def test_round_trip_the_server_is_a_teacher_for_the_data_engine(server, tmp_path
     samples = load_distill_set(run_recipe(recipe, only="generate"))
     assert len(samples) == 4 and all(s.topk_ids is not None and s.topk_ids.shape[1] == 5 for s in samples)
     assert json.loads(json.dumps(samples[0].messages))[-1]["role"] == "assistant"
+
+
+def test_a_run_folder_serves_its_best_exported_file(tmp_path):
+    from edgedistill.errors import UserError
+    from edgedistill.serve.server import api_key, resolve_model
+
+    run = tmp_path / "my-run"
+    (run / "student").mkdir(parents=True)
+    (run / "student" / "config.json").write_text("{}")
+    with pytest.raises(UserError, match="no GGUF yet — run `edgedistill export"):
+        resolve_model(str(run))
+    (run / "export").mkdir()
+    for kind in ("f16", "q4_k_m", "q8_0"):
+        (run / "export" / f"my-run-{kind}.gguf").write_bytes(b"GGUF")
+    assert resolve_model(str(run)) == (run / "export" / "my-run-q8_0.gguf", "my-run")
+    with pytest.raises(UserError, match="API key"):
+        api_key(None, "0.0.0.0")
+    assert api_key(None, "127.0.0.1") is None and api_key(None, "localhost") is None

@@ -13,6 +13,7 @@ whose argmax token ends inside a UTF-8 character; such positions are skipped and
 
 from __future__ import annotations
 
+import codecs
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,7 @@ import httpx
 import numpy as np
 
 from edgedistill.serve.llamacpp import LlamaCppServer, start_llamacpp_server
+from edgedistill.teachers.openai_compat import VocabMap
 
 PROBE_TEXT = ("Distil a model for the edge: 価格は ¥12,800（税込）です。 Ship it on 2026-11-28 🙂 — "
               "naïve café, ＡＢＣ１２３, 東京都千代田区 〒100-0001.")
@@ -70,18 +72,17 @@ class Parity:
                 "compared_positions": self.compared_positions, "max_logprob_diff": self.max_logprob_diff}
 
 
-def _position_of(tokens: list[int], entries: list[dict]) -> list[tuple[int, dict]]:
-    """Align llama.cpp's per-token probability entries with generated token positions (entries of
-    tokens that end inside a UTF-8 character are missing; the next entry is the next position)."""
-    aligned, cursor = [], 0
-    for entry in entries:
-        while cursor < len(tokens) and tokens[cursor] != entry.get("id"):
-            cursor += 1
-        if cursor == len(tokens):
-            break
-        aligned.append((cursor, entry))
-        cursor += 1
-    return aligned
+def _position_of(tokens: list[int], entries: list[dict], id_bytes: dict[int, bytes]) -> list[tuple[int, dict]]:
+    """Align llama.cpp's per-token probability entries with generated positions. llama.cpp emits
+    no entry for a token that ends inside a UTF-8 character (its bytes go to the next one), so
+    replay the bytes to know which positions have entries; an entry whose id disagrees is dropped."""
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    emitting = []
+    for position, token in enumerate(tokens):
+        decoder.decode(id_bytes.get(token, b""))
+        if not decoder.getstate()[0]:  # nothing pending: this position got an entry
+            emitting.append(position)
+    return [(position, entry) for position, entry in zip(emitting, entries) if tokens[position] == entry.get("id")]
 
 
 def check_parity(client: LlamaCppClient, model, tokenizer, conversations: list[list[dict[str, str]]],
@@ -103,6 +104,7 @@ def check_parity(client: LlamaCppClient, model, tokenizer, conversations: list[l
         notes.append("chat template renders differently")
     greedy_match, compared, max_diff = 0, 0, 0.0
     stop = {tokenizer.eos_token_id}
+    id_bytes = VocabMap(tokenizer).id_bytes
     for prompt in encode_prompts(tokenizer, conversations):
         answer = client.complete(prompt, max_new_tokens, n_probs)
         tokens = answer.get("tokens") or []
@@ -122,7 +124,7 @@ def check_parity(client: LlamaCppClient, model, tokenizer, conversations: list[l
         with torch.inference_mode():  # transformers' log-probs along llama.cpp's own tokens
             logits = model(torch.tensor([prompt + tokens])).logits[0, len(prompt) - 1:-1].float()
         logprobs = torch.log_softmax(logits, -1)
-        for position, entry in _position_of(tokens, answer.get("completion_probabilities") or []):
+        for position, entry in _position_of(tokens, answer.get("completion_probabilities") or [], id_bytes):
             for top in entry.get("top_logprobs", []):
                 max_diff = max(max_diff, abs(float(logprobs[position, top["id"]]) - float(top["logprob"])))
                 compared += 1
