@@ -41,7 +41,6 @@ class ServeSettings:
     max_tokens_cap: int = 2048
     parallel: int = 2  # requests generating at once (llama.cpp slots)
     queue_size: int = 16  # requests waiting beyond those; more → 503
-    context_per_slot: int = 4096
     log_content: bool = False
 
 

@@ -62,6 +62,6 @@ def run_server(target: str, *, host: str = "127.0.0.1", port: int = 8000, api_ke
                                alias=model_id) as runtime:
         settings = ServeSettings(model_id=model_id, upstream=f"http://{runtime.host}:{runtime.port}", api_key=key,
                                  max_tokens_cap=max_tokens, parallel=parallel, queue_size=queue_size,
-                                 context_per_slot=context_per_slot, log_content=log_content)
+                                 log_content=log_content)
         logging.getLogger("edgedistill.serve").info("serving %s (%s) on http://%s:%d", model_id, gguf.name, host, port)
         uvicorn.run(create_app(settings), host=host, port=port, log_level="warning", access_log=False)

@@ -129,13 +129,13 @@ class VocabMap:
         self.by_bytes: dict[bytes, int] = {}
         for idx in sorted(self.id_bytes):  # the lowest id wins a (rare) byte collision
             self.by_bytes.setdefault(self.id_bytes[idx], idx)
+        self.longest = max(map(len, self.by_bytes), default=0)
 
     def split(self, raw: bytes) -> list[int] | None:
         """Ids spelling `raw` exactly, longest token first (None if some byte has no token)."""
         ids, start = [], 0
-        longest = max(map(len, self.by_bytes), default=0)
         while start < len(raw):
-            for end in range(min(len(raw), start + longest), start, -1):
+            for end in range(min(len(raw), start + self.longest), start, -1):
                 if (idx := self.by_bytes.get(raw[start:end])) is not None:
                     ids.append(idx)
                     start = end
