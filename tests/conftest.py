@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
+import httpx
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -109,21 +113,28 @@ def tiny_teacher_dir(tmp_path_factory) -> Path:
     return folder
 
 
-@pytest.fixture()
-def tiny_recipe(tiny_teacher_dir, tmp_path):
-    """A recipe for the whole path on the tiny model: 8 prompts, 8-token answers, 2-layer student."""
+def tiny_recipe_for(teacher_dir: Path, runs_dir: Path):
+    """The whole path on the tiny model: 8 prompts, 8-token answers, 2-layer student, the SFT
+    baseline, two bundled eval sets, the judge, two GGUF files."""
     from edgedistill.recipe import build_recipe
 
     return build_recipe({
-        "run": {"name": "tiny", "runs_dir": str(tmp_path / "runs")},
-        "teacher": {"model": str(tiny_teacher_dir)},
+        "run": {"name": "tiny", "runs_dir": str(runs_dir)},
+        "teacher": {"model": str(teacher_dir)},
         "generate": {"limit_per_source": 4, "max_new_tokens": 8, "batch_size": 4, "top_k_logprobs": 16},
         "student": {"keep_layers": 2, "strategy": "angular", "probe_samples": 4},
-        "train": {"epochs": 2, "batch_size": 2, "lr": 1e-3},
-        "evaluate": {"speed_prompts": 1, "speed_tokens": 8},
+        "train": {"epochs": 2, "batch_size": 2, "lr": 1e-3, "sft_baseline": True},
+        "evaluate": {"speed_prompts": 1, "speed_tokens": 8, "judge": True, "tasks": [
+            {"name": "mc_ja", "path": "bundled:mc_ja", "limit": 3, "max_new_tokens": 6},
+            {"name": "arith_en", "path": "bundled:arith_en", "limit": 3, "max_new_tokens": 6}]},
         "export": {"types": ["f16", "q8_0"], "parity_prompts": 2, "parity_tokens": 8, "eval_positions": 48,
                    "speed_prompt_tokens": 32, "speed_tokens": 8},
     }, "<tiny test recipe>")
+
+
+@pytest.fixture()
+def tiny_recipe(tiny_teacher_dir, tmp_path):
+    return tiny_recipe_for(tiny_teacher_dir, tmp_path / "runs")
 
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -180,3 +191,64 @@ def scripted_teacher():
 
     register_backend("scripted")(ScriptedTeacher)
     return "scripted"
+
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync"]
+
+
+@pytest.fixture()
+def chromium_page():
+    """A page in headless Debian Chromium driven by playwright (which never downloads a browser).
+    `make browser` installs Chromium; without it the test is skipped here and fails under CI."""
+    if not CHROMIUM.is_file() or importlib.util.find_spec("playwright") is None:
+        message = "headless Chromium test needs /usr/bin/chromium and playwright — run `make browser`"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as driver:
+        browser = driver.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
+        try:
+            yield browser.new_page()
+        finally:
+            browser.close()
+
+
+class ServeProcess:
+    """`edgedistill serve TARGET` on a free loopback port, ready when /health answers 200."""
+
+    def __init__(self, target: str, *args: str, env: dict[str, str] | None = None):
+        from edgedistill.serve.llamacpp import free_port
+
+        self.port = free_port()
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "edgedistill", "serve", target, "--port", str(self.port), *args],
+            env=subprocess_env() | (env or {}), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.base = f"http://127.0.0.1:{self.port}"
+        deadline = time.monotonic() + 120
+        while True:
+            assert self.process.poll() is None, self.process.stderr.read()
+            try:
+                if httpx.get(self.base + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "server not ready"
+            time.sleep(0.2)
+
+    def client(self, key: str = "none"):
+        import openai
+
+        return openai.OpenAI(base_url=self.base + "/v1", api_key=key, max_retries=0, timeout=120)
+
+    def stop(self) -> str:
+        self.process.terminate()
+        try:
+            _, err = self.process.communicate(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            _, err = self.process.communicate()
+        return err

@@ -12,46 +12,14 @@ import httpx
 import openai
 import pytest
 
-from conftest import subprocess_env
-from edgedistill.serve.llamacpp import free_port
+from conftest import ServeProcess, subprocess_env
 
 MODEL = "SmolLM2-135M-Instruct-Q4_1"
 
 
-class Server:
-    def __init__(self, *args: str, env: dict[str, str] | None = None):
-        self.port = free_port()
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "edgedistill", "serve", "embedded", "--port", str(self.port), *args],
-            env=subprocess_env() | (env or {}), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        self.base = f"http://127.0.0.1:{self.port}"
-        deadline = time.monotonic() + 120
-        while True:
-            assert self.process.poll() is None, self.process.stderr.read()
-            try:
-                if httpx.get(self.base + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "server not ready"
-            time.sleep(0.2)
-
-    def client(self, key: str = "none") -> openai.OpenAI:
-        return openai.OpenAI(base_url=self.base + "/v1", api_key=key, max_retries=0, timeout=120)
-
-    def stop(self) -> str:
-        self.process.terminate()
-        try:
-            _, err = self.process.communicate(timeout=20)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            _, err = self.process.communicate()
-        return err
-
-
 @pytest.fixture(scope="module")
 def server():
-    running = Server("--parallel", "2", "--queue", "2", "--max-tokens", "256")
+    running = ServeProcess("embedded", "--parallel", "2", "--queue", "2", "--max-tokens", "256")
     yield running
     running.stop()
 
@@ -122,7 +90,7 @@ def test_health_and_metrics(server):
 
 
 def test_overload_is_shed_with_503_and_the_server_stays_up():
-    server = Server("--parallel", "1", "--queue", "0")
+    server = ServeProcess("embedded", "--parallel", "1", "--queue", "0")
     try:
         results: list[int] = []
 
@@ -161,7 +129,7 @@ def test_closed_by_default_and_keys_when_asked():
                              env=subprocess_env(), capture_output=True, text=True, timeout=120)
     assert refused.returncode == 2 and "needs" not in refused.stdout
     assert [line for line in refused.stderr.splitlines() if line.startswith("error:")][0].count("API key") == 1
-    server = Server("--api-key-env", "EDGE_SERVE_KEY", env={"EDGE_SERVE_KEY": "sk-local-123"})
+    server = ServeProcess("embedded", "--api-key-env", "EDGE_SERVE_KEY", env={"EDGE_SERVE_KEY": "sk-local-123"})
     try:
         with pytest.raises(openai.AuthenticationError):
             server.client("wrong").models.list()
@@ -195,11 +163,28 @@ def test_a_run_folder_serves_its_best_exported_file(tmp_path):
     (run / "student").mkdir(parents=True)
     (run / "student" / "config.json").write_text("{}")
     with pytest.raises(UserError, match="no GGUF yet — run `edgedistill export"):
-        resolve_model(str(run))
+        resolve_model(str(run), "llamacpp")
     (run / "export").mkdir()
     for kind in ("f16", "q4_k_m", "q8_0"):
         (run / "export" / f"my-run-{kind}.gguf").write_bytes(b"GGUF")
-    assert resolve_model(str(run)) == (run / "export" / "my-run-q8_0.gguf", "my-run")
+    assert resolve_model(str(run)) == ("llamacpp", run / "export" / "my-run-q8_0.gguf", "my-run")
     with pytest.raises(UserError, match="API key"):
         api_key(None, "0.0.0.0")
     assert api_key(None, "127.0.0.1") is None and api_key(None, "localhost") is None
+
+
+@pytest.mark.browser
+def test_the_chat_page_answers_in_a_browser(server, chromium_page, tmp_path):
+    page = chromium_page
+    page.goto(server.base + "/")
+    assert MODEL in page.title()
+    page.fill("#question", "What is the capital of France?")
+    page.click("#send")
+    page.wait_for_function("document.querySelector('.assistant') && "
+                           "document.querySelector('.assistant').textContent.trim().length > 10", timeout=60_000)
+    page.wait_for_function("document.querySelector('#send').disabled === false", timeout=60_000)
+    assert page.text_content(".user") == "What is the capital of France?"
+    answer = page.text_content(".assistant")
+    assert answer.strip() and "error" not in answer
+    page.screenshot(path=str(tmp_path / "chat.png"))
+    assert (tmp_path / "chat.png").stat().st_size > 5_000

@@ -98,6 +98,8 @@ def _finish(run) -> None:
                       f"`ollama create {run.root.name} -f {modelfile}`)")
     if run.report_path.is_file():
         console.print(f"report: {run.report_path}")
+    if run.report_html_path.is_file():
+        console.print(f"report (open in a browser): [bold]{run.report_html_path}[/]")
 
 
 @app.command()
@@ -135,7 +137,8 @@ def _stage_command(stage: str, summary: str) -> None:
 _stage_command("generate", "Answer the seed prompts with the teacher and store its top-k log-probs.")
 _stage_command("student", "Cut the student from the teacher (layers chosen on the distill set).")
 _stage_command("train", "Distil: train the student on the cached teacher targets.")
-_stage_command("evaluate", "Compare teacher, student before and after KD on the held-out prompts.")
+_stage_command("evaluate", "Compare teacher, student before and after KD (and the SFT baseline) on the held-out "
+               "prompts: fidelity, task accuracy, speed, memory, optional judge.")
 
 
 @app.command()
@@ -153,7 +156,7 @@ def export(target: Annotated[Path, typer.Argument(help="Recipe TOML file or run 
         overrides.append(f"export.types={json.dumps([q.strip() for q in quant.split(',') if q.strip()])}")
     _finish(run_recipe(_load(target, overrides), only="export"))
 
-_stage_command("report", "Write report.md from the run's ledger.")
+_stage_command("report", "Write report.html and report.md from the run's ledger.")
 
 
 @app.command()
@@ -176,7 +179,9 @@ def runs(runs_dir: Annotated[Path, typer.Option("--runs-dir", help="Folder of ru
 
 @app.command()
 @user_errors
-def serve(target: Annotated[str, typer.Argument(help="A run folder (its exported GGUF), a .gguf file, or 'embedded'.")],
+def serve(target: Annotated[str, typer.Argument(help="A run folder (its exported GGUF, else its HF student), "
+                                                "a .gguf file, a HF model folder, or 'embedded'.")],
+          engine: Annotated[str, typer.Option(help="auto | llamacpp (GGUF) | transformers (HF folder).")] = "auto",
           host: Annotated[str, typer.Option(help="Address to listen on. Anything but loopback needs an API key.")] = "127.0.0.1",
           port: Annotated[int, typer.Option(help="Port.")] = 8000,
           api_key_env: Annotated[Optional[str], typer.Option("--api-key-env", help="NAME of the environment "
@@ -187,10 +192,11 @@ def serve(target: Annotated[str, typer.Argument(help="A run folder (its exported
           context: Annotated[int, typer.Option(help="Context tokens per request slot.", min=256)] = 4096,
           log_content: Annotated[bool, typer.Option("--log-content", help="Log prompts and completions "
                                                     "(off: request ids and token counts only).")] = False) -> None:
-    """A private OpenAI-compatible server (chat, completions, streaming, logprobs) on llama.cpp, with a chat page at /."""
+    """A private OpenAI-compatible server (chat, completions, streaming, logprobs) on llama.cpp or
+    transformers, with a chat page at /."""
     from edgedistill.serve.server import run_server
 
-    run_server(target, host=host, port=port, api_key_env=api_key_env, parallel=parallel, queue_size=queue,
+    run_server(target, host=host, port=port, api_key_env=api_key_env, engine=engine, parallel=parallel, queue_size=queue,
                max_tokens=max_tokens, context_per_slot=context, log_content=log_content)
 
 

@@ -71,6 +71,11 @@ class TeacherCfg(_Section):
     price_prompt_per_million: float = Field(0.0, ge=0, description="USD per million prompt tokens (cost ledger).")
     price_completion_per_million: float = Field(0.0, ge=0,
                                                 description="USD per million completion tokens (cost ledger).")
+    extra_body: dict[str, Any] = Field(
+        default_factory=dict, description="openai: extra JSON fields sent with every request, for server "
+        "options outside the OpenAI API (llama.cpp: {cache_prompt = false} for answers that do not depend "
+        "on the previous request; vLLM: top_k, repetition_penalty...). Cannot override model, messages, "
+        "max_tokens, temperature, logprobs or top_logprobs.")
     scrub_pii: bool | None = Field(
         None, description="Replace e-mails, phone numbers, cards, My Numbers, postal codes and IPv4 "
         "addresses by placeholders before prompts reach the teacher. Default: on for the openai "
@@ -145,6 +150,20 @@ class TrainCfg(_Section):
     warmup_fraction: float = Field(0.05, ge=0.0, lt=1.0, description="Share of steps with linear warm-up.")
     max_seq_len: int = Field(512, ge=8, le=32768, description="Prompt+answer tokens kept per sample.")
     mixed_precision: Literal["no", "bf16", "fp16"] = Field("no", description="accelerate mixed precision.")
+    sft_baseline: bool = Field(False, description="Also train the same student on the teacher's text only "
+                               "(alpha_ce = 1; same data, order, steps, seed) into student_sft/: the baseline "
+                               "row that shows what the logits add. Doubles the training time.")
+
+
+class TaskCfg(_Section):
+    """One eval set with answers (see evaluate/tasks.py for the formats)."""
+
+    name: str = Field(..., pattern=r"^[A-Za-z0-9_.-]+$", description="Row label in the report.")
+    path: str = Field(..., description="A JSONL file, or bundled:arith_en / arith_ja / mc_en / mc_ja.")
+    format: Literal["auto", "jsonl", "gsm8k", "jcommonsenseqa"] = Field("auto", description="Record layout.")
+    limit: int | None = Field(50, ge=1, description="First N records (None: all).")
+    max_new_tokens: int = Field(96, ge=1, le=4096, description="Greedy answer length for exact match and "
+                                "multiple choice by generation.")
 
 
 class EvalCfg(_Section):
@@ -154,6 +173,11 @@ class EvalCfg(_Section):
     batch_size: int = Field(8, ge=1, le=256, description="Prompts per generation batch.")
     speed_prompts: int = Field(2, ge=1, le=64, description="Prompts decoded at batch 1 to time decode speed.")
     speed_tokens: int = Field(48, ge=8, le=1024, description="Tokens generated per speed prompt.")
+    tasks: list[TaskCfg] = Field(default_factory=list, description="Eval sets with answers: task accuracy per "
+                                 "model (exact match, multiple choice by log-likelihood and by generation).")
+    judge: bool = Field(False, description="Pairwise LLM-as-judge, both orders: the KD student against the "
+                        "baseline (the SFT student if trained, else the student before KD), judged by the teacher.")
+    judge_max_new_tokens: int = Field(8, ge=1, le=256, description="Tokens the judge may write for its verdict.")
 
 
 class ExportCfg(_Section):
@@ -170,6 +194,8 @@ class ExportCfg(_Section):
     parity_tokens: int = Field(24, ge=1, le=512, description="Tokens per parity prompt.")
     eval_positions: int = Field(2048, ge=0, le=100_000, description="Held-out token positions for KL and "
                                 "top-1 agreement of each file against the highest-precision one (0: skip).")
+    quality_prompts: int = Field(64, ge=0, le=10_000, description="Held-out prompts each file answers greedily "
+                                 "in llama.cpp, for ROUGE-L/chrF against the teacher (0: skip).")
     speed_prompt_tokens: int = Field(128, ge=8, le=4096, description="Prompt length for the prefill speed.")
     speed_tokens: int = Field(64, ge=8, le=4096, description="Tokens decoded for the decode speed.")
     license: str | None = Field(None, description="general.license written into the GGUF (e.g. the "

@@ -137,6 +137,11 @@ class Ledger:
                 [(stage, subject, k, float(v)) for k, v in values.items()],
             )
 
+    def clear_metrics(self, stage: str) -> None:
+        """Forget a stage's metrics before it measures again (no stale rows from older settings)."""
+        with transaction(self.db):
+            self.db.execute("DELETE FROM metrics WHERE stage=?", (stage,))
+
     def add_usage(self, stage: str, teacher: str, deltas: dict[str, float]) -> None:
         """Add to the cumulative teacher usage (requests, tokens, cost...) of a stage."""
         with transaction(self.db):
@@ -181,8 +186,10 @@ class RunDir:
     student_init_dir = property(lambda self: self.root / "student_init")
     checkpoints_dir = property(lambda self: self.root / "checkpoints")
     student_dir = property(lambda self: self.root / "student")
+    student_sft_dir = property(lambda self: self.root / "student_sft")  # the SFT-only baseline
     eval_dir = property(lambda self: self.root / "eval")
     report_path = property(lambda self: self.root / "report.md")
+    report_html_path = property(lambda self: self.root / "report.html")
     export_dir = property(lambda self: self.root / "export")  # GGUF files, Modelfile, export.md
     dataset_dir = property(lambda self: self.root / "dataset")  # Hugging Face `datasets` (Arrow)
     dataset_jsonl_path = property(lambda self: self.root / "distill_set.jsonl")

@@ -86,10 +86,8 @@ def _cosine_with_warmup(optimizer, warmup: int, total: int):
 
 
 def run_train(recipe: Recipe, run: RunDir, ledger: Ledger) -> dict[str, float]:
-    from accelerate import Accelerator
-    from accelerate.utils import set_seed
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+    """The KD student; then, with `train.sft_baseline`, the same student trained on the
+    teacher's text only (same data, order, steps and seed) — the row every report compares KD to."""
     cfg = recipe.train
     samples = load_distill_set(run, split="train")
     examples = [e for e in (to_example(s, cfg.max_seq_len) for s in samples) if e is not None]
@@ -98,6 +96,32 @@ def run_train(recipe: Recipe, run: RunDir, ledger: Ledger) -> dict[str, float]:
     if cfg.alpha_ce < 1.0 and any(e.topk_ids is None for e in examples):
         raise UserError(f"{run.store_path}: samples have no teacher log-probs — set train.alpha_ce = 1.0 "
                         "(sequence-level KD) or regenerate with a white-box teacher")
+    record = ledger.stage("train")
+    fingerprint = record.fingerprint if record else "adhoc"
+    keep = {fingerprint, f"{fingerprint}-sft"}
+    for stale in run.checkpoints_dir.glob("*") if run.checkpoints_dir.is_dir() else []:
+        if stale.name not in keep:  # checkpoints of an earlier configuration are never resumed from
+            shutil.rmtree(stale, ignore_errors=True)
+    console.print("training the distilled student" + (" (then the SFT baseline)" if cfg.sft_baseline else ""))
+    result = train_student(recipe, run, ledger, examples, alpha_ce=cfg.alpha_ce, out_dir=run.student_dir,
+                           checkpoints=run.checkpoints_dir / fingerprint, log_path=run.root / "train_log.jsonl")
+    if cfg.sft_baseline:
+        console.print("training the SFT baseline (teacher text only, same data and steps)")
+        sft = train_student(recipe, run, ledger, examples, alpha_ce=1.0, out_dir=run.student_sft_dir,
+                            checkpoints=run.checkpoints_dir / f"{fingerprint}-sft",
+                            log_path=run.root / "train_log_sft.jsonl", label="train sft")
+        ledger.log_metrics("train", "sft", sft)
+    return result
+
+
+def train_student(recipe: Recipe, run: RunDir, ledger: Ledger, examples: list, *, alpha_ce: float, out_dir: Path,
+                  checkpoints: Path, log_path: Path, label: str = "train") -> dict[str, float]:
+    """One training run from student_init to `out_dir`, resumable from `checkpoints`."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    cfg = recipe.train
 
     logging.getLogger("accelerate").setLevel(logging.ERROR)  # per-save notes about the tied head
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
@@ -112,27 +136,19 @@ def run_train(recipe: Recipe, run: RunDir, ledger: Ledger) -> dict[str, float]:
     scheduler = _cosine_with_warmup(optimizer, int(cfg.warmup_fraction * total_steps), total_steps)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
 
-    # Checkpoints belong to one training configuration (the stage's fingerprint in the ledger);
-    # those of an earlier configuration are removed, never resumed from.
-    record = ledger.stage("train")
-    checkpoints = run.checkpoints_dir / (record.fingerprint if record else "adhoc")
-    for stale in run.checkpoints_dir.glob("*") if run.checkpoints_dir.is_dir() else []:
-        if stale != checkpoints:
-            shutil.rmtree(stale, ignore_errors=True)
     start_epoch, totals = 0, Totals()
     if (last := _last_checkpoint(checkpoints)) is not None:
         start_epoch, path = last
         accelerator.load_state(str(path))
         totals = Totals(**json.loads((path / "totals.json").read_text(encoding="utf-8")))
         console.print(f"resuming training after epoch {start_epoch} ({path})")
-    ledger.log_metrics("train", "stage", {"resumed_from_epoch": start_epoch})
+    ledger.log_metrics("train", "stage" if label == "train" else "sft", {"resumed_from_epoch": start_epoch})
 
     head = accelerator.unwrap_model(model).get_output_embeddings()
-    log_path = run.root / "train_log.jsonl"
     started, capped, epochs_done, new_tokens = time.perf_counter(), False, start_epoch, 0
     deadline = started + cfg.max_minutes * 60 - totals.seconds if cfg.max_minutes else None
     with stage_progress() as progress, log_path.open("a", encoding="utf-8") as log:
-        task = progress.add_task("train", total=(cfg.epochs - start_epoch) * steps_per_epoch, rate="")
+        task = progress.add_task(label, total=(cfg.epochs - start_epoch) * steps_per_epoch, rate="")
         for epoch in range(start_epoch, cfg.epochs):
             # One seeded order per epoch, so a resumed run sees the batches it would have seen.
             order = RandomSampler(examples, generator=torch.Generator().manual_seed(recipe.run.seed + epoch))
@@ -141,7 +157,7 @@ def run_train(recipe: Recipe, run: RunDir, ledger: Ledger) -> dict[str, float]:
                 collate_fn=lambda ex: collate(ex, tokenizer.pad_token_id)))
             for batch in loader:
                 with accelerator.autocast():
-                    loss, parts = kd_loss(model, batch, cfg.alpha_ce, head)
+                    loss, parts = kd_loss(model, batch, alpha_ce, head)
                 accelerator.backward(loss)
                 accelerator.clip_grad_norm_(model.parameters(), 1.0)
                 optimizer.step()
@@ -166,9 +182,9 @@ def run_train(recipe: Recipe, run: RunDir, ledger: Ledger) -> dict[str, float]:
 
     totals.seconds += time.perf_counter() - started
     if accelerator.is_main_process:
-        save_model(accelerator.unwrap_model(model), tokenizer, run.student_dir,
-                   extra={"trained_from": str(run.student_init_dir), "objective": "ce+forward_kl_sparse",
-                          "alpha_ce": cfg.alpha_ce})
+        save_model(accelerator.unwrap_model(model), tokenizer, out_dir,
+                   extra={"trained_from": str(run.student_init_dir),
+                          "objective": "ce" if alpha_ce == 1.0 else "ce+forward_kl_sparse", "alpha_ce": alpha_ce})
     accelerator.wait_for_everyone()
     return {"steps": totals.steps, "train_tokens": totals.tokens, "train_seconds": totals.seconds,
             "tokens_per_s": totals.tokens / totals.seconds if totals.seconds else 0.0,

@@ -5,7 +5,12 @@
   top-k) at the same answer position;
 - ROUGE-L F1 of the model's greedy answer against the teacher's, on language-aware units
   (Japanese by character, see data/similarity.py);
-- decode tokens/s at batch 1, prefill excluded: (n-1) / (t(n tokens) - t(1 token)).
+- chrF (sacrebleu) of the same pairs: character n-grams, whitespace ignored, so it needs no
+  word segmentation and suits Japanese as it is;
+- speed at batch 1: decode tokens/s, prefill excluded: (n-1) / (t(n tokens) - t(1 token));
+  prefill tokens/s and time to first token from t(1 token);
+- footprint: peak resident memory while the model is loaded and evaluated (Linux VmHWM, reset
+  before each model), size on disk, parameters.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from __future__ import annotations
 import math
 import time
 from collections import defaultdict
+from pathlib import Path
 
 import torch
 
@@ -49,17 +55,52 @@ def greedy_answers(model, tokenizer, samples: list[Sample], max_new_tokens: int,
 
 
 def rouge_by_lang(answers: list[str], samples: list[Sample]) -> dict[str, float]:
+    """ROUGE-L and chrF against the teacher's answers, overall and per language."""
+    from sacrebleu.metrics import CHRF
+
+    chrf = CHRF()
     scores: dict[str, list[float]] = defaultdict(list)
     for answer, sample in zip(answers, samples):
         score = rouge_l(answer, sample.answer)
         scores["rouge_l"].append(score)
         scores[f"rouge_l_{sample.lang}"].append(score)
+        char_f = chrf.sentence_score(answer, [sample.answer]).score / 100
+        scores["chrf"].append(char_f)
+        scores[f"chrf_{sample.lang}"].append(char_f)
     return {name: sum(v) / len(v) for name, v in scores.items()}
 
 
+def reset_peak_rss() -> None:
+    """Start a new peak-memory window for this process (Linux: clear_refs 5 resets VmHWM)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def peak_rss_bytes(pid: int | str = "self") -> float | None:
+    """Peak resident memory (VmHWM) of a process since its last reset; None where /proc is missing."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return float(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def size_on_disk(path: str | Path) -> float:
+    """Bytes of a model file, or of the weight files (safetensors/GGUF) in a model folder."""
+    path = Path(path)
+    if path.is_file():
+        return float(path.stat().st_size)
+    return float(sum(f.stat().st_size for f in path.glob("*") if f.suffix in (".safetensors", ".gguf")))
+
+
 @torch.inference_mode()
-def decode_tokens_per_second(model, tokenizer, samples: list[Sample], n_tokens: int) -> float:
-    """Batch-1 decode speed, prefill excluded; every prompt is forced to n_tokens new tokens."""
+def speed_profile(model, tokenizer, samples: list[Sample], n_tokens: int) -> dict[str, float]:
+    """Batch-1 speed on real prompts: decode tokens/s (prefill excluded; every prompt forced to
+    n_tokens new tokens), prefill tokens/s and time to first token."""
     def timed(prompt_ids: list[int], n: int) -> float:
         ids = torch.tensor([prompt_ids])
         started = time.perf_counter()
@@ -70,5 +111,8 @@ def decode_tokens_per_second(model, tokenizer, samples: list[Sample], n_tokens: 
 
     prompts = encode_prompts(tokenizer, [s.prompt_messages for s in samples])
     timed(prompts[0], 2)  # warm-up: first-call allocations are not decode speed
-    decode_seconds = sum(timed(p, n_tokens) - timed(p, 1) for p in prompts)
-    return len(prompts) * (n_tokens - 1) / max(decode_seconds, 1e-9)
+    first = [timed(p, 1) for p in prompts]
+    decode_seconds = sum(timed(p, n_tokens) - f for p, f in zip(prompts, first))
+    return {"decode_tokens_per_s": len(prompts) * (n_tokens - 1) / max(decode_seconds, 1e-9),
+            "prefill_tokens_per_s": sum(map(len, prompts)) / max(sum(first), 1e-9),
+            "time_to_first_token_s": sum(first) / len(first)}

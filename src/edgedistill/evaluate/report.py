@@ -1,39 +1,125 @@
-"""report.md: the comparison table, the data and timing facts, and the recipe, all read
-back from the ledger so every number in the report is one the run recorded."""
+"""report.html and report.md: every number read back from the run's ledger (and the training
+logs it points to), so what the report says is what the run recorded.
+
+report.html is one self-contained file (plots as embedded PNG from matplotlib, no scripts, no
+external requests) that a manager can open from a mail: the headline ratio, the quality
+table with the best student value per column marked, quality vs size and vs decode speed,
+training curves, the judge, task accuracy, a per-example viewer, the cost ledger, the stages
+and the recipe. report.md carries the same tables for terminals and pull requests.
+"""
 
 from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
 
 from edgedistill import __version__
 from edgedistill.recipe import Recipe
 from edgedistill.run import Ledger, RunDir, atomic_write_text
 
-ROW_LABELS = {"teacher": "teacher", "student_before": "student before KD", "student_after": "student after KD"}
-# (metric key, column title, format, higher is better)
+ROW_LABELS = {"teacher": "teacher", "student_before": "student before KD", "student_after": "student after KD",
+              "student_sft": "SFT baseline (text only)"}
+
+
+@dataclass(frozen=True)
+class Column:
+    key: str
+    title: str
+    fmt: str  # "params" | "mb" | "pct" | "f2" | "f3" | "f1" | "s"
+    better: str | None  # "high" | "low" | None (no best marked)
+
+
 COLUMNS = [
-    ("parameters", "params", lambda v: f"{v / 1e6:.1f}M", False),
-    ("perplexity", "perplexity ↓", lambda v: f"{v:.2f}", False),
-    ("top1_agreement", "top-1 agreement ↑", lambda v: f"{v:.1%}", True),
-    ("rouge_l", "ROUGE-L ↑", lambda v: f"{v:.3f}", True),
-    ("rouge_l_en", "ROUGE-L en", lambda v: f"{v:.3f}", True),
-    ("rouge_l_ja", "ROUGE-L ja", lambda v: f"{v:.3f}", True),
-    ("decode_tokens_per_s", "decode tok/s ↑", lambda v: f"{v:.1f}", True),
+    Column("parameters", "params", "params", None),
+    Column("size_bytes", "size MB", "mb", "low"),
+    Column("perplexity", "perplexity ↓", "f2", "low"),
+    Column("top1_agreement", "top-1 agreement ↑", "pct", "high"),
+    Column("rouge_l", "ROUGE-L ↑", "f3", "high"),
+    Column("chrf", "chrF ↑", "f3", "high"),
+    Column("rouge_l_en", "ROUGE-L en", "f3", "high"),
+    Column("rouge_l_ja", "ROUGE-L ja", "f3", "high"),
+    Column("chrf_ja", "chrF ja", "f3", "high"),
+    Column("decode_tokens_per_s", "decode tok/s ↑", "f1", "high"),
+    Column("prefill_tokens_per_s", "prefill tok/s ↑", "f0", "high"),
+    Column("time_to_first_token_s", "first token s ↓", "f3", "low"),
+    Column("peak_rss_bytes", "peak RSS MB ↓", "mb", "low"),
 ]
+TERMINAL_COLUMNS = ("parameters", "perplexity", "top1_agreement", "rouge_l", "chrf", "decode_tokens_per_s")
+TASK_METRICS = {"exact_match": "exact match", "mc_loglik_acc": "MC log-likelihood", "mc_generate_acc": "MC generation"}
 
 
-TERMINAL_COLUMNS = ("parameters", "perplexity", "top1_agreement", "rouge_l", "decode_tokens_per_s")
+def fmt(kind: str, value: float) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    return {"params": lambda v: f"{v / 1e6:.1f}M", "mb": lambda v: f"{v / 1e6:.1f}", "pct": lambda v: f"{v:.1%}",
+            "f0": lambda v: f"{v:.0f}", "f1": lambda v: f"{v:.1f}", "f2": lambda v: f"{v:.2f}",
+            "f3": lambda v: f"{v:.3f}"}[kind](value)
 
 
-def quality_table(ledger: Ledger, keys: tuple[str, ...] | None = None) -> tuple[list[str], list[list[str]]]:
-    """Header and rows (one per evaluated model) for report.md, or the terminal with `keys`."""
+# ---- what the ledger holds ------------------------------------------------------------------
+def model_rows(ledger: Ledger) -> list[tuple[str, str, dict[str, float]]]:
+    """(key, label, metrics) for every evaluated model, then every GGUF file measured in llama.cpp."""
     results = ledger.metrics("evaluate")
-    columns = [c for c in COLUMNS if keys is None or c[0] in keys]
-    header = ["model"] + [title for _, title, _, _ in columns]
-    rows = []
-    for name, label in ROW_LABELS.items():
-        if name in results:
-            m = results[name]
-            rows.append([label] + [fmt(m[key]) if key in m else "–" for key, _, fmt, _ in columns])
-    return header, rows
+    rows = [(name, label, results[name]) for name, label in ROW_LABELS.items() if name in results]
+    for subject, metrics in ledger.metrics("export").items():
+        if subject.startswith("gguf:"):
+            rows.append((subject, f"GGUF {subject.removeprefix('gguf:')} (llama.cpp)", metrics))
+    return rows
+
+
+def best_values(rows: list[tuple[str, str, dict[str, float]]], columns: list[Column]) -> dict[str, float]:
+    """The best value per column among the students (the teacher is the reference, not a contender)."""
+    best = {}
+    for col in columns:
+        values = [m[col.key] for key, _, m in rows if key != "teacher" and col.key in m and not math.isnan(m[col.key])]
+        if col.better and len(values) > 1:
+            best[col.key] = max(values) if col.better == "high" else min(values)
+    return best
+
+
+def _present(rows, columns: list[Column]) -> list[Column]:
+    return [c for c in columns if any(c.key in m for _, _, m in rows)]
+
+
+def quality_table(ledger: Ledger, keys: tuple[str, ...] | None = None,
+                  mark_best: str | None = None) -> tuple[list[str], list[list[str]]]:
+    """Header and rows (one per model or GGUF file) for report.md, the card, or the terminal with
+    `keys`; `mark_best` wraps each column's best student value (e.g. "**{}**")."""
+    rows = model_rows(ledger)
+    columns = _present(rows, [c for c in COLUMNS if keys is None or c.key in keys])
+    best = best_values(rows, columns) if mark_best else {}
+    table = []
+    for key, label, m in rows:
+        cells = []
+        for col in columns:
+            text = fmt(col.fmt, m[col.key]) if col.key in m else "–"
+            if col.key in best and key != "teacher" and col.key in m and m[col.key] == best[col.key]:
+                text = mark_best.format(text)
+            cells.append(text)
+        table.append([label] + cells)
+    return ["model"] + [c.title for c in columns], table
+
+
+def task_table(ledger: Ledger) -> tuple[list[str], list[list[str]]]:
+    """Task accuracy: one row per model, one column per (eval set, scoring)."""
+    rows = [(k, label, m) for k, label, m in model_rows(ledger) if not k.startswith("gguf:")]
+    keys = sorted({k for _, _, m in rows for k in m if k.startswith("task_") and not k.endswith("_items")})
+    if not keys:
+        return [], []
+    def title(key: str) -> str:
+        for metric, name in TASK_METRICS.items():
+            if key.endswith("_" + metric):
+                task = key.removeprefix("task_").removesuffix("_" + metric)
+                n = next((int(m[f"task_{task}_items"]) for _, _, m in rows if f"task_{task}_items" in m), 0)
+                return f"{task} {name} (n={n})"
+        return key
+    return ["model"] + [title(k) for k in keys], [[label] + [fmt("pct", m[k]) if k in m else "–" for k in keys]
+                                                  for _, label, m in rows]
 
 
 def _markdown_table(header: list[str], rows: list[list[str]]) -> str:
@@ -42,78 +128,283 @@ def _markdown_table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-def write_report(recipe: Recipe, run: RunDir, ledger: Ledger) -> dict[str, float]:
+def headline(ledger: Ledger) -> str | None:
+    """'The distilled student keeps X% of the teacher's chrF at Y% of its size, Z× its decode speed'."""
+    rows = {key: m for key, _, m in model_rows(ledger)}
+    teacher, after = rows.get("teacher"), rows.get("student_after")
+    if not teacher or not after or not teacher.get("chrf"):
+        return None
+    parts = [f"The distilled student reaches {after['chrf'] / teacher['chrf']:.0%} of the teacher's chrF "
+             f"(against the teacher's own answers, greedy) with {after['parameters'] / teacher['parameters']:.0%} "
+             f"of its parameters"]
+    ggufs = [(k, m) for k, m in rows.items() if k.startswith("gguf:") and "chrf" in m and m.get("size_bytes")]
+    if ggufs and teacher.get("decode_tokens_per_s"):
+        key, m = min(ggufs, key=lambda item: item[1]["size_bytes"])
+        parts.append(f"as {key.removeprefix('gguf:')} GGUF it keeps {m['chrf'] / teacher['chrf']:.0%} in "
+                     f"{m['size_bytes'] / 1e6:.0f} MB, decoding {m['decode_tokens_per_s'] / teacher['decode_tokens_per_s']:.1f}× "
+                     "as fast as the teacher in transformers")
+    base = rows.get("student_sft")
+    if base and base.get("chrf") is not None:
+        parts.append(f"the SFT baseline (same data, no logits) reaches {base['chrf'] / teacher['chrf']:.0%}")
+    return "; ".join(parts) + "."
+
+
+def judge_text(ledger: Ledger) -> str:
+    judge = ledger.metrics("evaluate").get("judge")
+    if not judge:
+        return "Not run (`evaluate.judge = true` to ask the teacher, or any teacher backend, to judge)."
+    return (f"Judge {ledger.meta().get('judge', '')}: {int(judge['wins'])} wins, {int(judge['ties'])} ties, "
+            f"{int(judge['losses'])} losses for the distilled student; win rate (ties count half) "
+            f"{judge['win_rate']:.2f}, 95% bootstrap interval {judge['ci_low']:.2f}–{judge['ci_high']:.2f}. Each prompt "
+            f"was judged in both orders; {int(judge['inconsistent'])} pairs where the order changed the verdict and "
+            f"{int(judge['invalid'])} unreadable verdicts count as ties.")
+
+
+# ---- plots ------------------------------------------------------------------------------------
+def _png(fig) -> str:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def _read_log(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def plots(run: RunDir, ledger: Ledger) -> dict[str, str]:
+    """{title: base64 PNG}: training curves, quality vs size, quality vs decode speed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out: dict[str, str] = {}
+    kd, sft = _read_log(run.root / "train_log.jsonl"), _read_log(run.root / "train_log_sft.jsonl")
+    if kd:
+        fig, ax = plt.subplots(figsize=(6.4, 3.4))
+        ax.plot([r["step"] for r in kd], [r["loss"] for r in kd], label="KD loss (CE + KL mix)", lw=1)
+        if any("ce" in r for r in kd):
+            ax.plot([r["step"] for r in kd], [r.get("ce") for r in kd], label="KD run: CE on teacher text", lw=1)
+        if sft:
+            ax.plot([r["step"] for r in sft], [r["loss"] for r in sft], label="SFT baseline: CE", lw=1)
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        out["Training loss"] = _png(fig)
+        plt.close(fig)
+    rows = [(label, m) for _, label, m in model_rows(ledger) if "chrf" in m]
+    for key, xlabel, title, log_x in (("size_bytes", "size on disk (MB, log scale)", "Quality vs size", True),
+                                      ("decode_tokens_per_s", "decode tokens/s (batch 1, this CPU)",
+                                       "Quality vs decode speed", False)):
+        points = [(label, m[key] / (1e6 if key == "size_bytes" else 1), m["chrf"]) for label, m in rows if m.get(key)]
+        if len(points) < 2:
+            continue
+        fig, ax = plt.subplots(figsize=(6.4, 3.6))
+        for label, x, y in points:
+            ax.scatter([x], [y], s=36)
+            ax.annotate(label, (x, y), fontsize=7, xytext=(4, 4), textcoords="offset points")
+        if log_x:
+            ax.set_xscale("log")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("chrF vs teacher answers")
+        ax.grid(alpha=0.3)
+        out[title] = _png(fig)
+        plt.close(fig)
+    return out
+
+
+# ---- HTML -------------------------------------------------------------------------------------
+CSS = """body{font-family:system-ui,-apple-system,"Segoe UI","Hiragino Sans","Noto Sans CJK JP",sans-serif;
+max-width:72rem;margin:2rem auto;padding:0 1rem;color:#1d1d1f;line-height:1.45}
+h1{font-size:1.5rem}h2{font-size:1.15rem;margin-top:2rem;border-bottom:1px solid #ddd;padding-bottom:.2rem}
+table{border-collapse:collapse;margin:.6rem 0;font-size:.88rem}th,td{border:1px solid #d4d4d8;padding:.25rem .5rem;
+text-align:right}th:first-child,td:first-child{text-align:left}th{background:#f4f4f5}td.best{font-weight:700;
+background:#e7f6e7}.headline{font-size:1.1rem;background:#f0f6ff;border-left:4px solid #3b82f6;padding:.6rem .9rem}
+img{max-width:100%;border:1px solid #eee;margin:.4rem .4rem 0 0}details{margin:.3rem 0;border:1px solid #e4e4e7;
+border-radius:4px;padding:.3rem .6rem}summary{cursor:pointer}.answers{display:grid;grid-template-columns:10rem 1fr;
+gap:.2rem .8rem;font-size:.88rem}.answers div{white-space:pre-wrap}pre{background:#f7f7f8;padding:.6rem;
+overflow:auto;font-size:.8rem}.note{color:#555;font-size:.85rem}"""
+
+
+def _html_table(header: list[str], rows: list[list[str]], best_cells: set[tuple[int, int]] = frozenset(),
+                table_id: str = "") -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    best_td = '<td class="best">'
+    body = "".join("<tr>" + "".join(
+        f"{best_td if (r, c) in best_cells else '<td>'}{html.escape(cell)}</td>" for c, cell in enumerate(row))
+        + "</tr>" for r, row in enumerate(rows))
+    ident = f' id="{table_id}"' if table_id else ""
+    return f"<table{ident}><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _quality_html(ledger: Ledger) -> str:
+    header, rows = quality_table(ledger, mark_best="\x00{}")
+    best = {(r, c) for r, row in enumerate(rows) for c, cell in enumerate(row) if cell.startswith("\x00")}
+    rows = [[cell.lstrip("\x00") for cell in row] for row in rows]
+    return _html_table(header, rows, best, "quality")
+
+
+def _examples_html(run: RunDir) -> str:
+    path = run.eval_dir / "answers.jsonl"
+    if not path.is_file():
+        return "<p>No answers recorded.</p>"
+    parts = []
+    for record in (json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()):
+        answers = "".join(f"<b>{html.escape(label)}</b><div>{html.escape(record[field])}</div>"
+                          for field, label in (("teacher_answer", "teacher"), ("student_before_answer", "before KD"),
+                                               ("student_after_answer", "after KD"),
+                                               ("student_sft_answer", "SFT baseline")) if field in record)
+        prompt = record["prompt"]
+        parts.append(f"<details><summary>[{html.escape(record['lang'])}] {html.escape(prompt[:110])}"
+                     f"{'…' if len(prompt) > 110 else ''}</summary><p>{html.escape(prompt)}</p>"
+                     f"<div class=\"answers\">{answers}</div></details>")
+    return "\n".join(parts)
+
+
+def render_html(recipe: Recipe, run: RunDir, ledger: Ledger, sections: dict[str, str]) -> str:
+    pictures = "".join(f'<figure style="display:inline-block;margin:0"><img alt="{html.escape(t)}" '
+                       f'src="data:image/png;base64,{png}"><figcaption class="note">{html.escape(t)}</figcaption></figure>'
+                       for t, png in plots(run, ledger).items())
+    task_header, task_rows = task_table(ledger)
+    line = headline(ledger)
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width,initial-scale=1">
+<title>edgedistill report — {html.escape(recipe.run.name)}</title><style>{CSS}</style></head>
+<body>
+<h1>edgedistill report — run <code>{html.escape(recipe.run.name)}</code></h1>
+<p class="note">{html.escape(sections['intro'])}</p>
+{f'<p class="headline" id="headline">{html.escape(line)}</p>' if line else ''}
+<h2>Teacher vs students vs edge files</h2>
+{_quality_html(ledger)}
+<p class="note">{html.escape(sections['quality_note'])} Bold: the best student value in each column.</p>
+{pictures}
+<h2>Task accuracy</h2>
+{_html_table(task_header, task_rows, table_id="tasks") if task_rows else '<p>No eval sets with answers in this run (evaluate.tasks).</p>'}
+<h2>Judge (pairwise, both orders)</h2>
+<p id="judge">{html.escape(judge_text(ledger))}</p>
+<h2>Held-out answers</h2>
+{_examples_html(run)}
+<h2>Data and training</h2>
+{_html_table(['what', 'value'], sections['data_rows'])}
+<h2>Teacher usage (cost ledger)</h2>
+{_html_table(*sections['usage'], table_id="usage")}
+<h2>Stages</h2>
+{_html_table(*sections['stages'])}
+<h2>Recipe</h2>
+<pre>{html.escape(recipe.to_toml().strip())}</pre>
+<p class="note">edgedistill {__version__}. Every number above is read from {html.escape(str(run.ledger_path))}.</p>
+</body></html>
+"""
+
+
+# ---- the stage ----------------------------------------------------------------------------------
+def _sections(recipe: Recipe, run: RunDir, ledger: Ledger) -> dict:
     meta = ledger.meta()
-    header, rows = quality_table(ledger)
     gen = ledger.metrics("generate").get("stage", {})
     student = ledger.metrics("student").get("stage", {})
     train = ledger.metrics("train").get("stage", {})
-    stage_rows = [[s.name, s.status, f"{s.seconds:.1f}" if s.seconds else "–"] for s in ledger.stages() if s.name != "report"]
-    usage_rows = [[stage, teacher, *(f"{int(v.get(k, 0)):,}" for k in ("requests", "retries", "failures",
-                                                                    "prompt_tokens", "completion_tokens")),
-                   f"{v.get('cost_usd', 0.0):.4f}"] for (stage, teacher), v in ledger.usage().items()]
-    export = ledger.metrics("export")
-    gguf_rows = [[subject.removeprefix("gguf:"), f"{m['size_bytes'] / 1e6:.1f}", f"{m['bits_per_weight']:.2f}",
-                  f"{m['kl_vs_reference']:.4f}" if "kl_vs_reference" in m else "—",
-                  f"{m['top1_vs_reference']:.1%}" if "top1_vs_reference" in m else "—",
-                  f"{m.get('prefill_tokens_per_s', 0):.0f}", f"{m.get('decode_tokens_per_s', 0):.1f}"]
-                 for subject, m in export.items() if subject.startswith("gguf:")]
-    parity = export.get("parity", {})
-    gguf_text = (_markdown_table(["type", "size MB", "bits/weight", "KL vs first", "top-1 vs first",
-                                  "prefill tok/s", "decode tok/s"], gguf_rows)
-                 + f"\n\nThe first row is the reference (highest precision). Against transformers it gives "
-                 f"identical greedy tokens on {int(parity.get('greedy_match', 0))} of "
-                 f"{int(parity.get('greedy_prompts', 0))} held-out prompts, log-probs within "
-                 f"{parity.get('max_logprob_diff', float('nan')):.4f}, tokenizer "
-                 f"{'identical' if parity.get('tokenizer_match') else 'different'}, chat template "
-                 f"{'identical' if parity.get('template_match') else 'different'}. Files: `{run.export_dir}`.") \
-        if gguf_rows else "No export yet."
+    sft = ledger.metrics("train").get("sft", {})
     pii = {name.removeprefix("pii_"): int(value) for name, value in gen.items()
            if name.startswith("pii_") and name not in ("pii_scrubbing", "pii_replaced")}
     pii_text = (", ".join(f"{kind} {n}" for kind, n in pii.items()) or "none found") if gen.get("pii_scrubbing") \
         else "off (local teacher)"
+    train_seconds = train.get("train_seconds", 0) + sft.get("train_seconds", 0)
+    stage_seconds = sum(s.seconds or 0 for s in ledger.stages())
+    data_rows = [
+        ["prompts (train / held-out)", f"{int(gen.get('train_prompts', 0))} / {int(gen.get('heldout_prompts', 0))}"],
+        ["Japanese prompts", f"{int(gen.get('prompts_ja', 0))}"],
+        ["teacher answer tokens", f"{int(gen.get('answer_tokens', 0))}"],
+        ["answers cut by max_new_tokens", f"{int(gen.get('unfinished_answers', 0))}"],
+        ["answers kept as text only (teacher vocabulary did not map)", f"{int(gen.get('text_only_answers', 0))}"],
+        ["stored logits, bytes per answer token", f"{gen.get('logit_bytes_per_token', 0):.0f}"],
+        ["PII placeholders sent instead of the original", pii_text],
+        ["student / teacher parameters", f"{student.get('param_fraction', float('nan')):.1%}"],
+        ["training steps / tokens (KD)", f"{int(train.get('steps', 0))} / {int(train.get('train_tokens', 0))}"],
+        ["training speed (KD)", f"{train.get('tokens_per_s', 0):.0f} tokens/s"],
+    ]
+    if sft:
+        data_rows.append(["SFT baseline steps / tokens", f"{int(sft.get('steps', 0))} / {int(sft.get('train_tokens', 0))}"])
+    data_rows.append(["machine hours (wall clock), all stages (training alone)", f"{stage_seconds / 3600:.2f} ({train_seconds / 3600:.2f})"])
+    usage = (['stage', 'teacher', 'requests', 'retries', 'failures', 'prompt tokens', 'completion tokens', 'cost USD'],
+             [[stage, teacher, *(f"{int(v.get(k, 0)):,}" for k in ("requests", "retries", "failures",
+                                                                   "prompt_tokens", "completion_tokens")),
+               f"{v.get('cost_usd', 0.0):.4f}"] for (stage, teacher), v in ledger.usage().items()])
+    stages = (['stage', 'status', 'seconds'],
+              [[s.name, s.status, f"{s.seconds:.1f}" if s.seconds else "–"] for s in ledger.stages() if s.name != "report"])
+    intro = (f"Teacher {meta.get('teacher', recipe.teacher.model)}; student cut from it, keeping layers "
+             f"{meta.get('student_kept_layers', '?')} ({recipe.student.strategy}); {meta.get('kd_mode', '')}. "
+             f"Held-out prompts: {int(gen.get('heldout_prompts', 0))} (never trained on).")
+    quality_note = ("Perplexity is of the teacher's answers to the held-out prompts; top-1 agreement is the share of "
+                    "answer positions where the model's most likely token is the teacher's; ROUGE-L and chrF compare "
+                    "the model's greedy answer with the teacher's (Japanese by character); speed is batch 1 on this "
+                    "machine (transformers for HF rows, llama.cpp for GGUF rows); peak RSS is the process's peak "
+                    "while that model was loaded and evaluated. The teacher's own ROUGE-L/chrF are below 1 when "
+                    "batched greedy decoding drifts at near-ties: read them as the noise floor.")
+    return {"data_rows": data_rows, "usage": usage, "stages": stages, "intro": intro, "quality_note": quality_note}
+
+
+def _gguf_markdown(ledger: Ledger, run: RunDir) -> str:
+    export = ledger.metrics("export")
+    rows = [[subject.removeprefix("gguf:"), f"{m['size_bytes'] / 1e6:.1f}", f"{m['bits_per_weight']:.2f}",
+             f"{m['kl_vs_reference']:.4f}" if "kl_vs_reference" in m else "—",
+             f"{m['top1_vs_reference']:.1%}" if "top1_vs_reference" in m else "—",
+             f"{m.get('prefill_tokens_per_s', 0):.0f}", f"{m.get('decode_tokens_per_s', 0):.1f}"]
+            for subject, m in export.items() if subject.startswith("gguf:")]
+    if not rows:
+        return "No export yet."
+    parity = export.get("parity", {})
+    return (_markdown_table(["type", "size MB", "bits/weight", "KL vs first", "top-1 vs first", "prefill tok/s",
+                             "decode tok/s"], rows)
+            + f"\n\nThe first row is the reference (highest precision). Against transformers it gives "
+            f"identical greedy tokens on {int(parity.get('greedy_match', 0))} of "
+            f"{int(parity.get('greedy_prompts', 0))} held-out prompts, log-probs within "
+            f"{parity.get('max_logprob_diff', float('nan')):.4f}, tokenizer "
+            f"{'identical' if parity.get('tokenizer_match') else 'different'}, chat template "
+            f"{'identical' if parity.get('template_match') else 'different'}. Files: `{run.export_dir}`.")
+
+
+def write_report(recipe: Recipe, run: RunDir, ledger: Ledger) -> dict[str, float]:
+    sections = _sections(recipe, run, ledger)
+    header, rows = quality_table(ledger, mark_best="**{}**")
+    task_header, task_rows = task_table(ledger)
+    line = headline(ledger)
     text = f"""# edgedistill report — run `{recipe.run.name}`
 
-Teacher `{meta.get('teacher', recipe.teacher.model)}`; student cut from it, keeping layers
-{meta.get('student_kept_layers', '?')} ({recipe.student.strategy}); {meta.get('kd_mode', '')}.
-Held-out prompts: {int(gen.get('heldout_prompts', 0))} (never trained on). edgedistill {__version__}.
-
-## Teacher vs student
+{sections['intro']} edgedistill {__version__}.
+The same report with plots and every held-out answer: `{run.report_html_path}`.
+{chr(10) + '**' + line + '**' + chr(10) if line else ''}
+## Teacher vs students vs edge files
 
 {_markdown_table(header, rows)}
 
-Perplexity is of the teacher's answers to the held-out prompts; top-1 agreement is the share
-of answer positions where the model's most likely token is the teacher's; ROUGE-L compares
-the model's greedy answer with the teacher's (Japanese by character); decode speed is batch 1
-on this machine, prefill excluded. The teacher's own ROUGE-L is below 1 when batched greedy
-decoding with different padding drifts at near-ties: read it as the noise floor of that column.
+{sections['quality_note']} Bold: the best student value in each column.
+
+## Task accuracy
+
+{_markdown_table(task_header, task_rows) if task_rows else 'No eval sets with answers in this run (evaluate.tasks).'}
+
+## Judge (pairwise, both orders)
+
+{judge_text(ledger)}
 
 ## Data and training
 
-| what | value |
-|---|---|
-| prompts (train / held-out) | {int(gen.get('train_prompts', 0))} / {int(gen.get('heldout_prompts', 0))} |
-| Japanese prompts | {int(gen.get('prompts_ja', 0))} |
-| teacher answer tokens | {int(gen.get('answer_tokens', 0))} |
-| answers cut by max_new_tokens | {int(gen.get('unfinished_answers', 0))} |
-| answers kept as text only (teacher vocabulary did not map) | {int(gen.get('text_only_answers', 0))} |
-| stored logits, bytes per answer token | {gen.get('logit_bytes_per_token', 0):.0f} |
-| PII placeholders sent instead of the original | {pii_text} |
-| student / teacher parameters | {student.get('param_fraction', float('nan')):.1%} |
-| training steps / tokens | {int(train.get('steps', 0))} / {int(train.get('train_tokens', 0))} |
-| training speed | {train.get('tokens_per_s', 0):.0f} tokens/s |
+{_markdown_table(['what', 'value'], sections['data_rows'])}
 
 ## Edge files (GGUF, measured in llama.cpp)
 
-{gguf_text}
+{_gguf_markdown(ledger, run)}
 
 ## Teacher usage (cost ledger, every attempt)
 
-{_markdown_table(['stage', 'teacher', 'requests', 'retries', 'failures', 'prompt tokens', 'completion tokens', 'cost USD'], usage_rows)}
+{_markdown_table(*sections['usage'])}
 
 ## Stages
 
-{_markdown_table(['stage', 'status', 'seconds'], stage_rows)}
+{_markdown_table(*sections['stages'])}
 
 ## Recipe
 
@@ -122,4 +413,5 @@ decoding with different padding drifts at near-ties: read it as the noise floor 
 ```
 """
     atomic_write_text(run.report_path, text)
+    atomic_write_text(run.report_html_path, render_html(recipe, run, ledger, sections))
     return {}

@@ -1,55 +1,129 @@
-"""The evaluate stage: teacher, student before and after KD, same prompts, same settings."""
+"""The evaluate stage: the teacher, the student before distillation, the distilled student and
+the SFT-only baseline (when trained) — same held-out prompts, same greedy decoding, same
+machine — plus task accuracy on eval sets with answers, speed and footprint, and (optionally)
+a position-swapped LLM judge. GGUF files are measured by the export stage in llama.cpp.
+
+Each model's results are written to eval/models/NAME.json as soon as it is done, tagged with
+the stage's fingerprint, so a killed evaluation resumes with the next model.
+"""
 
 from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 from edgedistill.console import console
 from edgedistill.data.generate import load_distill_set
+from edgedistill.data.store import Sample
 from edgedistill.distill.student import count_parameters
 from edgedistill.errors import UserError
-from edgedistill.evaluate.metrics import (decode_tokens_per_second, greedy_answers, rouge_by_lang,
-                                          teacher_forced_metrics)
+from edgedistill.evaluate.metrics import (greedy_answers, peak_rss_bytes, reset_peak_rss, rouge_by_lang,
+                                          size_on_disk, speed_profile, teacher_forced_metrics)
+from edgedistill.evaluate.tasks import TaskItem, load_task, score_task
 from edgedistill.recipe import Recipe
 from edgedistill.run import Ledger, RunDir, atomic_write_text
-from edgedistill.teachers.hf import load_causal_lm
+from edgedistill.teachers.hf import gguf_as_safetensors, load_causal_lm, resolve_source
 
 # Row names in the ledger and the report, in display order.
-MODELS = ("teacher", "student_before", "student_after")
+MODELS = ("teacher", "student_before", "student_after", "student_sft")
 
 
-def evaluate_model(model, tokenizer, samples, recipe: Recipe) -> tuple[dict[str, float], list[str]]:
+def model_paths(recipe: Recipe, run: RunDir) -> dict[str, tuple[str, Path]]:
+    """{row: (what load_causal_lm takes, the file or folder whose size is the model's)}."""
+    source = resolve_source(recipe.teacher.local_model)  # a GGUF teacher is evaluated from its F32 copy
+    paths = {"teacher": (recipe.teacher.local_model, gguf_as_safetensors(source) if source.gguf_file else source.folder),
+             "student_before": (str(run.student_init_dir), run.student_init_dir),
+             "student_after": (str(run.student_dir), run.student_dir)}
+    if recipe.train.sft_baseline and (run.student_sft_dir / "config.json").is_file():
+        paths["student_sft"] = (str(run.student_sft_dir), run.student_sft_dir)
+    return paths
+
+
+def evaluate_model(model, tokenizer, samples: list[Sample], tasks: dict[str, list[TaskItem]],
+                   recipe: Recipe) -> tuple[dict[str, float], list[str]]:
     cfg = recipe.evaluate
     started = time.perf_counter()
     metrics = teacher_forced_metrics(model, samples, tokenizer.pad_token_id, cfg.batch_size)
     answers = greedy_answers(model, tokenizer, samples, cfg.max_new_tokens or recipe.generate.max_new_tokens,
                              cfg.batch_size)
     metrics |= rouge_by_lang(answers, samples)
-    metrics["decode_tokens_per_s"] = decode_tokens_per_second(model, tokenizer, samples[:cfg.speed_prompts],
-                                                              cfg.speed_tokens)
+    metrics |= speed_profile(model, tokenizer, samples[:cfg.speed_prompts], cfg.speed_tokens)
+    for task in cfg.tasks:
+        scores = score_task(model, tokenizer, tasks[task.name], task.max_new_tokens, cfg.batch_size)
+        metrics |= {f"task_{task.name}_{key}": value for key, value in scores.items()}
     metrics["parameters"] = count_parameters(model)
     metrics["eval_seconds"] = time.perf_counter() - started
     return metrics, answers
+
+
+def weights_stamp(path: Path) -> str:
+    """Names, sizes and mtimes of a model's weight files: retrained weights are evaluated anew."""
+    files = [path] if path.is_file() else sorted(f for f in path.glob("*") if f.suffix in (".safetensors", ".gguf"))
+    return ";".join(f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files)
+
+
+def _evaluate_or_resume(name: str, spec: str, size_path: Path, samples, tasks, recipe: Recipe, run: RunDir,
+                        fingerprint: str) -> tuple[dict[str, float], list[str]]:
+    saved = run.eval_dir / "models" / f"{name}.json"
+    tag = f"{fingerprint}|{weights_stamp(size_path)}"
+    if saved.is_file():
+        done = json.loads(saved.read_text(encoding="utf-8"))
+        if done.get("tag") == tag:
+            console.print(f"{name}: evaluated earlier with these weights and settings, reused")
+            return done["metrics"], done["answers"]
+    reset_peak_rss()
+    model, tokenizer, _ = load_causal_lm(spec, recipe.teacher.dtype if name == "teacher" else "float32")
+    metrics, answers = evaluate_model(model, tokenizer, samples, tasks, recipe)
+    if (peak := peak_rss_bytes()) is not None:
+        metrics["peak_rss_bytes"] = peak
+    metrics["size_bytes"] = size_on_disk(size_path)
+    del model
+    atomic_write_text(saved, json.dumps({"tag": tag, "metrics": metrics, "answers": answers},
+                                        ensure_ascii=False))
+    return metrics, answers
+
+
+def _judge(recipe: Recipe, samples: list[Sample], answers: dict[str, list[str]], ledger: Ledger) -> None:
+    from edgedistill.evaluate.judge import judge_pairs
+    from edgedistill.teachers import build_teacher
+
+    baseline = "student_sft" if "student_sft" in answers else "student_before"
+    judge = build_teacher(recipe.teacher, recipe.generate)
+    try:
+        result = judge_pairs(judge, [s.prompt_messages[-1]["content"] for s in samples], [s.lang for s in samples],
+                             answers["student_after"], answers[baseline], recipe.evaluate.judge_max_new_tokens,
+                             seed=recipe.run.seed)
+    finally:
+        getattr(judge, "close", lambda: None)()
+    ledger.log_metrics("evaluate", "judge", result.as_metrics())
+    ledger.set_meta("judge", f"{getattr(judge, 'model_id', recipe.teacher.model)}: student_after vs {baseline}")
+    console.print(f"judge ({baseline} as baseline): {result.wins} wins, {result.ties} ties, {result.losses} losses; "
+                  f"win rate {result.win_rate:.2f} (95% CI {result.ci_low:.2f}–{result.ci_high:.2f}), "
+                  f"{result.inconsistent} order-dependent verdicts, {result.invalid} unreadable")
 
 
 def run_evaluate(recipe: Recipe, run: RunDir, ledger: Ledger) -> dict[str, float]:
     samples = load_distill_set(run, split="heldout")
     if not samples:
         raise UserError(f"{run.store_path}: no held-out samples — raise generate.heldout_fraction or add seeds")
-    sources = {"teacher": recipe.teacher.local_model, "student_before": str(run.student_init_dir),
-               "student_after": str(run.student_dir)}
+    tasks = {t.name: load_task(t.path, t.format, t.limit) for t in recipe.evaluate.tasks}  # bad files fail first
+    record = ledger.stage("evaluate")
+    fingerprint = record.fingerprint if record else "adhoc"
+    ledger.clear_metrics("evaluate")  # rows of an earlier configuration (e.g. a dropped baseline) go
     per_example = [{"id": s.id, "lang": s.lang, "prompt": s.prompt_messages[-1]["content"], "teacher_answer": s.answer}
                    for s in samples]
-    for name in MODELS:
-        model, tokenizer, _ = load_causal_lm(sources[name], recipe.teacher.dtype if name == "teacher" else "float32")
-        metrics, answers = evaluate_model(model, tokenizer, samples, recipe)
+    answers: dict[str, list[str]] = {}
+    for name, (spec, size_path) in model_paths(recipe, run).items():
+        metrics, answers[name] = _evaluate_or_resume(name, spec, size_path, samples, tasks, recipe, run, fingerprint)
         ledger.log_metrics("evaluate", name, metrics)
-        for row, answer in zip(per_example, answers):
+        for row, answer in zip(per_example, answers[name]):
             row[f"{name}_answer"] = answer
         console.print(f"evaluated {name}: perplexity {metrics['perplexity']:.2f}, "
-                      f"top-1 agreement {metrics['top1_agreement']:.1%}, ROUGE-L {metrics['rouge_l']:.3f}")
-        del model
+                      f"top-1 agreement {metrics['top1_agreement']:.1%}, ROUGE-L {metrics['rouge_l']:.3f}, "
+                      f"chrF {metrics['chrf']:.3f}")
     atomic_write_text(run.eval_dir / "answers.jsonl",
                       "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in per_example))
+    if recipe.evaluate.judge:
+        _judge(recipe, samples, answers, ledger)
     return {"heldout_samples": len(samples)}

@@ -2,7 +2,8 @@
 
 For every type in the recipe: write the file (atomic), load it in llama.cpp, measure prefill
 and decode speed, and — against the highest-precision file — KL and top-1 agreement on
-held-out text. The highest-precision file is also checked against transformers (tokenizer,
+held-out text, and ROUGE-L/chrF of its greedy answers to the held-out prompts against the
+teacher's (the evaluate stage's columns, so GGUF rows join the same table). The highest-precision file is also checked against transformers (tokenizer,
 chat template, greedy tokens, log-probs). Results go to the ledger (subjects `gguf:<type>`
 and `parity`), to `export/export.md`; an Ollama Modelfile points at the best small file and
 a model card (README.md) goes with the files.
@@ -18,7 +19,9 @@ from edgedistill.errors import UserError
 from edgedistill.export.card import write_model_card
 from edgedistill.export.gguf import export_gguf
 from edgedistill.export.ollama import write_modelfile
-from edgedistill.export.verify import LlamaCppClient, check_parity, serve, sparse_kl_top1, speed, teacher_forced
+from edgedistill.evaluate.metrics import peak_rss_bytes, rouge_by_lang
+from edgedistill.export.verify import (LlamaCppClient, check_parity, greedy_answers, serve, sparse_kl_top1, speed,
+                                       teacher_forced)
 from edgedistill.recipe import Recipe
 from edgedistill.run import Ledger, RunDir, atomic_write_text
 
@@ -59,6 +62,7 @@ def run_export(recipe: Recipe, run: RunDir, ledger: Ledger) -> dict[str, float]:
                 "edgedistill.distill_set": json.loads(run.distill_set_path.read_text(encoding="utf-8"))["settings"],
                 "edgedistill.kept_layers": meta.get("student_kept_layers", "")}
     model, tokenizer, _ = load_causal_lm(str(source))
+    max_new = recipe.evaluate.max_new_tokens or recipe.generate.max_new_tokens
     rows: list[dict] = []
     parity: dict[str, float] = {}
     reference_dist = None
@@ -89,6 +93,12 @@ def run_export(recipe: Recipe, run: RunDir, ledger: Ledger) -> dict[str, float]:
                     prompt = (sum(sequences, []) * 8)[:cfg.speed_prompt_tokens] or encode_prompts(
                         tokenizer, [[{"role": "user", "content": "Hello"}]])[0]
                     row |= speed(client, prompt, cfg.speed_tokens)
+                    if cfg.quality_prompts:  # the same comparison as the evaluate stage, in llama.cpp
+                        asked = heldout[:cfg.quality_prompts]
+                        answers, ttft = greedy_answers(client, [s.prompt_ids.tolist() for s in asked], max_new)
+                        row |= rouge_by_lang(answers, asked) | {"time_to_first_token_s": ttft}
+                    if (peak := peak_rss_bytes(server.process.pid)) is not None:
+                        row["peak_rss_bytes"] = peak
                 finally:
                     client.close()
             rows.append(row)

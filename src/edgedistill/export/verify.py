@@ -186,5 +186,18 @@ def speed(client: LlamaCppClient, prompt_ids: list[int], n_predict: int) -> dict
             "decode_tokens_per_s": float(timings.get("predicted_per_second", 0.0))}
 
 
+def greedy_answers(client: LlamaCppClient, prompts: list[list[int]], n_predict: int) -> tuple[list[str], float]:
+    """The file's greedy answers to chat prompts (token ids), and the mean time to first token
+    (prompt evaluation + one decoded token, llama.cpp's own timings, no prompt cache)."""
+    answers, first_token = [], []
+    for prompt_ids in prompts:
+        out = client.complete(prompt_ids, n_predict, cache_prompt=False)
+        answers.append(str(out.get("content", "")).strip())
+        t = out.get("timings", {})
+        if t.get("predicted_n"):
+            first_token.append((t.get("prompt_ms", 0.0) + t.get("predicted_ms", 0.0) / t["predicted_n"]) / 1000)
+    return answers, sum(first_token) / len(first_token) if first_token else float("nan")
+
+
 def serve(gguf_path: Path, threads: int = 2, ctx: int = 4096) -> LlamaCppServer:
     return start_llamacpp_server(gguf_path, parallel=1, ctx_per_slot=ctx, threads=threads, alias=gguf_path.stem)

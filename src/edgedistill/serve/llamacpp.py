@@ -36,7 +36,7 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _exit_with_parent(parent: int) -> None:
+def exit_with_parent(parent: int) -> None:
     """A server started for a stage must not outlive it, even if it is killed with -9."""
     import os
     import threading
@@ -56,7 +56,7 @@ def _serve(gguf: str, host: str, port: int, parallel: int, ctx_per_slot: int, th
     import xllamacpp
 
     if parent:
-        _exit_with_parent(parent)
+        exit_with_parent(parent)
 
     params = xllamacpp.CommonParams()
     params.model.path = gguf
@@ -112,6 +112,11 @@ def start_llamacpp_server(gguf: Path, *, port: int | None = None, host: str = "1
     command = [sys.executable, "-m", "edgedistill.serve.llamacpp", str(gguf), "--host", host, "--port", str(port),
                "--parallel", str(parallel), "--ctx-per-slot", str(ctx_per_slot), "--threads", str(threads),
                "--alias", alias, "--parent", str(os.getpid())]
+    return spawn_server(command, host, port, f"{gguf}: llama.cpp", ready_timeout_s)
+
+
+def spawn_server(command: list[str], host: str, port: int, what: str, ready_timeout_s: float) -> LlamaCppServer:
+    """Start a server process and return once its /health answers 200; `what` names it in errors."""
     process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     server = LlamaCppServer(process, host, port)
     deadline = time.monotonic() + ready_timeout_s
@@ -122,11 +127,12 @@ def start_llamacpp_server(gguf: Path, *, port: int | None = None, host: str = "1
         except httpx.TransportError:
             pass
         if process.poll() is not None:
-            last = (process.stderr.read().decode("utf-8", "replace").strip().splitlines() or ["no output"])[-1]
-            raise UserError(f"{gguf}: llama.cpp could not serve this file (exit {process.returncode}: {last})")
+            lines = process.stderr.read().decode("utf-8", "replace").strip().splitlines() or ["no output"]
+            last = next((line for line in reversed(lines) if line.startswith("error: ")), lines[-1])
+            raise UserError(f"{what} could not serve this model (exit {process.returncode}: {last})")
         time.sleep(0.1)
     server.stop()
-    raise UserError(f"{gguf}: llama.cpp server not ready after {ready_timeout_s:.0f} s")
+    raise UserError(f"{what} server not ready after {ready_timeout_s:.0f} s")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
+from typing import NamedTuple
 
 from edgedistill.errors import UserError
 from edgedistill.teachers.openai_compat import is_loopback
@@ -14,26 +15,55 @@ from edgedistill.teachers.openai_compat import is_loopback
 PREFERRED = ("q8_0", "q4_k_m", "q5_k_m", "q6_k", "f16", "q4_0", "q4_1", "q5_0", "bf16", "f32")
 
 
-def resolve_model(target: str) -> tuple[Path, str]:
-    """(GGUF path, model id) from a run folder, a .gguf file or 'embedded'."""
+ENGINES = ("auto", "llamacpp", "transformers")
+
+
+class ServedModel(NamedTuple):
+    engine: str  # "llamacpp" (a .gguf file) or "transformers" (a HF model folder)
+    path: Path
+    model_id: str
+
+
+def _hf_folder(path: Path) -> bool:
+    return (path / "config.json").is_file()
+
+
+def resolve_model(target: str, engine: str = "auto") -> ServedModel:
+    """What to serve, and with which engine, from a run folder, a .gguf file, a HF model folder
+    or 'embedded'. A run serves its exported GGUF (llama.cpp is 4.5-7x faster on a CPU) and
+    falls back to its HF student when nothing is exported yet; `engine` forces one."""
+    if engine not in ENGINES:
+        raise UserError(f"--engine {engine}: choose one of {', '.join(ENGINES)}")
     if target == "embedded":
         from edgedistill.teachers.hf import EMBEDDED_ID, embedded_gguf_path
 
-        return embedded_gguf_path(), EMBEDDED_ID
+        if engine == "transformers":
+            raise UserError("embedded: the embedded teacher is a GGUF file — serve it with --engine llamacpp")
+        return ServedModel("llamacpp", embedded_gguf_path(), EMBEDDED_ID)
     path = Path(target).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
             raise UserError(f"{path}: GGUF file not found")
-        return path, path.stem
+        if engine == "transformers":
+            raise UserError(f"{path}: a GGUF file runs on llama.cpp — drop --engine transformers")
+        return ServedModel("llamacpp", path, path.stem)
     if not path.is_dir():
-        raise UserError(f"{path}: not a run folder or a .gguf file")
-    files = {f.stem.rsplit("-", 1)[-1]: f for f in (path / "export").glob("*.gguf")}
-    for kind in PREFERRED:
-        if kind in files:
-            return files[kind], path.name
-    if (path / "student" / "config.json").is_file():
-        raise UserError(f"{path}: no GGUF yet — run `edgedistill export {path}` first (the server runs llama.cpp)")
-    raise UserError(f"{path}: not a run folder with an exported model (no export/*.gguf)")
+        raise UserError(f"{path}: not a run folder, a HF model folder or a .gguf file")
+    if _hf_folder(path) and not (path / "run.db").is_file():  # a plain HF model folder
+        if engine == "llamacpp":
+            raise UserError(f"{path}: a HF folder — export it to GGUF first, or use --engine transformers")
+        return ServedModel("transformers", path, path.name)
+    student = path / "student"
+    if engine != "transformers":
+        files = {f.stem.rsplit("-", 1)[-1]: f for f in (path / "export").glob("*.gguf")}
+        for kind in PREFERRED:
+            if kind in files:
+                return ServedModel("llamacpp", files[kind], path.name)
+        if engine == "llamacpp":
+            raise UserError(f"{path}: no GGUF yet — run `edgedistill export {path}` first")
+    if _hf_folder(student):
+        return ServedModel("transformers", student, path.name)
+    raise UserError(f"{path}: not a run folder with a trained student (no student/config.json, no export/*.gguf)")
 
 
 def api_key(env_name: str | None, host: str) -> str | None:
@@ -48,20 +78,29 @@ def api_key(env_name: str | None, host: str) -> str | None:
 
 
 def run_server(target: str, *, host: str = "127.0.0.1", port: int = 8000, api_key_env: str | None = None,
-               parallel: int = 2, queue_size: int = 16, max_tokens: int = 2048, context_per_slot: int = 4096,
-               threads: int = 2, log_content: bool = False) -> None:
+               engine: str = "auto", parallel: int = 2, queue_size: int = 16, max_tokens: int = 2048,
+               context_per_slot: int = 4096, threads: int = 2, log_content: bool = False) -> None:
     import uvicorn
 
     from edgedistill.serve.app import ServeSettings, create_app
-    from edgedistill.serve.llamacpp import start_llamacpp_server
 
     key = api_key(api_key_env, host)
-    gguf, model_id = resolve_model(target)
+    served = resolve_model(target, engine)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    with start_llamacpp_server(gguf, parallel=parallel, ctx_per_slot=context_per_slot, threads=threads,
-                               alias=model_id) as runtime:
-        settings = ServeSettings(model_id=model_id, upstream=f"http://{runtime.host}:{runtime.port}", api_key=key,
-                                 max_tokens_cap=max_tokens, parallel=parallel, queue_size=queue_size,
+    if served.engine == "llamacpp":
+        from edgedistill.serve.llamacpp import start_llamacpp_server
+
+        runtime = start_llamacpp_server(served.path, parallel=parallel, ctx_per_slot=context_per_slot,
+                                        threads=threads, alias=served.model_id)
+    else:  # one request computes at a time in the transformers engine; the rest wait in the front's queue
+        from edgedistill.serve.hf_engine import start_hf_engine
+
+        runtime = start_hf_engine(served.path, alias=served.model_id, threads=threads)
+        queue_size, parallel = queue_size + parallel - 1, 1
+    with runtime:
+        settings = ServeSettings(model_id=served.model_id, upstream=f"http://{runtime.host}:{runtime.port}",
+                                 api_key=key, max_tokens_cap=max_tokens, parallel=parallel, queue_size=queue_size,
                                  log_content=log_content)
-        logging.getLogger("edgedistill.serve").info("serving %s (%s) on http://%s:%d", model_id, gguf.name, host, port)
+        logging.getLogger("edgedistill.serve").info("serving %s (%s, %s) on http://%s:%d", served.model_id,
+                                                    served.path.name, served.engine, host, port)
         uvicorn.run(create_app(settings), host=host, port=port, log_level="warning", access_log=False)

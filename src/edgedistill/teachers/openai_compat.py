@@ -298,8 +298,8 @@ class OpenAITeacher:
 
     # The endpoint -------------------------------------------------------------------------------
     def _body(self, messages: Messages, sampling: Sampling) -> dict:
-        body: dict = {"model": self.cfg.model, "messages": messages, "max_tokens": sampling.max_new_tokens,
-                      "temperature": sampling.temperature, "stream": False}
+        body: dict = {**self.cfg.extra_body, "model": self.cfg.model, "messages": messages,
+                      "max_tokens": sampling.max_new_tokens, "temperature": sampling.temperature, "stream": False}
         if sampling.top_k_logprobs:
             body |= {"logprobs": True, "top_logprobs": min(sampling.top_k_logprobs, SERVER_TOP_LOGPROBS_CAP)}
         return body

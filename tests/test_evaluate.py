@@ -1,0 +1,179 @@
+"""Evaluation: eval-set formats on the real GSM8K and JCommonsenseQA files, the scoring rules,
+the position-swapped judge, and the report (report.md, report.html in headless Chromium)
+against the ledger of a real tiny run."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from conftest import SHARED_DATA, tiny_recipe_for
+from edgedistill.errors import UserError
+from edgedistill.evaluate.judge import bootstrap_interval, combine, judge_pairs, parse_verdict
+from edgedistill.evaluate.tasks import chosen_by_text, choice_logliks, exact_match, load_task, score_task
+from edgedistill.teachers import Completion, Usage
+
+needs_shared = pytest.mark.skipif(not (SHARED_DATA / "gsm8k").is_dir(), reason="../shared/data not present")
+
+
+@needs_shared
+def test_real_gsm8k_and_jcommonsenseqa_files_load_with_their_golds():
+    gsm = load_task(str(SHARED_DATA / "gsm8k" / "train.jsonl"), limit=5)
+    assert [i.answer for i in gsm[:2]] == ["72", "10"] and all(i.lang == "en" and i.choices is None for i in gsm)
+    jcqa = load_task(str(SHARED_DATA / "jcommonsenseqa" / "valid-v1.3.jsonl"), limit=5)
+    first = jcqa[0]
+    assert first.lang == "ja" and first.label == 2 and first.choices[2] == "マザーボード"
+    assert "マザーボード" in first.messages[-1]["content"] and "選択肢" in first.messages[-1]["content"]
+
+
+def test_bundled_sets_and_bad_records_named_by_file_and_line(tmp_path):
+    assert {len(load_task(f"bundled:{n}")) for n in ("arith_en", "arith_ja", "mc_en", "mc_ja")} <= {16, 24}
+    bad = tmp_path / "mine.jsonl"
+    good = {"messages": [{"role": "user", "content": "2+2?"}], "answer": "4"}
+    bad.write_text(json.dumps(good) + "\n\n" + json.dumps({"messages": [{"role": "user", "content": "x"}],
+                                                           "choices": ["a", "b"], "label": 5}) + "\n")
+    with pytest.raises(UserError, match=r"mine.jsonl:3: 'label' must be the index"):
+        load_task(str(bad))
+    bad.write_text(json.dumps(good) + "\n{not json\n")
+    with pytest.raises(UserError, match=r"mine.jsonl:2: "):
+        load_task(str(bad))
+    with pytest.raises(UserError, match="eval set not found"):
+        load_task(str(tmp_path / "missing.jsonl"))
+
+
+def test_answer_extraction_rules():
+    assert exact_match("So the total is 1,234 apples.", "1234")
+    assert exact_match("答えは７２個です。", "72")  # full-width digits
+    assert exact_match("She earned $10.", "10") and not exact_match("10 then 12", "10")
+    assert exact_match("Paris.\nIt is the capital.", "paris") and not exact_match("London", "Paris")
+    assert chosen_by_text("答えはマザーボードです", ["掲示板", "パソコン", "マザーボード"]) == 2
+    assert chosen_by_text("2", ["a", "b", "c"]) == 2 and chosen_by_text("no idea", ["a b", "c d"]) is None
+
+
+def test_choice_loglik_equals_a_direct_forward_and_scores_are_accuracies(tiny_teacher_dir):
+    from edgedistill.teachers.hf import encode_prompts, load_causal_lm
+
+    model, tokenizer, _ = load_causal_lm(str(tiny_teacher_dir))
+    item = load_task("bundled:mc_en", limit=1)[0]
+    scores = choice_logliks(model, tokenizer, item)
+    prompt = encode_prompts(tokenizer, [item.messages])[0]
+    choice = tokenizer(item.choices[1], add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        logprobs = torch.log_softmax(model(torch.tensor([prompt + choice])).logits[0].float(), -1)
+    direct = sum(float(logprobs[len(prompt) - 1 + i, t]) for i, t in enumerate(choice))
+    assert scores[1] == pytest.approx(direct, abs=1e-3) and len(scores) == len(item.choices)
+    result = score_task(model, tokenizer, load_task("bundled:mc_ja", limit=4) + load_task("bundled:arith_en", limit=4),
+                        max_new_tokens=4, batch_size=4)
+    assert result["items"] == 8 and all(0 <= result[k] <= 1 for k in ("exact_match", "mc_loglik_acc", "mc_generate_acc"))
+
+
+class FixedJudge:
+    """A judge backend whose verdict is a fixed rule of the prompt (the LLM is not under test here)."""
+
+    model_id = "rule-judge"
+
+    def __init__(self, rule):
+        self.rule, self.usage = rule, Usage()
+
+    def chat(self, batch, sampling=None):
+        return [Completion(prompt_ids=[], token_ids=[], text=self.rule(m[-1]["content"]), finished=True) for m in batch]
+
+
+def test_the_judge_removes_position_bias_and_counts_real_preferences():
+    assert parse_verdict("A") == "A" and parse_verdict("Answer B is better") == "B"
+    assert parse_verdict("回答Aの方が良い") == "A" and parse_verdict("引き分け") == "TIE" and parse_verdict("hmm") is None
+    assert combine("A", "B") == ("win", False) and combine("A", "A") == ("tie", True) and combine(None, "B") == ("tie", False)
+    questions, langs = ["q1", "q2", "q3", "q4"], ["en", "ja", "en", "ja"]
+    student, baseline = ["a long good answer"] * 4, ["bad"] * 4
+    always_a = judge_pairs(FixedJudge(lambda p: "A"), questions, langs, student, baseline, 4)
+    assert (always_a.wins, always_a.ties, always_a.losses, always_a.inconsistent) == (0, 4, 0, 4)
+    assert always_a.win_rate == 0.5
+    def longer(prompt: str) -> str:
+        a = prompt.split("Answer A:\n" if "Answer A:" in prompt else "回答A：\n")[1].split("\n\n")[0]
+        b = prompt.split("Answer B:\n" if "Answer B:" in prompt else "回答B：\n")[1].split("\n\n")[0]
+        return "A" if len(a) > len(b) else "B"
+    prefers = judge_pairs(FixedJudge(longer), questions, langs, student, baseline, 4)
+    assert (prefers.wins, prefers.losses, prefers.win_rate) == (4, 0, 1.0) and prefers.ci_low == 1.0
+    low, high = bootstrap_interval([1.0, 0.0] * 10)
+    assert 0.2 < low < 0.5 < high < 0.8
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_teacher_dir, tmp_path_factory):
+    from edgedistill.pipeline import run_recipe
+
+    recipe = tiny_recipe_for(tiny_teacher_dir, tmp_path_factory.mktemp("runs"))
+    return recipe, run_recipe(recipe)
+
+
+def test_report_md_and_model_card_hold_the_ledgers_numbers(tiny_run):
+    from edgedistill.run import open_ledger
+
+    _, run = tiny_run
+    with open_ledger(run) as ledger:
+        evaluate = ledger.metrics("evaluate")
+        gguf = ledger.metrics("export")["gguf:q8_0"]
+    report, card = run.report_path.read_text(), (run.export_dir / "README.md").read_text()
+    for row in ("teacher", "student_before", "student_after", "student_sft"):
+        m = evaluate[row]
+        assert f"{m['perplexity']:.2f}" in report and f"{m['chrf']:.3f}" in report
+        assert m["peak_rss_bytes"] > 0 and m["size_bytes"] > 0 and m["time_to_first_token_s"] > 0
+        assert 0 <= m["task_mc_ja_mc_loglik_acc"] <= 1 and m["task_arith_en_items"] == 3
+    assert "SFT baseline (text only)" in report and "GGUF q8_0 (llama.cpp)" in report
+    assert f"{gguf['chrf']:.3f}" in report and f"{gguf['chrf']:.3f}" in card and gguf["peak_rss_bytes"] > 0
+    judge = evaluate["judge"]
+    assert judge["wins"] + judge["ties"] + judge["losses"] == evaluate["stage"]["heldout_samples"]
+    assert f"{int(judge['wins'])} wins, {int(judge['ties'])} ties" in report
+    assert "mc_ja MC log-likelihood (n=3)" in report and str(run.report_html_path) in report
+
+
+def test_evaluate_reuses_finished_models_and_redoes_retrained_ones(tiny_run):
+    from edgedistill.pipeline import run_recipe
+
+    recipe, run = tiny_run
+    models = run.eval_dir / "models"
+    stamps = {p.stem: p.stat().st_mtime_ns for p in models.glob("*.json")}
+    before = json.loads((models / "student_after.json").read_text())
+    (run.eval_dir / "models" / "student_sft.json").unlink()  # as if killed before this model
+    weights = run.student_dir / "model.safetensors"
+    weights.touch()  # retrained weights (new mtime) must not reuse old numbers
+    run_recipe(recipe, only="evaluate")
+    now = {p.stem: p.stat().st_mtime_ns for p in models.glob("*.json")}
+    assert now["teacher"] == stamps["teacher"] and now["student_before"] == stamps["student_before"]  # reused
+    assert now["student_after"] != stamps["student_after"]
+    after = json.loads((run.eval_dir / "models" / "student_after.json").read_text())
+    assert after["tag"] != before["tag"] and after["metrics"]["perplexity"] == pytest.approx(before["metrics"]["perplexity"])
+    assert (run.eval_dir / "models" / "student_sft.json").is_file()
+
+
+@pytest.mark.browser
+def test_report_html_renders_in_chromium_with_the_ledgers_numbers(tiny_run, chromium_page, tmp_path):
+    from matplotlib.image import imread
+
+    from edgedistill.evaluate.report import fmt
+    from edgedistill.run import open_ledger
+
+    _, run = tiny_run
+    with open_ledger(run) as ledger:
+        evaluate = ledger.metrics("evaluate")
+    page = chromium_page
+    page.set_viewport_size({"width": 1280, "height": 1000})
+    page.goto(run.report_html_path.as_uri())
+    rows = page.eval_on_selector_all("#quality tbody tr", "rows => rows.map(r => [...r.cells].map(c => c.textContent))")
+    header = page.eval_on_selector_all("#quality thead th", "cells => cells.map(c => c.textContent)")
+    by_label = {r[0]: dict(zip(header, r)) for r in rows}
+    for key, label in (("teacher", "teacher"), ("student_after", "student after KD"),
+                       ("student_sft", "SFT baseline (text only)")):
+        assert by_label[label]["perplexity ↓"] == fmt("f2", evaluate[key]["perplexity"])
+        assert by_label[label]["chrF ↑"] == fmt("f3", evaluate[key]["chrf"])
+    assert "GGUF q8_0 (llama.cpp)" in by_label and page.locator("#quality td.best").count() >= 3
+    assert page.eval_on_selector_all("img", "imgs => imgs.every(i => i.complete && i.naturalWidth > 100)")
+    assert page.locator("img").count() == 3  # loss curves, quality vs size, quality vs speed
+    assert page.locator("details").count() == evaluate["stage"]["heldout_samples"]
+    assert f"{int(evaluate['judge']['wins'])} wins" in page.text_content("#judge")
+    shot = tmp_path / "report.png"
+    page.screenshot(path=str(shot), full_page=True)
+    pixels = imread(shot)
+    assert pixels.shape[0] > 1000 and pixels[..., :3].std() > 0.05  # not blank
