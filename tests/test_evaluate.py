@@ -115,6 +115,8 @@ def test_report_md_and_model_card_hold_the_ledgers_numbers(tiny_run):
     with open_ledger(run) as ledger:
         evaluate = ledger.metrics("evaluate")
         gguf = ledger.metrics("export")["gguf:q8_0"]
+        train = ledger.metrics("train")
+    assert train["sft"]["steps"] == train["stage"]["steps"]  # the baseline gets exactly the KD run's steps
     report, card = run.report_path.read_text(), (run.export_dir / "README.md").read_text()
     for row in ("teacher", "student_before", "student_after", "student_sft"):
         m = evaluate[row]

@@ -109,7 +109,7 @@ def test_changed_training_settings_rerun_train_and_later_only(tiny_recipe):
     assert attempts == {"generate": 1, "student": 1, "train": 2, "evaluate": 2, "export": 2, "report": 2}
 
 
-def test_training_resumes_from_the_last_epoch_checkpoint(tiny_recipe):
+def test_training_resumes_from_the_last_checkpoint(tiny_recipe):
     run = run_recipe(tiny_recipe)
     with open_ledger(run) as ledger:
         steps = ledger.metrics("train")["stage"]["steps"]
@@ -118,12 +118,12 @@ def test_training_resumes_from_the_last_epoch_checkpoint(tiny_recipe):
         ledger.start_stage("train", fingerprint)
     import shutil
     shutil.rmtree(run.student_dir)
-    assert [p.name for p in (run.checkpoints_dir / fingerprint).iterdir()] == ["epoch-2"]
+    assert [p.name for p in (run.checkpoints_dir / fingerprint).iterdir()] == [f"step-{int(steps)}"]
     run_recipe(tiny_recipe)
     with open_ledger(run) as ledger:
         train = ledger.metrics("train")["stage"]
         attempts = {s.name: s.attempts for s in ledger.stages()}
-    assert train["resumed_from_epoch"] == 2 and train["steps"] == steps  # totals carried over
+    assert train["resumed_from_step"] == steps and train["steps"] == steps  # totals carried over
     assert (run.student_dir / "model.safetensors").is_file()
     # train: the first run, the simulated crashed attempt, the resume; later stages reran.
     assert attempts == {"generate": 1, "student": 1, "train": 3, "evaluate": 2, "export": 2, "report": 2}

@@ -79,7 +79,10 @@ def _load(target: Path, overrides: list[str]):
 
 def _finish(run) -> None:
     from edgedistill.evaluate.report import TERMINAL_COLUMNS, quality_table
-    from edgedistill.run import open_ledger
+    from edgedistill.run import is_main_process, open_ledger
+
+    if not is_main_process():
+        return
 
     with open_ledger(run) as ledger:
         header, rows = quality_table(ledger, TERMINAL_COLUMNS)

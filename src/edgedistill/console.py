@@ -9,10 +9,11 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, 
 console = Console(stderr=True)
 
 
-def stage_progress() -> Progress:
-    """A bar with done/total, a tokens-per-second field (`rate`), elapsed time and ETA."""
+def stage_progress(disable: bool = False) -> Progress:
+    """A bar with done/total, a tokens-per-second field (`rate`), elapsed time and ETA
+    (`disable`: for the other processes of a distributed run)."""
     return Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
         TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
-        console=console, transient=False,
+        console=console, transient=False, disable=disable,
     )

@@ -4,13 +4,14 @@ settings, so a crash or a second `make demo` resumes instead of starting over.""
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from edgedistill.console import console
 from edgedistill.errors import UserError
 from edgedistill.recipe import Recipe
-from edgedistill.run import Ledger, RunDir, open_ledger
+from edgedistill.run import FollowerLedger, is_main_process, Ledger, RunDir, open_ledger
 
 StageFn = Callable[[Recipe, RunDir, Ledger], dict[str, float]]
 
@@ -67,10 +68,16 @@ def run_recipe(recipe: Recipe, only: str | None = None) -> RunDir:
     """Run every stage (or just `only`, whose upstream stages must be done) of the recipe's run."""
     if only is not None and only not in STAGE_NAMES:
         raise UserError(f"unknown stage '{only}' (stages: {', '.join(STAGE_NAMES)})")
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if distributed and only != "train":
+        raise UserError("a distributed launch (torchrun / accelerate launch) runs the train stage only — "
+                        "`torchrun --nproc_per_node N -m edgedistill train RUN`")
     inputs = preflight(recipe)
     run = RunDir.for_recipe(recipe)
-    run.create(recipe)
-    with open_ledger(run) as ledger:
+    if is_main_process():
+        run.create(recipe)
+    with open_ledger(run) as main_ledger:
+        ledger = main_ledger if is_main_process() else FollowerLedger(main_ledger)
         ledger.set_meta("run", recipe.run.name)
         upstream_ran = False
         for stage in STAGES:
@@ -107,9 +114,14 @@ def preflight(recipe: Recipe) -> str:
     if recipe.teacher.backend == "openai" and not local:
         raise UserError("teacher.tokenizer: the openai backend needs the local model the student is cut from "
                         "('embedded', a model folder or a .gguf) — its tokenizer also maps the server's tokens")
-    if recipe.teacher.backend in ("hf", "llamacpp", "openai") and local:
+    if recipe.generate.sparse_target == "sampled" and recipe.teacher.backend != "hf":
+        raise UserError(f"generate.sparse_target = 'sampled' needs the teacher's full distribution — use "
+                        f"teacher.backend = 'hf' (the {recipe.teacher.backend} backend gives top-k only)")
+    if recipe.teacher.backend in ("hf", "llamacpp", "openai") and local and recipe.student.init == "cut":
         model_type, n_layers = model_shape(resolve_source(local))
         check_cut(model_type, n_layers, recipe.student.keep_layers)
+    if recipe.student.init == "checkpoint":
+        resolve_source(recipe.student.model or "")  # the folder exists, is safetensors, a known architecture
     return hashlib.sha256("".join(sorted(f"{p.id}:{p.split}" for p in prompts)).encode()).hexdigest()[:16]
 
 

@@ -108,6 +108,10 @@ class GenerateCfg(_Section):
     top_k_logprobs: int = Field(32, ge=1, le=64,
                                 description="Teacher log-probabilities kept per answer token (k); "
                                 "the openai backend asks for min(k, 20), the servers' cap.")
+    sparse_target: Literal["topk", "sampled"] = Field(
+        "topk", description="What the k stored entries per answer token are: the teacher's top-k ids + the "
+        "exact tail mass ('topk'), or k draws from the teacher's distribution with unbiased weights (count/k; "
+        "'sampled', Anshumann et al. 2025: no top-k bias, same bytes). 'sampled' needs the hf backend.")
     batch_size: int = Field(8, ge=1, le=256, description="Prompts per teacher batch (left padded).")
     mode: Literal["seeds", "self_instruct"] = Field(
         "seeds", description="'seeds': answer the seed prompts; 'self_instruct': first grow new "
@@ -126,7 +130,14 @@ class GenerateCfg(_Section):
 
 
 class StudentCfg(_Section):
-    init: Literal["cut"] = Field("cut", description="How the student is made: 'cut' drops teacher layers.")
+    init: Literal["cut", "checkpoint", "config"] = Field(
+        "cut", description="How the student is made: 'cut' keeps some of the teacher's layers; 'checkpoint' "
+        "starts from the local HF model in student.model (its own tokenizer: a different vocabulary falls back "
+        "to sequence-level KD); 'config' is a fresh random model: the teacher's config with student.config "
+        "overrides (e.g. {num_hidden_layers = 4, hidden_size = 256}) and the teacher's tokenizer.")
+    model: str | None = Field(None, description="init = 'checkpoint': a local Hugging Face folder (safetensors).")
+    config: dict[str, Any] = Field(default_factory=dict, description="init = 'config': overrides of the "
+                                   "teacher's config.")
     keep_layers: int = Field(24, ge=1, description="Decoder layers the student keeps.")
     strategy: Literal["even", "angular", "block_influence"] = Field(
         "angular",
@@ -140,8 +151,24 @@ class StudentCfg(_Section):
 
 
 class TrainCfg(_Section):
+    mode: Literal["offline", "online", "on_policy", "sft"] = Field(
+        "offline", description="offline: the cached sparse targets of the distill set (teacher not loaded); "
+        "online: the teacher in memory scores each batch; on_policy: GKD, a share of batches answered by the "
+        "student and scored by the teacher; sft: the teacher's text only.")
     alpha_ce: float = Field(0.5, ge=0.0, le=1.0,
-                            description="loss = alpha*CE(teacher text) + (1-alpha)*forward KL(sparse top-k + tail).")
+                            description="loss = alpha*CE(teacher text) + (1-alpha)*divergence(teacher ‖ student).")
+    objective: Literal["forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd"] = Field(
+        "forward_kl", description="The divergence: forward KL (mean-seeking), reverse KL (MiniLLM, mode-seeking), "
+        "jsd (generalized JSD(beta) as TRL's GKD defines it), skew KLs (DistiLLM), total variation.")
+    beta: float = Field(0.5, ge=0.0, le=1.0, description="jsd: 0 = forward KL, 1 = reverse KL.")
+    skew_alpha: float = Field(0.1, ge=0.0, lt=1.0, description="skew KLs: mixing weight (0 = plain KL).")
+    temperature: float = Field(1.0, gt=0.0, le=10.0, description="Softens both distributions; loss scaled by T^2.")
+    online_top_k: int | None = Field(None, ge=1, le=1024, description="online/on_policy: score with the teacher's "
+                                     "top-k + tail (as cached) instead of its full logits.")
+    on_policy_fraction: float = Field(0.5, ge=0.0, le=1.0, description="on_policy: λ, the chance that a batch's "
+                                      "answers are sampled from the student.")
+    on_policy_max_new_tokens: int = Field(64, ge=1, le=4096, description="on_policy: student answer length.")
+    on_policy_temperature: float = Field(1.0, gt=0.0, le=2.0, description="on_policy: student sampling temperature.")
     epochs: int = Field(3, ge=1, le=1000, description="Passes over the training samples.")
     max_minutes: float | None = Field(None, gt=0, description="Stop training after this long (checked per step).")
     batch_size: int = Field(8, ge=1, le=1024, description="Sequences per optimizer step.")
@@ -149,7 +176,19 @@ class TrainCfg(_Section):
     weight_decay: float = Field(0.0, ge=0.0, le=1.0, description="AdamW weight decay.")
     warmup_fraction: float = Field(0.05, ge=0.0, lt=1.0, description="Share of steps with linear warm-up.")
     max_seq_len: int = Field(512, ge=8, le=32768, description="Prompt+answer tokens kept per sample.")
-    mixed_precision: Literal["no", "bf16", "fp16"] = Field("no", description="accelerate mixed precision.")
+    mixed_precision: Literal["no", "bf16", "fp16"] = Field("no", description="accelerate mixed precision "
+                                                           "(bf16 where the hardware has it).")
+    grad_accum_steps: int = Field(1, ge=1, le=1024, description="Batches per optimizer step.")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward (less memory).")
+    checkpoint_every_steps: int | None = Field(None, ge=1, description="Also checkpoint every N optimizer steps "
+                                               "(always at each epoch end); a killed run resumes there.")
+    lora: bool = Field(False, description="Train LoRA adapters (peft) instead of all weights; merged on save.")
+    lora_r: int = Field(16, ge=1, le=1024, description="LoRA rank.")
+    lora_alpha: int = Field(32, ge=1, description="LoRA scaling numerator.")
+    lora_dropout: float = Field(0.05, ge=0.0, lt=1.0, description="LoRA dropout.")
+    lora_target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        description="Linear layers that get adapters.")
     sft_baseline: bool = Field(False, description="Also train the same student on the teacher's text only "
                                "(alpha_ce = 1; same data, order, steps, seed) into student_sft/: the baseline "
                                "row that shows what the logits add. Doubles the training time.")
@@ -215,8 +254,10 @@ class Recipe(_Section):
         return tomli_w.dumps(self.model_dump(mode="json", exclude_none=True))
 
     def fingerprint(self, *sections: str, extra: str = "") -> str:
-        """Hash of the named sections (and `extra`): a stage reruns when what it depends on changes."""
-        data = {s: getattr(self, s).model_dump(mode="json", exclude=_transport(getattr(self, s)))
+        """Hash of the named sections (and `extra`): a stage reruns when what it depends on changes.
+        Fields at their default value are left out, so a new setting added with a default that
+        keeps the old behaviour does not rerun anything."""
+        data = {s: getattr(self, s).model_dump(mode="json", exclude=_transport(getattr(self, s)), exclude_defaults=True)
                 for s in sections}
         return hashlib.sha256((json.dumps(data, sort_keys=True) + extra).encode()).hexdigest()[:16]
 

@@ -204,6 +204,36 @@ class RunDir:
         return Ledger(self.ledger_path)
 
 
+def is_main_process() -> bool:
+    """False in the other processes of a `torchrun` / `accelerate launch` run (RANK > 0)."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+class FollowerLedger:
+    """The ledger as the non-main processes of a distributed run see it: they read what the main
+    process wrote and write nothing (one writer), keeping stage fingerprints in memory."""
+
+    def __init__(self, ledger: Ledger):
+        self._ledger = ledger
+        self._running: dict[str, str] = {}
+
+    def __getattr__(self, name: str):
+        return getattr(self._ledger, name)
+
+    def start_stage(self, name: str, fingerprint: str) -> None:
+        self._running[name] = fingerprint
+
+    def stage(self, name: str) -> StageRecord | None:
+        if name in self._running:
+            return StageRecord(name, "running", self._running[name], None, 0, None)
+        return self._ledger.stage(name)
+
+    def _ignore(self, *args, **kwargs) -> None:
+        return None
+
+    end_stage = mark_stale = log_metrics = set_meta = add_usage = clear_metrics = _ignore
+
+
 @contextmanager
 def open_ledger(run: RunDir) -> Iterator[Ledger]:
     ledger = run.ledger()

@@ -24,7 +24,7 @@ from edgedistill.run import Ledger, RunDir, atomic_write_text
 from edgedistill.teachers import Completion, Teacher, build_teacher
 
 # Only these change an answer; other generate fields (batching, bootstrap) reuse stored answers.
-ANSWER_FIELDS = ("max_new_tokens", "temperature", "top_k_logprobs")
+ANSWER_FIELDS = ("max_new_tokens", "temperature", "top_k_logprobs", "sparse_target")
 BOOTSTRAP_FIELDS = ("seeds", "limit_per_source", "heldout_fraction", "batch_size", "bootstrap_examples",
                     "bootstrap_new_per_request", "bootstrap_temperature", "bootstrap_max_new_tokens",
                     "filter_max_rouge_l")

@@ -38,6 +38,11 @@ class Batch:
     def n_tokens(self) -> int:
         return int(self.attention_mask.sum())
 
+    def to(self, device) -> Batch:
+        move = (lambda t: None if t is None else t.to(device))
+        return Batch(*(move(getattr(self, f)) for f in ("input_ids", "attention_mask", "positions", "labels",
+                                                         "topk_ids", "topk_logprobs", "tail_logprobs")))
+
 
 def to_example(sample: Sample, max_seq_len: int) -> Example | None:
     """None when nothing of the answer fits in max_seq_len."""
@@ -48,6 +53,21 @@ def to_example(sample: Sample, max_seq_len: int) -> Example | None:
     cut = (lambda a: None if a is None else a[:n_answer])
     return Example(ids, len(sample.prompt_ids), cut(sample.topk_ids), cut(sample.topk_logprobs),
                    cut(sample.tail_logprobs))
+
+
+def to_text_example(sample: Sample, tokenizer, max_seq_len: int) -> Example | None:
+    """Sequence-level KD for a student with another vocabulary: the teacher's text through the
+    student's own chat template and tokenizer (end of turn appended when the teacher stopped)."""
+    from edgedistill.teachers.hf import encode_prompts
+
+    prompt = encode_prompts(tokenizer, [sample.prompt_messages])[0]
+    answer = tokenizer(sample.answer, add_special_tokens=False)["input_ids"]
+    if sample.finished and tokenizer.eos_token_id is not None:
+        answer.append(tokenizer.eos_token_id)
+    ids = np.array(prompt + answer, dtype=np.int64)[:max_seq_len]
+    if len(ids) <= len(prompt):
+        return None
+    return Example(ids, len(prompt), None, None, None)
 
 
 def collate(examples: list[Example], pad_id: int) -> Batch:

@@ -1,5 +1,19 @@
 """Distillation losses as pure functions: tensors in, scalar out, no trainer state.
 
+The family (`Objective.kind`), on log-probability rows p (teacher) and q (student):
+- forward_kl  KL(p‖q) — mean-seeking, the classic (Hinton; DistillKit's sparse logits);
+- reverse_kl  KL(q‖p) — mode-seeking (MiniLLM);
+- jsd         generalized JSD(β) exactly as TRL's GKD defines it: β KL(p‖m) + (1-β) KL(q‖m),
+              m = βp + (1-β)q; β = 0 is forward KL, β = 1 reverse KL;
+- skew_forward_kl  KL(p ‖ αp + (1-α)q), skew_reverse_kl  KL(q ‖ αq + (1-α)p) (DistiLLM);
+  α = 0 gives the plain KLs;
+- tvd         total variation ½ Σ|p - q|.
+Temperature T softens both sides (log-softmax of logits / T) and the loss is scaled by T².
+Every divergence works on dense rows (V columns, computed in row chunks so B·T·V never exists
+in float32 at once) and on the sparse target below (k+1 columns).
+Why our own rather than TRL's or torchtune's: theirs take dense teacher logits only; the
+sparse top-k + tail target, and sampled targets, are what keep the cached teacher small.
+
 Shapes: N answer tokens (batch and time flattened, masked positions already removed or given
 by `mask`), V vocabulary, k cached teacher entries. Log-probabilities are natural logs.
 
@@ -13,9 +27,17 @@ on the bias of plain top-k targets).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
+
+Kind = Literal["forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd"]
+KINDS: tuple[str, ...] = ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd")
+# Teacher buckets with zero mass (padding of a short top list, unsampled ids) would make the
+# student-side divergences infinite; they are floored at 1e-10 in probability.
+_LOG_FLOOR = math.log(1e-10)
 
 _LOG_HALF = -math.log(2.0)
 # The student's tail is log(1 - mass on the k ids); keep it finite when the k ids hold ~all of
@@ -93,3 +115,74 @@ def forward_kl_dense(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
 def cross_entropy(student_logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """Mean next-token cross-entropy on the teacher's text: (N, V) logits, (N,) labels."""
     return _masked_mean(F.cross_entropy(student_logits.float(), labels.long(), reduction="none"), mask)
+
+
+@dataclass(frozen=True)
+class Objective:
+    kind: Kind = "forward_kl"
+    beta: float = 0.5  # jsd
+    skew_alpha: float = 0.1  # skew_*
+    temperature: float = 1.0
+
+
+def _kl_rows(p_lp: torch.Tensor, q_lp: torch.Tensor) -> torch.Tensor:
+    return kl_from_logprobs(p_lp, q_lp)
+
+
+def _mix(a_lp: torch.Tensor, b_lp: torch.Tensor, weight_a: float) -> torch.Tensor:
+    """log(w·a + (1-w)·b) for 0 < w < 1, stable."""
+    return torch.logsumexp(torch.stack([a_lp + math.log(weight_a), b_lp + math.log1p(-weight_a)]), dim=0)
+
+
+def divergence_rows(teacher_lp: torch.Tensor, student_lp: torch.Tensor, objective: Objective) -> torch.Tensor:
+    """Per-row divergence between two (N, C) log-probability tables -> (N,)."""
+    kind = objective.kind
+    if kind == "forward_kl":
+        return _kl_rows(teacher_lp, student_lp)
+    floored = teacher_lp.clamp(min=_LOG_FLOOR)
+    if kind == "reverse_kl":
+        return _kl_rows(student_lp, floored)
+    if kind == "jsd":
+        beta = objective.beta
+        if beta <= 0.0:
+            return _kl_rows(teacher_lp, student_lp)
+        if beta >= 1.0:
+            return _kl_rows(student_lp, floored)
+        mixture = _mix(teacher_lp, student_lp, beta)
+        return beta * _kl_rows(teacher_lp, mixture) + (1 - beta) * _kl_rows(student_lp, mixture)
+    if kind in ("skew_forward_kl", "skew_reverse_kl"):
+        alpha = objective.skew_alpha
+        if kind == "skew_forward_kl":
+            return _kl_rows(teacher_lp, student_lp if alpha <= 0 else _mix(teacher_lp, student_lp, alpha))
+        return _kl_rows(student_lp, floored if alpha <= 0 else _mix(student_lp, teacher_lp, alpha))
+    if kind == "tvd":
+        return 0.5 * (teacher_lp.exp() - student_lp.exp()).abs().sum(-1)
+    raise ValueError(f"unknown divergence '{kind}' (known: {', '.join(KINDS)})")
+
+
+def _soften(logprobs: torch.Tensor, temperature: float) -> torch.Tensor:
+    return logprobs if temperature == 1.0 else F.log_softmax(logprobs / temperature, dim=-1)
+
+
+def kd_sparse(student_logits: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torch.Tensor,
+              tail_logprobs: torch.Tensor, objective: Objective = Objective(),
+              mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Any divergence on the cached sparse target (k ids + tail), mean over tokens.
+
+    With a temperature the student side is exact (its logits / T), while the teacher's stored
+    (k+1)-bucket table is re-softened as if its tail were one token (the tail's inner shape is
+    not stored): exact when the tail is empty, an approximation otherwise."""
+    teacher_lp = _soften(sparse_teacher_logprobs(topk_logprobs, tail_logprobs), objective.temperature)
+    student_lp = sparse_student_logprobs(student_logits.float() / objective.temperature, topk_ids)
+    rows = divergence_rows(teacher_lp, student_lp, objective)
+    return _masked_mean(rows, mask) * objective.temperature ** 2
+
+
+def kd_dense(student_logits: torch.Tensor, teacher_logits: torch.Tensor, objective: Objective = Objective(),
+             mask: torch.Tensor | None = None, chunk_size: int = 1024) -> torch.Tensor:
+    """Any divergence on full logits (N, V) each, in row chunks of chunk_size, mean over tokens."""
+    t = objective.temperature
+    rows = [divergence_rows(F.log_softmax(tc.float() / t, -1), F.log_softmax(sc.float() / t, -1), objective)
+            for sc, tc in zip(student_logits.split(chunk_size), teacher_logits.split(chunk_size))]
+    per_token = torch.cat(rows) if rows else student_logits.new_zeros(0)
+    return _masked_mean(per_token, mask) * t ** 2

@@ -1,12 +1,27 @@
-"""The train stage: an explicit KD loop on accelerate.Accelerator.
+"""The train stage: an explicit distillation loop on accelerate.Accelerator.
 
-loss = alpha * CE(teacher text) + (1 - alpha) * forward KL(cached sparse top-k + tail target),
-on answer tokens only. Offline: the teacher is never loaded, its distribution comes from the
-distill set. accelerate gives DDP/FSDP/DeepSpeed, mixed precision and checkpoint state
-(`accelerate launch -m edgedistill.cli train ...`); the step itself stays on one screen.
+loss = alpha_ce * CE(teacher text) + (1 - alpha_ce) * D(teacher ‖ student), answer tokens
+only, D any divergence of distill/losses.py. Modes (`train.mode`):
+- offline    D on the cached sparse target of the distill set; the teacher is never loaded;
+- online     the teacher (in memory) scores each batch: dense logits, or its top-k + tail
+             (`online_top_k`), computed on the fly;
+- on_policy  GKD (Agarwal et al. 2024, as TRL's GKDTrainer does it): with probability λ a batch's
+             answers are sampled from the student itself and scored by the teacher; D only;
+- sft        the teacher's text alone (alpha_ce = 1): the baseline.
+When teacher and student tokenizers differ, logit KD is impossible: the run falls back to
+sequence-level KD (the teacher's text, re-tokenised for the student) and says so.
 
-Resume: a checkpoint (model, optimizer, scheduler, RNG) is written at the end of every epoch
-into a temporary folder and renamed; a rerun continues after the last complete epoch.
+Why our own loop and not TRL's trainers: the sparse cached target (the reason the distill set
+stays small) is not something TRL's GKD/Distillation trainers consume, and the step has to
+stay readable. accelerate supplies what should not be ours: DDP/FSDP/DeepSpeed, mixed
+precision, gradient accumulation, and checkpoint state. `split_batches` keeps the global
+batch of the recipe whatever the number of processes, and the loss is normalised by the
+global token count, so 2 processes follow the 1-process loss curve.
+
+Resume: a checkpoint (model, optimizer, scheduler) is written every `checkpoint_every_steps`
+optimizer steps and at each epoch end, into a temporary folder renamed into place; a rerun
+continues at the next batch of the same seeded order. Random draws of a step (on-policy
+coin and sampling) are seeded by the step number, so a resumed run repeats them exactly.
 """
 
 from __future__ import annotations
@@ -15,6 +30,7 @@ import json
 import logging
 import math
 import os
+import random
 import shutil
 import time
 from dataclasses import asdict, dataclass, replace
@@ -25,11 +41,11 @@ from torch.utils.data import DataLoader, RandomSampler
 
 from edgedistill.console import console, stage_progress
 from edgedistill.data.generate import load_distill_set
-from edgedistill.distill.batches import answer_logits, collate, to_example
-from edgedistill.distill.losses import cross_entropy, forward_kl_sparse
+from edgedistill.distill.batches import Batch, Example, answer_logits, collate, to_example, to_text_example
+from edgedistill.distill.losses import Objective, cross_entropy, kd_dense, kd_sparse
 from edgedistill.distill.student import save_model
 from edgedistill.errors import UserError
-from edgedistill.recipe import Recipe
+from edgedistill.recipe import Recipe, TrainCfg
 from edgedistill.run import Ledger, RunDir
 
 
@@ -40,27 +56,89 @@ class Totals:
     steps: int = 0
     tokens: int = 0
     seconds: float = 0.0
+    epoch: int = 0  # the epoch in progress
+    batches_in_epoch: int = 0  # loader batches of that epoch already consumed
 
 
-def kd_loss(model, batch, alpha_ce: float, head=None) -> tuple[torch.Tensor, dict[str, float]]:
-    """The KD step's loss and its parts for logging."""
+def objective_of(cfg: TrainCfg) -> Objective:
+    return Objective(cfg.objective, cfg.beta, cfg.skew_alpha, cfg.temperature)
+
+
+def _scaled(per_token_mean: torch.Tensor, local_tokens: int, global_tokens: int, world: int) -> torch.Tensor:
+    """A process's token-mean loss rescaled so that DDP's gradient average equals the gradient of
+    the mean over all tokens of the global batch (processes hold different token counts)."""
+    return per_token_mean * (local_tokens * world / max(global_tokens, 1))
+
+
+def step_loss(model, batch: Batch, cfg: TrainCfg, head=None, teacher=None, teacher_head=None,
+              use_logits: bool = True) -> tuple[torch.Tensor, dict[str, float]]:
+    """The loss of one (sub)batch as a mean over its answer tokens, and its parts for logging."""
     logits = answer_logits(model, batch, head)  # (N, V)
-    ce = cross_entropy(logits, batch.labels.to(logits.device))
-    if batch.topk_ids is None or alpha_ce == 1.0:
+    labels = batch.labels.to(logits.device)
+    ce = cross_entropy(logits, labels)
+    alpha = 1.0 if not use_logits else cfg.alpha_ce
+    if alpha == 1.0:
         return ce, {"ce": ce.item()}
-    kl = forward_kl_sparse(logits, batch.topk_ids.to(logits.device), batch.topk_logprobs.to(logits.device),
-                           batch.tail_logprobs.to(logits.device))
-    return alpha_ce * ce + (1 - alpha_ce) * kl, {"ce": ce.item(), "kl": kl.item()}
+    objective = objective_of(cfg)
+    if teacher is not None:
+        with torch.no_grad():
+            teacher_logits = answer_logits(teacher, batch, teacher_head)
+        if cfg.online_top_k:
+            from edgedistill.teachers.hf import sparse_step
+
+            ids, lp, tail = sparse_step(teacher_logits, cfg.online_top_k)
+            kd = kd_sparse(logits, ids, lp, tail, objective)
+        else:
+            kd = kd_dense(logits, teacher_logits, objective)
+    else:
+        kd = kd_sparse(logits, batch.topk_ids.to(logits.device), batch.topk_logprobs.to(logits.device),
+                       batch.tail_logprobs.to(logits.device), objective)
+    return alpha * ce + (1 - alpha) * kd, {"ce": ce.item(), "kd": kd.item()}
 
 
-def _last_checkpoint(folder: Path) -> tuple[int, Path] | None:
-    done = sorted(folder.glob("epoch-*"), key=lambda p: int(p.name.split("-")[1])) if folder.is_dir() else []
-    return (int(done[-1].name.split("-")[1]), done[-1]) if done else None
+@torch.no_grad()
+def on_policy_batch(model, batch: Batch, examples: list[Example], cfg: TrainCfg, pad_id: int, end_ids: set[int],
+                    seed: int) -> Batch:
+    """The same prompts answered by the student (sampled, seeded by the step): the answers the
+    teacher will score. Targets come from the live teacher, so the batch carries none."""
+    unwrapped = getattr(model, "module", model)
+    was_training = unwrapped.training
+    unwrapped.eval()
+    unwrapped.config.use_cache = True
+    torch.manual_seed(seed)
+    answers = []
+    for example in examples:
+        prompt = torch.from_numpy(example.input_ids[:example.n_prompt].astype("int64"))[None].to(unwrapped.device)
+        out = unwrapped.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt),
+                                 max_new_tokens=cfg.on_policy_max_new_tokens, do_sample=True,
+                                 temperature=cfg.on_policy_temperature, top_p=1.0, top_k=0, pad_token_id=pad_id)
+        answer = out[0, prompt.shape[1]:].tolist()
+        end = next((i + 1 for i, t in enumerate(answer) if t in end_ids), len(answer))
+        answers.append(answer[:end] or [next(iter(end_ids))])
+    unwrapped.config.use_cache = False
+    unwrapped.train(was_training)
+    import numpy as np
+
+    sampled = [Example(np.concatenate([e.input_ids[:e.n_prompt], np.array(a, dtype=np.int64)]), e.n_prompt,
+                       None, None, None) for e, a in zip(examples, answers)]
+    return collate(sampled, pad_id)
 
 
-def _save_checkpoint(accelerator, folder: Path, epoch: int, totals: Totals) -> None:
+def vocab_matches(teacher_tokenizer, student_tokenizer) -> bool:
+    """Logit KD needs the same token strings at the same ids (padding rows of the embedding
+    beyond the tokenizer do not count)."""
+    return teacher_tokenizer.get_vocab() == student_tokenizer.get_vocab()
+
+
+def _checkpoints(folder: Path) -> list[Path]:
+    done = folder.glob("step-*") if folder.is_dir() else []
+    return sorted(done, key=lambda p: int(p.name.split("-")[1]))
+
+
+def _save_checkpoint(accelerator, folder: Path, totals: Totals) -> None:
     """accelerate state into a temp folder, renamed into place; older checkpoints removed."""
-    tmp = folder / f".epoch-{epoch}.tmp"
+    name = f"step-{totals.steps}"
+    tmp = folder / f".{name}.tmp"
     if accelerator.is_main_process:
         folder.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
@@ -69,9 +147,10 @@ def _save_checkpoint(accelerator, folder: Path, epoch: int, totals: Totals) -> N
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (tmp / "totals.json").write_text(json.dumps(asdict(totals)), encoding="utf-8")
-        os.replace(tmp, folder / f"epoch-{epoch}")
-        for old in folder.glob("epoch-*"):
-            if old.name != f"epoch-{epoch}":
+        shutil.rmtree(folder / name, ignore_errors=True)
+        os.replace(tmp, folder / name)
+        for old in _checkpoints(folder):
+            if old.name != name:
                 shutil.rmtree(old)
     accelerator.wait_for_everyone()
 
@@ -85,107 +164,252 @@ def _cosine_with_warmup(optimizer, warmup: int, total: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def run_train(recipe: Recipe, run: RunDir, ledger: Ledger) -> dict[str, float]:
-    """The KD student; then, with `train.sft_baseline`, the same student trained on the
-    teacher's text only (same data, order, steps and seed) — the row every report compares KD to."""
+def _load_teacher(recipe: Recipe):
+    from edgedistill.teachers.hf import load_causal_lm
+
+    if recipe.teacher.backend not in ("hf", "llamacpp"):
+        raise UserError(f"train.mode = '{recipe.train.mode}' needs the teacher in memory — use teacher.backend "
+                        "'hf' or 'llamacpp' (a remote openai teacher only supports offline and sft)")
+    model, tokenizer, _ = load_causal_lm(recipe.teacher.local_model, recipe.teacher.dtype)
+    model.config.use_cache = False
+    return model, tokenizer
+
+
+def _examples(recipe: Recipe, run: RunDir, student_tokenizer, same_vocab: bool) -> list[Example]:
     cfg = recipe.train
     samples = load_distill_set(run, split="train")
-    examples = [e for e in (to_example(s, cfg.max_seq_len) for s in samples) if e is not None]
+    if same_vocab:
+        examples = [to_example(s, cfg.max_seq_len) for s in samples]
+    else:  # the teacher's text through the student's own tokenizer and chat template
+        examples = [to_text_example(s, student_tokenizer, cfg.max_seq_len) for s in samples]
+    examples = [e for e in examples if e is not None]
     if not examples:
         raise UserError(f"{run.store_path}: no training samples — run the generate stage first")
-    if cfg.alpha_ce < 1.0 and any(e.topk_ids is None for e in examples):
-        raise UserError(f"{run.store_path}: samples have no teacher log-probs — set train.alpha_ce = 1.0 "
-                        "(sequence-level KD) or regenerate with a white-box teacher")
+    return examples
+
+
+def run_train(recipe: Recipe, run: RunDir, ledger: Ledger) -> dict[str, float]:
+    """The distilled student; then, with `train.sft_baseline`, the same student trained on the
+    teacher's text only (same data, order, steps and seed) — the row every report compares to."""
+    from transformers import AutoTokenizer
+
+    from edgedistill.teachers.hf import load_tokenizer
+
+    cfg = recipe.train
+    student_tokenizer = AutoTokenizer.from_pretrained(run.student_init_dir, local_files_only=True)
+    teacher_tokenizer = load_tokenizer(recipe.teacher.local_model) if recipe.teacher.local_model else None
+    same_vocab = teacher_tokenizer is not None and vocab_matches(teacher_tokenizer, student_tokenizer)
+    logit_kd = cfg.mode != "sft" and cfg.alpha_ce < 1.0
+    if logit_kd and not same_vocab:
+        console.print("[yellow]teacher and student vocabularies differ: logit KD is impossible, training on the "
+                      "teacher's text (sequence-level KD) instead[/]")
+        ledger.set_meta("kd_mode", "sequence-level KD (teacher and student vocabularies differ)")
+        ledger.log_metrics("train", "stage", {"vocab_mismatch_fallback": 1.0})
+        logit_kd = False
+    examples = _examples(recipe, run, student_tokenizer, same_vocab=same_vocab)
+    if logit_kd and cfg.mode == "offline" and any(e.topk_ids is None for e in examples):
+        raise UserError(f"{run.store_path}: samples have no teacher log-probs — set train.mode = 'online' (the "
+                        "teacher in memory), train.alpha_ce = 1.0 (sequence-level KD), or regenerate with a "
+                        "white-box teacher")
     record = ledger.stage("train")
     fingerprint = record.fingerprint if record else "adhoc"
     keep = {fingerprint, f"{fingerprint}-sft"}
     for stale in run.checkpoints_dir.glob("*") if run.checkpoints_dir.is_dir() else []:
         if stale.name not in keep:  # checkpoints of an earlier configuration are never resumed from
             shutil.rmtree(stale, ignore_errors=True)
-    console.print("training the distilled student" + (" (then the SFT baseline)" if cfg.sft_baseline else ""))
-    result = train_student(recipe, run, ledger, examples, alpha_ce=cfg.alpha_ce, out_dir=run.student_dir,
-                           checkpoints=run.checkpoints_dir / fingerprint, log_path=run.root / "train_log.jsonl")
+    teacher = _load_teacher(recipe)[0] if logit_kd and cfg.mode in ("online", "on_policy") else None
+    if logit_kd:
+        ledger.set_meta("kd_mode", f"{cfg.mode} logit KD, {cfg.objective} on "
+                        + ("the cached sparse target" if cfg.mode == "offline" else "the live teacher's logits"))
+    elif cfg.mode == "sft" or cfg.alpha_ce == 1.0:
+        ledger.set_meta("kd_mode", "SFT on the teacher's text (sequence-level KD)")
+    console.print(f"training the student: {cfg.mode if logit_kd else 'sequence-level'}, {cfg.objective}"
+                  + (" (then the SFT baseline)" if cfg.sft_baseline else ""))
+    result = train_student(recipe, run, ledger, examples, out_dir=run.student_dir, use_logits=logit_kd,
+                           teacher=teacher, checkpoints=run.checkpoints_dir / fingerprint,
+                           log_path=run.root / "train_log.jsonl")
     if cfg.sft_baseline:
         console.print("training the SFT baseline (teacher text only, same data and steps)")
-        sft = train_student(recipe, run, ledger, examples, alpha_ce=1.0, out_dir=run.student_sft_dir,
-                            checkpoints=run.checkpoints_dir / f"{fingerprint}-sft",
-                            log_path=run.root / "train_log_sft.jsonl", label="train sft")
+        # Exactly the KD run's steps, whatever the clock says: a baseline capped earlier would not be fair.
+        sft = train_student(recipe, run, ledger, examples, out_dir=run.student_sft_dir, use_logits=False,
+                            teacher=None, checkpoints=run.checkpoints_dir / f"{fingerprint}-sft",
+                            log_path=run.root / "train_log_sft.jsonl", label="train sft", max_steps=int(result["steps"]))
         ledger.log_metrics("train", "sft", sft)
     return result
 
 
-def train_student(recipe: Recipe, run: RunDir, ledger: Ledger, examples: list, *, alpha_ce: float, out_dir: Path,
-                  checkpoints: Path, log_path: Path, label: str = "train") -> dict[str, float]:
-    """One training run from student_init to `out_dir`, resumable from `checkpoints`."""
+def _prepare_student(cfg: TrainCfg, source: Path):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(source, local_files_only=True, use_safetensors=True)
+    model.config.use_cache = False
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if cfg.lora:  # frozen embeddings: checkpointed blocks still need an input that requires grad
+            model.enable_input_require_grads()
+    if cfg.lora:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                                                 target_modules=cfg.lora_target_modules, task_type="CAUSAL_LM"))
+    model.train()
+    return model
+
+
+def _merged(model):
+    """The plain transformers model to save: LoRA adapters merged into the weights."""
+    return model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
+
+
+def train_student(recipe: Recipe, run: RunDir, ledger: Ledger, examples: list[Example], *, out_dir: Path,
+                  use_logits: bool, teacher, checkpoints: Path, log_path: Path, label: str = "train",
+                  max_steps: int | None = None) -> dict[str, float]:
+    """One training run from student_init to `out_dir`, resumable from `checkpoints`; with
+    `max_steps`, exactly that many optimizer steps (no time cap)."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
+
+    from edgedistill.teachers.hf import end_of_turn_ids
 
     cfg = recipe.train
-
     logging.getLogger("accelerate").setLevel(logging.ERROR)  # per-save notes about the tied head
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
+    # cpu=True where there is no GPU: accelerate then runs torchrun's processes as DDP over gloo.
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available())
+    world = accelerator.num_processes
     set_seed(recipe.run.seed)
     tokenizer = AutoTokenizer.from_pretrained(run.student_init_dir, local_files_only=True)
-    model = AutoModelForCausalLM.from_pretrained(run.student_init_dir, local_files_only=True, use_safetensors=True)
-    model.config.use_cache = False
-    model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    steps_per_epoch = math.ceil(len(examples) / cfg.batch_size)
-    total_steps = steps_per_epoch * cfg.epochs
+    model = _prepare_student(cfg, run.student_init_dir)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
+                                  weight_decay=cfg.weight_decay)
+    batches_per_epoch = math.ceil(len(examples) / cfg.batch_size)
+    if len(examples) % cfg.batch_size and (len(examples) % cfg.batch_size) < world:
+        raise UserError(f"train.batch_size: the last batch of {len(examples) % cfg.batch_size} sample(s) cannot be "
+                        f"shared by {world} processes — change batch_size or the number of processes")
+    total_steps = math.ceil(batches_per_epoch / cfg.grad_accum_steps) * cfg.epochs
     scheduler = _cosine_with_warmup(optimizer, int(cfg.warmup_fraction * total_steps), total_steps)
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    # The scheduler is not prepared: accelerate would step it once per process (it assumes each
+    # process adds a batch), while here the recipe's batch is the global one, sharded by us.
+    model, optimizer = accelerator.prepare(model, optimizer)
+    accelerator.register_for_checkpointing(scheduler)
+    if teacher is not None:
+        teacher.to(accelerator.device)
+    teacher_head = teacher.get_output_embeddings() if teacher is not None else None
+    end_ids = end_of_turn_ids(accelerator.unwrap_model(model), tokenizer)
 
-    start_epoch, totals = 0, Totals()
-    if (last := _last_checkpoint(checkpoints)) is not None:
-        start_epoch, path = last
-        accelerator.load_state(str(path))
-        totals = Totals(**json.loads((path / "totals.json").read_text(encoding="utf-8")))
-        console.print(f"resuming training after epoch {start_epoch} ({path})")
-    ledger.log_metrics("train", "stage" if label == "train" else "sft", {"resumed_from_epoch": start_epoch})
+    totals = Totals()
+    if done := _checkpoints(checkpoints):
+        accelerator.load_state(str(done[-1]))
+        totals = Totals(**json.loads((done[-1] / "totals.json").read_text(encoding="utf-8")))
+        console.print(f"resuming {label} after step {totals.steps} ({done[-1]})")
+    subject = "stage" if label == "train" else "sft"
+    if accelerator.is_main_process:
+        ledger.log_metrics("train", subject, {"resumed_from_step": totals.steps})
 
     head = accelerator.unwrap_model(model).get_output_embeddings()
-    started, capped, epochs_done, new_tokens = time.perf_counter(), False, start_epoch, 0
-    deadline = started + cfg.max_minutes * 60 - totals.seconds if cfg.max_minutes else None
-    with stage_progress() as progress, log_path.open("a", encoding="utf-8") as log:
-        task = progress.add_task(label, total=(cfg.epochs - start_epoch) * steps_per_epoch, rate="")
-        for epoch in range(start_epoch, cfg.epochs):
-            # One seeded order per epoch, so a resumed run sees the batches it would have seen.
-            order = RandomSampler(examples, generator=torch.Generator().manual_seed(recipe.run.seed + epoch))
-            loader = accelerator.prepare_data_loader(DataLoader(
-                examples, batch_size=cfg.batch_size, sampler=order,
-                collate_fn=lambda ex: collate(ex, tokenizer.pad_token_id)))
-            for batch in loader:
-                with accelerator.autocast():
-                    loss, parts = kd_loss(model, batch, alpha_ce, head)
-                accelerator.backward(loss)
-                accelerator.clip_grad_norm_(model.parameters(), 1.0)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                totals.steps += 1
-                totals.tokens += batch.n_tokens
-                new_tokens += batch.n_tokens
-                rate = new_tokens / (time.perf_counter() - started)
-                log.write(json.dumps({"epoch": epoch, "step": totals.steps, "loss": loss.item(),
-                                      **parts, "lr": scheduler.get_last_lr()[0]}) + "\n")
-                log.flush()
-                progress.update(task, advance=1, rate=f"{rate:.0f} tok/s loss {loss.item():.3f}")
-                if deadline and time.perf_counter() > deadline:
-                    capped = True
+    started, capped, stopped = time.perf_counter(), False, False
+    deadline = started + cfg.max_minutes * 60 - totals.seconds if cfg.max_minutes and max_steps is None else None
+    remaining = (cfg.epochs - totals.epoch) * batches_per_epoch - totals.batches_in_epoch
+    log = log_path.open("a", encoding="utf-8") if accelerator.is_main_process else None
+    window: list[dict[str, float]] = []  # loss parts of the micro-batches of one optimizer step
+    try:
+        with stage_progress(disable=not accelerator.is_main_process) as progress:
+            task = progress.add_task(label, total=remaining, rate="")
+            for epoch in range(totals.epoch, cfg.epochs):
+                # One seeded order per epoch: a resumed run sees the batches it would have seen. Every
+                # process walks the same global batches and takes its share (split_batches semantics).
+                order = RandomSampler(examples, generator=torch.Generator().manual_seed(recipe.run.seed + epoch))
+                loader = DataLoader(examples, batch_size=cfg.batch_size, sampler=order, collate_fn=lambda ex: ex)
+                for index, global_batch in enumerate(loader):
+                    if index < totals.batches_in_epoch:
+                        continue
+                    share = global_batch[accelerator.process_index::world]
+                    sync = (index + 1) % cfg.grad_accum_steps == 0 or index + 1 == batches_per_epoch
+                    window.append(_train_batch(accelerator, model, optimizer, scheduler, share, cfg, tokenizer, head,
+                                               teacher, teacher_head, use_logits, end_ids, recipe.run.seed, totals,
+                                               world, sync))
+                    totals.batches_in_epoch = index + 1
+                    progress.update(task, advance=1)
+                    if not sync:
+                        continue
+                    totals.steps += 1
+                    parts = {k: sum(w[k] for w in window) / len(window) for k in window[0] if k != "tokens"}
+                    totals.tokens += int(sum(w["tokens"] for w in window))
+                    window.clear()
+                    rate = totals.tokens / max(totals.seconds + time.perf_counter() - started, 1e-9)
+                    if log:
+                        log.write(json.dumps({"epoch": epoch, "step": totals.steps, **parts,
+                                              "lr": scheduler.get_last_lr()[0]}) + "\n")
+                        log.flush()
+                    progress.update(task, rate=f"{rate:.0f} tok/s loss {parts['loss']:.3f}")
+                    if cfg.checkpoint_every_steps and totals.steps % cfg.checkpoint_every_steps == 0 \
+                            and index + 1 < batches_per_epoch:
+                        _save_checkpoint(accelerator, checkpoints, replace(
+                            totals, seconds=totals.seconds + time.perf_counter() - started))
+                    capped = bool(deadline and time.perf_counter() > deadline)
+                    if capped or (max_steps and totals.steps >= max_steps):
+                        stopped = True
+                        break
+                if stopped:
                     break
-            if capped:
-                break
-            epochs_done = epoch + 1
-            _save_checkpoint(accelerator, checkpoints, epochs_done,
-                             replace(totals, seconds=totals.seconds + time.perf_counter() - started))
+                totals.epoch, totals.batches_in_epoch = epoch + 1, 0
+                _save_checkpoint(accelerator, checkpoints,
+                                 replace(totals, seconds=totals.seconds + time.perf_counter() - started))
+    finally:
+        if log:
+            log.close()
 
     totals.seconds += time.perf_counter() - started
     if accelerator.is_main_process:
-        save_model(accelerator.unwrap_model(model), tokenizer, out_dir,
-                   extra={"trained_from": str(run.student_init_dir),
-                          "objective": "ce" if alpha_ce == 1.0 else "ce+forward_kl_sparse", "alpha_ce": alpha_ce})
+        objective = "ce" if not use_logits or cfg.alpha_ce == 1.0 else f"ce+{cfg.objective}"
+        save_model(_merged(accelerator.unwrap_model(model)), tokenizer, out_dir,
+                   extra={"trained_from": str(run.student_init_dir), "objective": objective, "mode": cfg.mode,
+                          "alpha_ce": cfg.alpha_ce, "lora": cfg.lora})
     accelerator.wait_for_everyone()
     return {"steps": totals.steps, "train_tokens": totals.tokens, "train_seconds": totals.seconds,
             "tokens_per_s": totals.tokens / totals.seconds if totals.seconds else 0.0,
-            "capped_by_time": float(capped), "train_samples": len(examples), "epochs_done": epochs_done}
+            "capped_by_time": float(capped), "train_samples": len(examples), "epochs_done": totals.epoch,
+            "processes": world}
+
+
+def _train_batch(accelerator, model, optimizer, scheduler, share: list[Example], cfg: TrainCfg, tokenizer, head,
+                 teacher, teacher_head, use_logits: bool, end_ids: set[int], seed: int, totals: Totals,
+                 world: int, sync: bool) -> dict[str, float]:
+    """Forward and backward of this process's share of one global batch, and the optimizer step
+    when the accumulation window closes (`sync`). Returns the global batch's loss parts."""
+    import contextlib
+
+    pad_id = tokenizer.pad_token_id
+    batch = collate(share, pad_id).to(accelerator.device)
+    step_seed = seed * 1_000_003 + totals.epoch * 10_007 + totals.batches_in_epoch
+    on_policy = (use_logits and cfg.mode == "on_policy"
+                 and random.Random(step_seed).random() < cfg.on_policy_fraction)
+    if on_policy:  # GKD: the student's own answers, scored by the teacher; divergence only
+        batch = on_policy_batch(model, batch, share, cfg, pad_id, end_ids,
+                                step_seed + accelerator.process_index).to(accelerator.device)
+        cfg_step = cfg.model_copy(update={"alpha_ce": 0.0})
+    else:
+        cfg_step = cfg
+    local_tokens = len(batch.labels)
+    global_tokens = int(accelerator.reduce(torch.tensor(local_tokens, device=accelerator.device), reduction="sum")) \
+        if world > 1 else local_tokens
+    live_teacher = teacher if use_logits and (cfg.mode != "offline" or on_policy) else None
+    with contextlib.nullcontext() if sync else accelerator.no_sync(model):
+        with accelerator.autocast():
+            loss, parts = step_loss(model, batch, cfg_step, head, live_teacher, teacher_head, use_logits)
+        accelerator.backward(_scaled(loss, local_tokens, global_tokens, world) / cfg.grad_accum_steps)
+    if sync:
+        accelerator.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+    # The log holds the loss over the global batch's tokens, whatever the number of processes.
+    weighted = torch.tensor([loss.item() * local_tokens, *(v * local_tokens for v in parts.values()),
+                             float(batch.n_tokens)], device=accelerator.device)
+    if world > 1:
+        weighted = accelerator.reduce(weighted, reduction="sum")
+    values = weighted.tolist()
+    out = {"loss": values[0] / max(global_tokens, 1),
+           **{k: v / max(global_tokens, 1) for k, v in zip(parts, values[1:-1])}, "on_policy": float(on_policy)}
+    out["tokens"] = values[-1]
+    return out

@@ -129,24 +129,27 @@ def _markdown_table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def headline(ledger: Ledger) -> str | None:
-    """'The distilled student keeps X% of the teacher's chrF at Y% of its size, Z× its decode speed'."""
+    """One sentence for a manager: how close the distilled student is to the teacher, against
+    the student before KD and the SFT baseline, and what the smallest edge file keeps."""
     rows = {key: m for key, _, m in model_rows(ledger)}
     teacher, after = rows.get("teacher"), rows.get("student_after")
-    if not teacher or not after or not teacher.get("chrf"):
+    if not teacher or not after or "top1_agreement" not in after:
         return None
-    parts = [f"The distilled student reaches {after['chrf'] / teacher['chrf']:.0%} of the teacher's chrF "
-             f"(against the teacher's own answers, greedy) with {after['parameters'] / teacher['parameters']:.0%} "
-             f"of its parameters"]
+    before, base = rows.get("student_before", {}), rows.get("student_sft", {})
+    compare = [f"{before['top1_agreement']:.0%} before distillation"] if "top1_agreement" in before else []
+    compare += [f"{base['top1_agreement']:.0%} for the SFT baseline"] if "top1_agreement" in base else []
+    text = (f"With {after['parameters'] / teacher['parameters']:.0%} of the teacher's parameters, the distilled "
+            f"student predicts the teacher's next token {after['top1_agreement']:.0%} of the time"
+            + (f" ({', '.join(compare)})" if compare else "") + ".")
     ggufs = [(k, m) for k, m in rows.items() if k.startswith("gguf:") and "chrf" in m and m.get("size_bytes")]
-    if ggufs and teacher.get("decode_tokens_per_s"):
+    if ggufs and "chrf" in after:
         key, m = min(ggufs, key=lambda item: item[1]["size_bytes"])
-        parts.append(f"as {key.removeprefix('gguf:')} GGUF it keeps {m['chrf'] / teacher['chrf']:.0%} in "
-                     f"{m['size_bytes'] / 1e6:.0f} MB, decoding {m['decode_tokens_per_s'] / teacher['decode_tokens_per_s']:.1f}× "
-                     "as fast as the teacher in transformers")
-    base = rows.get("student_sft")
-    if base and base.get("chrf") is not None:
-        parts.append(f"the SFT baseline (same data, no logits) reaches {base['chrf'] / teacher['chrf']:.0%}")
-    return "; ".join(parts) + "."
+        text += (f" As {key.removeprefix('gguf:')} GGUF it is {m['size_bytes'] / 1e6:.0f} MB "
+                 f"({m['size_bytes'] / teacher['size_bytes']:.0%} of the teacher's {teacher['size_bytes'] / 1e6:.0f} MB "
+                 f"as evaluated) with chrF {m['chrf']:.3f} against the teacher's answers (F32 student: {after['chrf']:.3f})"
+                 + (f", decoding {m['decode_tokens_per_s']:.0f} tokens/s in llama.cpp" if m.get("decode_tokens_per_s") else "")
+                 + ".")
+    return text
 
 
 def judge_text(ledger: Ledger) -> str:

@@ -255,10 +255,26 @@ def sparse_step(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tenso
     return top_ids, top_lp, tail
 
 
+def sampled_step(logits: torch.Tensor, k: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """k draws per row from the teacher's distribution, stored as distinct ids with weights
+    count/k (an unbiased estimate of the distribution: E[weight_i] = p_i), padded with unused
+    ids of weight 0; the tail is empty (-inf) because the draws stand for all of the mass.
+    Same layout and bytes as `sparse_step`; "Sparse Logit Sampling" (Anshumann et al., 2025)
+    shows such targets keep the gradient of the full KL unbiased where top-k does not."""
+    probs = torch.softmax(logits.float(), dim=-1)  # (B, V)
+    draws = torch.multinomial(probs, k, replacement=True, generator=generator)  # (B, k)
+    counts = torch.zeros_like(probs).scatter_add_(-1, draws, torch.ones_like(draws, dtype=probs.dtype))
+    weights, ids = counts.topk(k, dim=-1)  # distinct drawn ids first (count > 0), then zero-count ids
+    logweights = torch.where(weights > 0, (weights / k).log(), torch.full_like(weights, float("-inf")))
+    return ids, logweights, torch.full((logits.shape[0],), float("-inf"))
+
+
 @torch.inference_mode()
 def generate_batch(model, tokenizer, batch: list[Messages], *, max_new_tokens: int,
-                   temperature: float, top_k_logprobs: int | None) -> list[Completion]:
-    """Answer a batch of conversations; with `top_k_logprobs`, keep the sparse target too."""
+                   temperature: float, top_k_logprobs: int | None, sparse_target: str = "topk",
+                   seed: int = 0) -> list[Completion]:
+    """Answer a batch of conversations; with `top_k_logprobs`, keep the sparse target too
+    (top-k + tail, or `sampled` draws seeded by `seed`)."""
     prompt_ids = encode_prompts(tokenizer, batch)
     input_ids, mask = left_pad(prompt_ids, tokenizer.pad_token_id)
     sampling = dict(do_sample=True, temperature=temperature, top_p=1.0, top_k=0) if temperature > 0 \
@@ -268,7 +284,13 @@ def generate_batch(model, tokenizer, batch: list[Messages], *, max_new_tokens: i
         pad_token_id=tokenizer.pad_token_id, return_dict_in_generate=True,
         output_logits=top_k_logprobs is not None, **sampling)
     new_tokens = out.sequences[:, input_ids.shape[1]:]  # (B, T)
-    steps = [sparse_step(step_logits, top_k_logprobs) for step_logits in out.logits] if top_k_logprobs else []
+    if not top_k_logprobs:
+        steps = []
+    elif sparse_target == "sampled":
+        generator = torch.Generator().manual_seed(seed)
+        steps = [sampled_step(step_logits, top_k_logprobs, generator) for step_logits in out.logits]
+    else:
+        steps = [sparse_step(step_logits, top_k_logprobs) for step_logits in out.logits]
     stop_ids = end_of_turn_ids(model, tokenizer)
     completions = []
     for row, prompt in enumerate(prompt_ids):
@@ -300,8 +322,12 @@ class HFTeacher:
 
     def chat(self, batch: list[Messages], sampling: Sampling | None = None) -> list[Completion | None]:
         s = sampling or Sampling(self.gen_cfg.max_new_tokens, self.gen_cfg.temperature, self.gen_cfg.top_k_logprobs)
+        # Sampled targets are seeded by the prompts, so a resumed run draws what it would have drawn.
+        seed = int(hashlib.sha256(json.dumps(batch, ensure_ascii=False).encode()).hexdigest()[:12], 16)
         completions = generate_batch(self.model, self.tokenizer, batch, max_new_tokens=s.max_new_tokens,
-                                     temperature=s.temperature, top_k_logprobs=s.top_k_logprobs)
+                                     temperature=s.temperature, top_k_logprobs=s.top_k_logprobs,
+                                     sparse_target=self.gen_cfg.sparse_target if sampling is None else "topk",
+                                     seed=seed)
         self.usage.requests += len(batch)
         self.usage.prompt_tokens += sum(len(c.prompt_ids) for c in completions)
         self.usage.completion_tokens += sum(len(c.token_ids) for c in completions)

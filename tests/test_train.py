@@ -1,0 +1,198 @@
+"""The trainer on a real tiny run: every mode and objective, sampled targets, other students,
+LoRA, accumulation, a kill -9 and resume that repeats the uninterrupted loss curve, and two
+processes under torchrun following the one-process curve."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import build_tiny_model, build_tiny_spm_tokenizer, subprocess_env
+from edgedistill.pipeline import run_recipe
+from edgedistill.run import open_ledger
+
+
+def with_train(recipe, name: str, **train):
+    return recipe.model_copy(update={"run": recipe.run.model_copy(update={"name": name}),
+                                     "train": recipe.train.model_copy(update={"sft_baseline": False, **train})})
+
+
+def losses(run) -> dict[int, float]:
+    """Step -> loss from train_log.jsonl (the last line per step: a resumed run rewrites some)."""
+    lines = [json.loads(line) for line in (run.root / "train_log.jsonl").read_text().splitlines()]
+    return {line["step"]: line["loss"] for line in lines}
+
+
+@pytest.fixture(scope="module")
+def base(tiny_teacher_dir, tmp_path_factory):
+    """A tiny run through the student stage; each test trains a copy of it."""
+    from conftest import tiny_recipe_for
+
+    recipe = tiny_recipe_for(tiny_teacher_dir, tmp_path_factory.mktemp("runs"))
+    run_recipe(recipe, only="generate")
+    run_recipe(recipe, only="student")
+    return recipe
+
+
+def copy_run(base, name: str, **train):
+    from edgedistill.run import RunDir
+
+    recipe = with_train(base, name, **train)
+    src, dst = RunDir.for_recipe(base).root, RunDir.for_recipe(recipe).root
+    if not dst.exists():
+        shutil.copytree(src, dst, ignore=shutil.ignore_patterns("student", "student_sft", "checkpoints", "*.jsonl"))
+    return recipe
+
+
+@pytest.mark.parametrize("mode", ["offline", "online", "on_policy", "sft"])
+def test_every_mode_trains_and_says_what_it_did(base, mode):
+    recipe = copy_run(base, f"mode-{mode}", mode=mode, on_policy_fraction=1.0, on_policy_max_new_tokens=6, epochs=1)
+    run = run_recipe(recipe, only="train")
+    log = [json.loads(line) for line in (run.root / "train_log.jsonl").read_text().splitlines()]
+    assert log and all(torch.isfinite(torch.tensor(r["loss"])) for r in log)
+    saved = json.loads((run.student_dir / "edgedistill.json").read_text())
+    assert saved["mode"] == mode
+    with open_ledger(run) as ledger:
+        kd_mode = ledger.meta()["kd_mode"]
+    if mode == "sft":
+        assert saved["objective"] == "ce" and "SFT" in kd_mode and all("kd" not in r for r in log)
+    else:
+        assert saved["objective"] == "ce+forward_kl" and mode in kd_mode and all("kd" in r for r in log)
+    if mode == "on_policy":  # λ = 1: every batch answered by the student, divergence only
+        assert all(r["on_policy"] == 1.0 and r["loss"] == pytest.approx(r["kd"]) for r in log)
+
+
+@pytest.mark.parametrize("objective", ["reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd"])
+def test_every_objective_lowers_its_loss_offline(base, objective):
+    recipe = copy_run(base, f"obj-{objective}", objective=objective, alpha_ce=0.0, epochs=3, lr=3e-3, warmup_fraction=0.0)
+    run = run_recipe(recipe, only="train")
+    curve = list(losses(run).values())
+    assert all(map(lambda v: v == v, curve)) and sum(curve[-2:]) < sum(curve[:2]), curve
+
+
+def test_sampled_targets_are_unbiased_and_stored_like_topk():
+    from edgedistill.teachers.hf import sampled_step
+
+    logits = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0, -3.0]])
+    p = torch.softmax(logits, -1)[0]
+    generator = torch.Generator().manual_seed(0)
+    mean = torch.zeros(6)
+    for _ in range(3000):
+        ids, logweights, tail = sampled_step(logits, 4, generator)
+        weights = logweights.exp()[0]
+        assert weights.sum() == pytest.approx(1.0) and torch.isneginf(tail).all()
+        assert len(set(ids[0][weights > 0].tolist())) == int((weights > 0).sum())  # drawn ids are distinct
+        mean.scatter_add_(0, ids[0], weights)
+    assert torch.allclose(mean / 3000, p, atol=0.015)  # E[weight] = p: no top-k bias
+
+
+def test_a_sampled_distill_set_trains(base):
+    recipe = copy_run(base, "sampled", epochs=1)
+    recipe = recipe.model_copy(update={"generate": recipe.generate.model_copy(update={"sparse_target": "sampled"})})
+    for stage in ("generate", "student", "train"):
+        run = run_recipe(recipe, only=stage)
+    from edgedistill.data.generate import load_distill_set
+
+    sample = load_distill_set(run, split="train")[0]
+    weights = torch.from_numpy(sample.topk_logprobs.astype("float32")).exp()
+    assert torch.allclose(weights.sum(-1), torch.ones(len(weights)), atol=1e-2)
+    assert list(losses(run).values())
+
+
+def test_a_student_with_another_vocabulary_falls_back_to_sequence_level_kd(base, tmp_path):
+    other = tmp_path / "spm-student"
+    tokenizer = build_tiny_spm_tokenizer()
+    build_tiny_model(tokenizer, layers=2).save_pretrained(other)
+    tokenizer.save_pretrained(other)
+    recipe = copy_run(base, "other-vocab", epochs=1)
+    recipe = recipe.model_copy(update={"student": recipe.student.model_copy(update={"init": "checkpoint",
+                                                                                    "model": str(other)})})
+    run_recipe(recipe, only="student")
+    run = run_recipe(recipe, only="train")
+    with open_ledger(run) as ledger:
+        assert "vocabularies differ" in ledger.meta()["kd_mode"]
+        assert ledger.metrics("train")["stage"]["vocab_mismatch_fallback"] == 1.0
+    assert (run.student_dir / "tokenizer.json").read_text() == (other / "tokenizer.json").read_text()
+
+
+def test_a_fresh_config_student_and_lora_with_checkpointing_and_accumulation(base):
+    recipe = copy_run(base, "fresh", epochs=1)
+    recipe = recipe.model_copy(update={"student": recipe.student.model_copy(update={
+        "init": "config", "config": {"num_hidden_layers": 1, "intermediate_size": 32}})})
+    run = run_recipe(recipe, only="student")
+    from transformers import AutoModelForCausalLM
+
+    assert AutoModelForCausalLM.from_pretrained(run.student_init_dir).config.num_hidden_layers == 1
+    lora = copy_run(base, "lora", lora=True, lora_r=4, gradient_checkpointing=True, grad_accum_steps=2, epochs=1)
+    run = run_recipe(lora, only="train")
+    from safetensors.torch import load_file
+
+    weights = load_file(run.student_dir / "model.safetensors")
+    initial = load_file(run.student_init_dir / "model.safetensors")
+    assert not any("lora" in k for k in weights) and weights.keys() == initial.keys()  # merged on save
+    assert any(not torch.equal(weights[k], initial[k]) for k in weights if "q_proj" in k)
+    with open_ledger(run) as ledger:
+        train = ledger.metrics("train")["stage"]
+    batches = -(-int(train["train_samples"]) // lora.train.batch_size)
+    assert train["steps"] == -(-batches // 2)  # one optimizer step per 2 batches (and the epoch's last)
+
+
+def _train_command(run_root) -> list[str]:
+    return [sys.executable, "-m", "edgedistill", "train", str(run_root)]
+
+
+def test_kill_9_mid_training_resumes_on_the_uninterrupted_loss_curve(base):
+    settings = dict(epochs=4, batch_size=2, checkpoint_every_steps=1, lr=1e-3)
+    straight = run_recipe(copy_run(base, "straight", **settings), only="train")
+    expected = losses(straight)
+    recipe = copy_run(base, "killed", **settings)
+    from edgedistill.run import RunDir
+
+    root = RunDir.for_recipe(recipe).root
+    (root / "recipe.toml").write_text(recipe.to_toml())
+    process = subprocess.Popen(_train_command(root), env=subprocess_env(), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, start_new_session=True)
+    log = root / "train_log.jsonl"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and (not log.is_file() or len(log.read_text().splitlines()) < 5):
+        assert process.poll() is None, "training ended before it could be killed"
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    killed_at = len(log.read_text().splitlines())
+    assert killed_at < len(expected), "killed too late to test anything"
+    resumed = subprocess.run(_train_command(root), env=subprocess_env(), capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    got = losses(RunDir.for_recipe(recipe))
+    assert got.keys() == expected.keys()
+    for step, value in expected.items():
+        assert got[step] == pytest.approx(value, rel=1e-5, abs=1e-6), step
+
+
+def test_two_processes_under_torchrun_follow_the_one_process_loss_curve(base):
+    settings = dict(epochs=2, batch_size=4, lr=1e-3)
+    single = losses(run_recipe(copy_run(base, "one-process", **settings), only="train"))
+    recipe = copy_run(base, "two-processes", **settings)
+    from edgedistill.run import RunDir
+
+    root = RunDir.for_recipe(recipe).root
+    (root / "recipe.toml").write_text(recipe.to_toml())
+    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
+    result = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", "-m", "edgedistill", "train",
+                             str(root)], env=subprocess_env() | {"OMP_NUM_THREADS": "1"},
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    double = losses(RunDir.for_recipe(recipe))
+    assert double.keys() == single.keys() and len(single) >= 4
+    for step, value in single.items():  # gloo sums in another order: float32 rounding only
+        assert double[step] == pytest.approx(value, rel=1e-4), step
+    with open_ledger(RunDir.for_recipe(recipe)) as ledger:
+        assert ledger.metrics("train")["stage"]["processes"] == 2
