@@ -42,8 +42,9 @@ def conversations(tokenizer, n: int) -> list[list[dict[str, str]]]:
         while len(tokenizer(answer)["input_ids"]) < LENGTH - PROMPT:
             answer += prompts[j % len(prompts)] + " "
             j += 7
-        out.append([{"role": "user", "content": prompts[i % len(prompts)][:200]},
-                    {"role": "assistant", "content": answer}])
+        ids = tokenizer(answer, add_special_tokens=False)["input_ids"][:LENGTH - PROMPT - 8]
+        out.append([{"role": "user", "content": prompts[i % len(prompts)][:160]},
+                    {"role": "assistant", "content": tokenizer.decode(ids)}])
     return out
 
 
@@ -126,7 +127,7 @@ def trl_gkd(lmbda: float, student_factory, teacher, tokenizer, convs, steps: int
 
     with tempfile.TemporaryDirectory() as out:
         args = GKDConfig(output_dir=out, per_device_train_batch_size=BATCH, max_steps=steps + 1, lmbda=lmbda, beta=0.0,
-                         temperature=1.0, max_new_tokens=new_tokens, max_length=LENGTH, learning_rate=1e-5,
+                         temperature=1.0, max_new_tokens=new_tokens, max_length=LENGTH + 64, learning_rate=1e-5,
                          logging_steps=1000, save_strategy="no", report_to=[], use_cpu=True, bf16=False,
                          dataloader_num_workers=0, disable_tqdm=True, seed=0)
         trainer = Counting(model=student_factory(), teacher_model=teacher, args=args, processing_class=tokenizer,

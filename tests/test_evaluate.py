@@ -148,6 +148,11 @@ def test_evaluate_reuses_finished_models_and_redoes_retrained_ones(tiny_run):
     after = json.loads((run.eval_dir / "models" / "student_after.json").read_text())
     assert after["tag"] != before["tag"] and after["metrics"]["perplexity"] == pytest.approx(before["metrics"]["perplexity"])
     assert (run.eval_dir / "models" / "student_sft.json").is_file()
+    # `edgedistill evaluate` leaves a fresh report, without the GGUF rows of the (now stale) export.
+    report = run.report_path.read_text()
+    assert "student after KD" in report and "GGUF q8_0" not in report and "No export yet." in report
+    run_recipe(recipe)  # export and report again: the next test reads the whole report
+    assert "GGUF q8_0 (llama.cpp)" in run.report_path.read_text()
 
 
 @pytest.mark.browser

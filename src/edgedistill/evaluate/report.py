@@ -66,10 +66,20 @@ def model_rows(ledger: Ledger) -> list[tuple[str, str, dict[str, float]]]:
     """(key, label, metrics) for every evaluated model, then every GGUF file measured in llama.cpp."""
     results = ledger.metrics("evaluate")
     rows = [(name, label, results[name]) for name, label in ROW_LABELS.items() if name in results]
+    if not exports_current(ledger):
+        return rows
     for subject, metrics in ledger.metrics("export").items():
         if subject.startswith("gguf:"):
             rows.append((subject, f"GGUF {subject.removeprefix('gguf:')} (llama.cpp)", metrics))
     return rows
+
+
+def exports_current(ledger: Ledger) -> bool:
+    """GGUF measurements belong in the report only when they are of this student: the export
+    stage is done or running (the model card), and the evaluation is not being redone."""
+    export, evaluate = ledger.stage("export"), ledger.stage("evaluate")
+    return (export is not None and export.status in ("done", "running")
+            and not (evaluate is not None and evaluate.status == "running"))
 
 
 def best_values(rows: list[tuple[str, str, dict[str, float]]], columns: list[Column]) -> dict[str, float]:
@@ -350,7 +360,7 @@ def _sections(recipe: Recipe, run: RunDir, ledger: Ledger) -> dict:
 
 
 def _gguf_markdown(ledger: Ledger, run: RunDir) -> str:
-    export = ledger.metrics("export")
+    export = ledger.metrics("export") if exports_current(ledger) else {}
     rows = [[subject.removeprefix("gguf:"), f"{m['size_bytes'] / 1e6:.1f}", f"{m['bits_per_weight']:.2f}",
              f"{m['kl_vs_reference']:.4f}" if "kl_vs_reference" in m else "—",
              f"{m['top1_vs_reference']:.1%}" if "top1_vs_reference" in m else "—",

@@ -126,4 +126,9 @@ def run_evaluate(recipe: Recipe, run: RunDir, ledger: Ledger) -> dict[str, float
                       "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in per_example))
     if recipe.evaluate.judge:
         _judge(recipe, samples, answers, ledger)
+    # `edgedistill evaluate RUN` leaves a report at once; the report stage rewrites it after export.
+    from edgedistill.evaluate.report import write_report
+
+    ledger.log_metrics("evaluate", "stage", {"heldout_samples": len(samples)})
+    write_report(recipe, run, ledger)
     return {"heldout_samples": len(samples)}
