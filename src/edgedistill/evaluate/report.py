@@ -354,7 +354,8 @@ def _sections(recipe: Recipe, run: RunDir, ledger: Ledger) -> dict:
                     "answer positions where the model's most likely token is the teacher's; ROUGE-L and chrF compare "
                     "the model's greedy answer with the teacher's (Japanese by character); speed is batch 1 on this "
                     "machine (transformers for HF rows, llama.cpp for GGUF rows); peak RSS is the process's peak "
-                    "while that model was loaded and evaluated. The teacher's own ROUGE-L/chrF are below 1 when "
+                    "while that model was loaded and evaluated (for HF rows an upper bound: the process keeps memory "
+                    "from the rows before; GGUF rows are the llama.cpp server's own). The teacher's own ROUGE-L/chrF are below 1 when "
                     "batched greedy decoding drifts at near-ties: read them as the noise floor.")
     return {"data_rows": data_rows, "usage": usage, "stages": stages, "intro": intro, "quality_note": quality_note}
 
