@@ -28,7 +28,7 @@ from demo_timings import matmul_gflops  # the shared anchor
 from edgedistill.data.generate import load_distill_set
 from edgedistill.distill.batches import Example, answer_logits, collate, to_example
 from edgedistill.distill.student import cut_student, even_layers
-from edgedistill.distill.train import step_loss
+from edgedistill.distill.train import make_optimizer, step_loss
 from edgedistill.evaluate.metrics import greedy_answers, rouge_by_lang
 from edgedistill.recipe import TrainCfg
 from edgedistill.run import RunDir
@@ -70,7 +70,7 @@ def train(student, teacher, examples: list[Example], cfg: TrainCfg, epochs: int,
           seed: int) -> dict[str, float]:
     student.config.use_cache = False
     student.train()
-    optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.lr)
+    optimizer = make_optimizer(student, cfg)
     steps = math.ceil(len(examples) / batch_size) * epochs
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps))))
     started, tokens = time.perf_counter(), 0

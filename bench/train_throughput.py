@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import statistics
 import tempfile
 import time
@@ -26,7 +27,7 @@ from demo_timings import matmul_gflops  # the shared anchor
 from edgedistill.data.prompts import load_prompts
 from edgedistill.distill.batches import Example, collate
 from edgedistill.distill.student import cut_student, even_layers
-from edgedistill.distill.train import on_policy_batch, step_loss
+from edgedistill.distill.train import make_optimizer, on_policy_batch, step_loss
 from edgedistill.recipe import TrainCfg
 from edgedistill.teachers.hf import encode_prompts, end_of_turn_ids, load_causal_lm, score_sequences
 
@@ -72,18 +73,17 @@ def ours(mode: str, student_factory, teacher, tokenizer, examples, steps: int, n
     model = student_factory()
     model.config.use_cache = False
     model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
+    optimizer = make_optimizer(model, cfg)
     head, teacher_head = model.get_output_embeddings(), teacher.get_output_embeddings()
     end_ids = end_of_turn_ids(model, tokenizer)
     times, tokens, on_policy_steps = [], [], 0
-    import random
     for step in range(steps + 1):
         chunk = examples[(step * BATCH) % len(examples):][:BATCH]
         started = time.perf_counter()
         batch = collate(chunk, tokenizer.pad_token_id)
         live, cfg_step = (teacher if mode in ("online", "on_policy") else None), cfg
         if mode == "on_policy" and random.Random(step).random() < cfg.on_policy_fraction:
-            batch = on_policy_batch(model, batch, chunk, cfg, tokenizer.pad_token_id, end_ids, step)
+            batch = on_policy_batch(model, chunk, cfg, tokenizer.pad_token_id, end_ids, step)
             cfg_step, on_policy_steps = cfg.model_copy(update={"alpha_ce": 0.0}), on_policy_steps + (step > 0)
         loss, _ = step_loss(model, batch, cfg_step, head, live, teacher_head, use_logits=mode != "sft")
         loss.backward()

@@ -11,8 +11,8 @@ import openai
 import pytest
 import torch
 
-from conftest import ServeProcess, subprocess_env
-from edgedistill.serve.hf_engine import TEXT_ONLY, DecodeRequest, Finish, decode, held_back
+from conftest import ServeProcess, build_tiny_spm_tokenizer, build_tiny_tokenizer, subprocess_env
+from edgedistill.serve.hf_engine import TEXT_ONLY, DecodeRequest, Detokenizer, Finish, decode, held_back
 
 QUESTION = [{"role": "user", "content": "Write a short poem about the sea."}]
 
@@ -23,6 +23,20 @@ def tiny(tiny_teacher_dir):
 
     model, tokenizer, _ = load_causal_lm(str(tiny_teacher_dir))
     return model, tokenizer, end_of_turn_ids(model, tokenizer), encode_prompts(tokenizer, [QUESTION])[0]
+
+
+@pytest.mark.parametrize("build", [build_tiny_tokenizer, build_tiny_spm_tokenizer])
+def test_incremental_text_equals_decoding_the_whole_answer(build):
+    tokenizer = build()
+    ids = tokenizer("海の詩を書いてください。 Write a poem, then 東京タワー!", add_special_tokens=False)["input_ids"]
+    ids = ids[:5] + [tokenizer.eos_token_id] + ids[5:]  # a special token inside is skipped, as decode does
+    text = Detokenizer(tokenizer)
+    for n, token in enumerate(ids, start=1):
+        text.add(token)
+        whole = tokenizer.decode(ids[:n], skip_special_tokens=True)
+        assert whole.startswith(text.settled) and "\ufffd" not in text.settled
+        assert text.final() == whole
+    assert text.settled == tokenizer.decode(ids, skip_special_tokens=True)
 
 
 def run(model, tokenizer, end_ids, request):

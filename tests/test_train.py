@@ -196,3 +196,35 @@ def test_two_processes_under_torchrun_follow_the_one_process_loss_curve(base):
         assert double[step] == pytest.approx(value, rel=1e-4), step
     with open_ledger(RunDir.for_recipe(recipe)) as ledger:
         assert ledger.metrics("train")["stage"]["processes"] == 2
+
+
+def test_on_policy_answers_are_sampled_in_one_batch_as_each_prompt_alone(tiny_teacher_dir):
+    """Left-padded batched sampling gives each prompt the answer it gets alone (near-greedy
+    temperature), cut after the end of turn, the prompt kept as it was."""
+    import numpy as np
+
+    from edgedistill.distill.batches import Example
+    from edgedistill.distill.train import on_policy_batch
+    from edgedistill.recipe import TrainCfg
+    from edgedistill.teachers.hf import encode_prompts, end_of_turn_ids, load_causal_lm
+
+    model, tokenizer, _ = load_causal_lm(str(tiny_teacher_dir))
+    end_ids = end_of_turn_ids(model, tokenizer)
+    questions = ["Hi", "Write three sentences about the sea and the sky.", "日本の首都はどこですか?"]
+    prompts = [encode_prompts(tokenizer, [[{"role": "user", "content": q}]])[0] for q in questions]
+    assert len({len(p) for p in prompts}) == 3  # different lengths: the padding matters
+    examples = [Example(np.array(p, dtype=np.int64), len(p), None, None, None) for p in prompts]
+    cfg = TrainCfg(on_policy_max_new_tokens=12, on_policy_temperature=1e-4)
+    model.train()
+    batch = on_policy_batch(model, examples, cfg, tokenizer.pad_token_id, end_ids, seed=0)
+    assert model.training and not model.config.use_cache
+    answers = 0
+    for row, prompt in enumerate(prompts):
+        ids = torch.tensor([prompt])
+        alone = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False,
+                               pad_token_id=tokenizer.pad_token_id)[0, len(prompt):].tolist()
+        end = next((i + 1 for i, t in enumerate(alone) if t in end_ids), len(alone))
+        got = batch.input_ids[row][batch.attention_mask[row].bool()].tolist()
+        assert got == prompt + alone[:end], (row, got[len(prompt):], alone[:end])
+        answers += end
+    assert len(batch.labels) == answers  # the loss is taken on the sampled answers only

@@ -89,15 +89,19 @@ def collate(examples: list[Example], pad_id: int) -> Batch:
                  cat("tail_logprobs", np.float32))
 
 
-def answer_logits(model, batch: Batch, head: torch.nn.Module | None = None) -> torch.Tensor:
-    """(N, V) logits at the positions that predict answer tokens.
+def answer_hidden(model, batch: Batch) -> torch.Tensor:
+    """(N, H) final-normed hidden states at the positions that predict answer tokens.
 
     The forward goes through `model` itself (so accelerate's autocast and DDP wrappers apply)
-    with `logits_to_keep=1`; the final-normed hidden states then meet the LM head only at
-    answer positions. `head` is the unwrapped model's output embedding when `model` is wrapped.
+    with `logits_to_keep=1`: the LM head meets these states only where a loss is taken.
     """
     out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                 output_hidden_states=True, logits_to_keep=1, use_cache=False)
     hidden = out.hidden_states[-1]  # (B, T, H), after the final norm
-    selected = hidden.flatten(0, 1)[batch.positions.to(hidden.device)]  # (N, H)
-    return (head or model.get_output_embeddings())(selected)  # (N, V)
+    return hidden.flatten(0, 1)[batch.positions.to(hidden.device)]
+
+
+def answer_logits(model, batch: Batch, head: torch.nn.Module | None = None) -> torch.Tensor:
+    """(N, V) logits at the positions that predict answer tokens. `head` is the unwrapped
+    model's output embedding when `model` is wrapped (DDP)."""
+    return (head or model.get_output_embeddings())(answer_hidden(model, batch))

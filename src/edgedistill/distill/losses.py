@@ -60,9 +60,13 @@ def sparse_student_logprobs(student_logits: torch.Tensor, topk_ids: torch.Tensor
         (N, k+1) log-probs; the last column is log of the mass outside the k ids.
     """
     log_z = student_logits.float().logsumexp(-1, keepdim=True)  # (N, 1)
-    top = student_logits.float().gather(-1, topk_ids.long()) - log_z  # (N, k)
-    tail = log1mexp(top.logsumexp(-1).clamp(max=_MAX_TOPK_LOGMASS))  # (N,)
-    return torch.cat([top, tail[:, None]], dim=-1)
+    return sparse_table(student_logits.float().gather(-1, topk_ids.long()) - log_z)
+
+
+def sparse_table(top_logprobs: torch.Tensor) -> torch.Tensor:
+    """(N, k) log-probs on k ids -> (N, k+1) with the mass outside them as the last column."""
+    tail = log1mexp(top_logprobs.logsumexp(-1).clamp(max=_MAX_TOPK_LOGMASS))  # (N,)
+    return torch.cat([top_logprobs, tail[:, None]], dim=-1)
 
 
 def sparse_teacher_logprobs(topk_logprobs: torch.Tensor, tail_logprobs: torch.Tensor) -> torch.Tensor:

@@ -96,23 +96,33 @@ def _present(rows, columns: list[Column]) -> list[Column]:
     return [c for c in columns if any(c.key in m for _, _, m in rows)]
 
 
-def quality_table(ledger: Ledger, keys: tuple[str, ...] | None = None,
-                  mark_best: str | None = None) -> tuple[list[str], list[list[str]]]:
-    """Header and rows (one per model or GGUF file) for report.md, the card, or the terminal with
-    `keys`; `mark_best` wraps each column's best student value (e.g. "**{}**")."""
+def quality_cells(ledger: Ledger, keys: tuple[str, ...] | None = None
+                  ) -> tuple[list[str], list[list[str]], set[tuple[int, int]]]:
+    """Header, rows (one per model or GGUF file; the label first) and the (row, column) cells
+    holding each column's best student value; `keys` picks the columns (the terminal's)."""
     rows = model_rows(ledger)
     columns = _present(rows, [c for c in COLUMNS if keys is None or c.key in keys])
-    best = best_values(rows, columns) if mark_best else {}
-    table = []
-    for key, label, m in rows:
-        cells = []
-        for col in columns:
-            text = fmt(col.fmt, m[col.key]) if col.key in m else "–"
+    best = best_values(rows, columns)
+    table, marked = [], set()
+    for r, (key, label, m) in enumerate(rows):
+        cells = [label]
+        for c, col in enumerate(columns, start=1):
+            cells.append(fmt(col.fmt, m[col.key]) if col.key in m else "–")
             if col.key in best and key != "teacher" and col.key in m and m[col.key] == best[col.key]:
-                text = mark_best.format(text)
-            cells.append(text)
-        table.append([label] + cells)
-    return ["model"] + [c.title for c in columns], table
+                marked.add((r, c))
+        table.append(cells)
+    return ["model"] + [c.title for c in columns], table, marked
+
+
+def quality_table(ledger: Ledger, keys: tuple[str, ...] | None = None,
+                  mark_best: str | None = None) -> tuple[list[str], list[list[str]]]:
+    """quality_cells' header and rows, for report.md, the card or the terminal; `mark_best`
+    wraps each column's best student value (e.g. "**{}**")."""
+    header, rows, best = quality_cells(ledger, keys)
+    if mark_best:
+        rows = [[mark_best.format(cell) if (r, c) in best else cell for c, cell in enumerate(row)]
+                for r, row in enumerate(rows)]
+    return header, rows
 
 
 def task_table(ledger: Ledger) -> tuple[list[str], list[list[str]]]:
@@ -254,9 +264,7 @@ def _html_table(header: list[str], rows: list[list[str]], best_cells: set[tuple[
 
 
 def _quality_html(ledger: Ledger) -> str:
-    header, rows = quality_table(ledger, mark_best="\x00{}")
-    best = {(r, c) for r, row in enumerate(rows) for c, cell in enumerate(row) if cell.startswith("\x00")}
-    rows = [[cell.lstrip("\x00") for cell in row] for row in rows]
+    header, rows, best = quality_cells(ledger)
     return _html_table(header, rows, best, "quality")
 
 

@@ -85,6 +85,35 @@ def _draw(logits: torch.Tensor, request: DecodeRequest, generator: torch.Generat
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
+class Detokenizer:
+    """The text of a growing answer without decoding it whole at every token (quadratic on
+    long answers): only the tokens since the last settled point are decoded, and the new text
+    is the difference against the same window without the newest tokens (the windowed diff of
+    TGI and vLLM). Text becomes settled once it does not end inside a UTF-8 character."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.tokens: list[int] = []
+        self.settled = ""
+        self._prefix = self._read = 0  # window start; end of what is settled
+
+    def _text(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def add(self, token: int) -> None:
+        self.tokens.append(token)
+        before = self._text(self.tokens[self._prefix:self._read])
+        after = self._text(self.tokens[self._prefix:])
+        if len(after) > len(before) and not after.endswith("\ufffd"):
+            self.settled += after[len(before):]
+            self._prefix, self._read = self._read, len(self.tokens)
+
+    def final(self) -> str:
+        """Everything, an unfinished character at the end included (as U+FFFD)."""
+        before = self._text(self.tokens[self._prefix:self._read])
+        return self.settled + self._text(self.tokens[self._prefix:])[len(before):]
+
+
 @torch.inference_mode()
 def decode(model, tokenizer, request: DecodeRequest, end_ids: set[int],
            cancelled: threading.Event | None = None) -> Iterator[Step | Finish]:
@@ -95,38 +124,37 @@ def decode(model, tokenizer, request: DecodeRequest, end_ids: set[int],
                                               int.from_bytes(uuid.uuid4().bytes[:6], "little"))
     out = model(input_ids=torch.tensor([request.prompt_ids]), use_cache=True)
     cache, logits = out.past_key_values, out.logits[0, -1]
-    tokens: list[int] = []
+    text = Detokenizer(tokenizer)
     released = 0
     reason, stopped_by_string = "length", False
-    while len(tokens) < request.max_tokens and not (cancelled and cancelled.is_set()):
+    while len(text.tokens) < request.max_tokens and not (cancelled and cancelled.is_set()):
         logprobs = torch.log_softmax(logits.float(), dim=-1)
         token = _draw(logits, request, generator)
         if token in end_ids:
             reason = "stop"
             break
-        tokens.append(token)
+        text.add(token)
         top: list[tuple[int, float]] = []
         if request.top_logprobs:
             values, ids = logprobs.topk(request.top_logprobs)
             top = list(zip(ids.tolist(), values.tolist()))
-        text = tokenizer.decode(tokens, skip_special_tokens=True)
-        hit = min((i for i in (text.find(s, max(0, released - len(s))) for s in request.stop) if i >= 0), default=-1)
+        settled = text.settled
+        hit = min((i for i in (settled.find(s, max(0, released - len(s))) for s in request.stop) if i >= 0),
+                  default=-1)
         if hit >= 0:
-            yield Step(token, text[released:hit], float(logprobs[token]), top)
+            yield Step(token, settled[released:hit], float(logprobs[token]), top)
             reason, stopped_by_string = "stop", True
             break
-        ready = len(text) - held_back(text, request.stop)
-        if text.endswith("\ufffd"):  # the token ends inside a UTF-8 character
-            ready = min(ready, len(text.rstrip("\ufffd")))
-        yield Step(token, text[released:ready], float(logprobs[token]), top)
+        ready = len(settled) - held_back(settled, request.stop)
+        yield Step(token, settled[released:ready], float(logprobs[token]), top)
         released = max(released, ready)
         out = model(input_ids=torch.tensor([[token]]), past_key_values=cache, use_cache=True)
         cache, logits = out.past_key_values, out.logits[0, -1]
     if not stopped_by_string:
-        text = tokenizer.decode(tokens, skip_special_tokens=True)
-        if len(text) > released:  # what was held back as a possible stop string's start
-            yield Step(TEXT_ONLY, text[released:], 0.0, [])
-    yield Finish(reason, len(request.prompt_ids), len(tokens))
+        final = text.final()
+        if len(final) > released:  # what was held back as a possible stop string's start
+            yield Step(TEXT_ONLY, final[released:], 0.0, [])
+    yield Finish(reason, len(request.prompt_ids), len(text.tokens))
 
 
 class Engine:
@@ -169,7 +197,7 @@ class Engine:
         max_tokens = body.get("max_completion_tokens", body.get("max_tokens")) or 256
         return DecodeRequest(
             prompt_ids=ids, max_tokens=min(int(max_tokens), self.context - len(ids)),
-            temperature=float(body.get("temperature", 1.0) if body.get("temperature") is not None else 1.0),
+            temperature=1.0 if body.get("temperature") is None else float(body["temperature"]),
             top_p=float(body.get("top_p") or 1.0), seed=body.get("seed"), stop=stop,
             top_logprobs=None if top is None or top is False else int(top))
 
@@ -213,8 +241,9 @@ def create_engine_app(engine: Engine) -> FastAPI:
     async def health() -> dict:
         return {"status": "ok"}
 
-    async def steps_of(request: DecodeRequest) -> asyncio.Queue:
-        """Run the decode in a thread; items arrive on a queue (None ends it)."""
+    async def steps_of(request: DecodeRequest) -> tuple[asyncio.Queue, threading.Event]:
+        """Run the decode in a thread; items arrive on the queue (None ends it); setting the
+        event stops the decode."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         cancelled = threading.Event()
@@ -228,21 +257,20 @@ def create_engine_app(engine: Engine) -> FastAPI:
             loop.call_soon_threadsafe(queue.put_nowait, None)
 
         threading.Thread(target=work, daemon=True).start()
-        queue.cancelled = cancelled  # type: ignore[attr-defined]
-        return queue
+        return queue, cancelled
 
     async def answer(body: dict, chat: bool):
         try:
             request = engine.request(body, chat)
         except (ValueError, TypeError) as exc:
             return error(str(exc))
-        queue = await steps_of(request)
+        queue, cancelled = await steps_of(request)
         ident = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         created = int(time.time())
         kind = "chat.completion" if chat else "text_completion"
         if body.get("stream"):
             include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-            return StreamingResponse(_stream(queue, chat, ident, created, include_usage, request),
+            return StreamingResponse(_stream(queue, cancelled, chat, ident, created, include_usage, request),
                                      media_type="text/event-stream")
         steps: list[Step] = []
         while (item := await queue.get()) is not None:
@@ -264,7 +292,7 @@ def create_engine_app(engine: Engine) -> FastAPI:
         return JSONResponse({"id": ident, "object": kind, "created": created, "model": engine.model_id,
                              "choices": [choice], "usage": _usage(finish)})
 
-    async def _stream(queue: asyncio.Queue, chat: bool, ident: str, created: int, include_usage: bool,
+    async def _stream(queue: asyncio.Queue, cancelled: threading.Event, chat: bool, ident: str, created: int, include_usage: bool,
                       request: DecodeRequest):
         kind = "chat.completion.chunk" if chat else "text_completion"
 
@@ -300,7 +328,7 @@ def create_engine_app(engine: Engine) -> FastAPI:
                         yield chunk([], _usage(item))
             yield b"data: [DONE]\n\n"
         finally:  # the client went away (or we are done): stop decoding, free the engine
-            queue.cancelled.set()  # type: ignore[attr-defined]
+            cancelled.set()
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
