@@ -6,7 +6,8 @@ Same teacher, same distill set (an existing run's, e.g. the demo's), for each st
 (`--keep`) and strategy: cut, measure held-out perplexity and top-1 agreement with the teacher
 (teacher-forced on the teacher's held-out answers), heal by offline KD (the run's train
 settings, forward KL on the cached top-k) for exactly `--minutes` of training time (the
-train stage's time cap; epochs set high so the clock, not the data, ends it), measure again.
+train stage's time cap; epochs set high so the clock, not the data, ends it, and no warm-up,
+so the peak learning rate applies from the first step), measure again.
 Strategies of one size cost the same per step, so equal time is also ~equal steps; the steps
 and tokens done are printed. Prints JSON; the anchor (fp32 matmul GFLOP/s) is measured in
 the same process.
@@ -67,6 +68,7 @@ def main() -> None:
     source = RunDir(args.run)
     recipe = load_recipe(source.recipe_path, [f"train.max_minutes={args.minutes}", "train.epochs=1000",
                                               "train.mode=offline", "train.sft_baseline=false",
+                                              "train.warmup_fraction=0.0",  # else 1000 epochs' warm-up eats the budget
                                               "train.checkpoint_every_steps=1000000"])
     train, heldout = load_distill_set(source, "train"), load_distill_set(source, "heldout")
     teacher, tokenizer, _ = load_causal_lm(recipe.teacher.model)
