@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from edgedistill.distill.losses import Objective, divergence_rows, sparse_table, sparse_teacher_logprobs
+from edgedistill.distill.losses import Objective, divergence_rows, soften, sparse_table, sparse_teacher_logprobs
 
 _CHUNK_BYTES = 256 * 2**20  # float32 logits per chunk: big matmuls, bounded memory
 
@@ -80,9 +80,7 @@ def _sparse_chunk_grad(z: torch.Tensor, labels: torch.Tensor, target: SparseTarg
         log_p_t = log_p if t == 1.0 else torch.log_softmax(z / t, dim=-1)
         with torch.enable_grad():
             top = log_p_t.gather(1, ids).requires_grad_()
-            teacher = sparse_teacher_logprobs(target.logprobs[rows], target.tail[rows])
-            if t != 1.0:
-                teacher = F.log_softmax(teacher / t, dim=-1)
+            teacher = soften(sparse_teacher_logprobs(target.logprobs[rows], target.tail[rows]), t)
             kd = divergence_rows(teacher, sparse_table(top), spec.objective).sum() * t ** 2
             (grad_top,) = torch.autograd.grad(kd, top)
         kd_sum, grad_top = kd.detach().item(), grad_top * (spec.kd_weight / t)

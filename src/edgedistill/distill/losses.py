@@ -93,27 +93,15 @@ def kl_from_logprobs(teacher_lp: torch.Tensor, student_lp: torch.Tensor) -> torc
 
 def forward_kl_sparse(student_logits: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torch.Tensor,
                       tail_logprobs: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Forward KL(teacher || student) on the cached sparse target, mean over tokens.
-
-    Args:
-        student_logits: (N, V); topk_ids: (N, k); topk_logprobs: (N, k); tail_logprobs: (N,);
-        mask: optional (N,) 1 for tokens that count.
-    Memory is O(N*V) for the student's own logits and O(N*k) beyond that.
-    """
-    teacher_lp = sparse_teacher_logprobs(topk_logprobs, tail_logprobs)
-    student_lp = sparse_student_logprobs(student_logits, topk_ids)
-    return _masked_mean(kl_from_logprobs(teacher_lp, student_lp), mask)
+    """Forward KL(teacher || student) on the cached sparse target, mean over tokens (`kd_sparse`
+    with the default objective)."""
+    return kd_sparse(student_logits, topk_ids, topk_logprobs, tail_logprobs, mask=mask)
 
 
 def forward_kl_dense(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
                      mask: torch.Tensor | None = None, chunk_size: int = 1024) -> torch.Tensor:
-    """Forward KL on full logits, (N, V) each, computed in chunks of rows so that the
-    float32 log-softmax copies never hold more than chunk_size*V entries at once."""
-    per_token = torch.cat([
-        kl_from_logprobs(F.log_softmax(t.float(), -1), F.log_softmax(s.float(), -1))
-        for s, t in zip(student_logits.split(chunk_size), teacher_logits.split(chunk_size))
-    ]) if student_logits.shape[0] else student_logits.new_zeros(0)
-    return _masked_mean(per_token, mask)
+    """Forward KL on full logits, (N, V) each, in row chunks (`kd_dense` with the default objective)."""
+    return kd_dense(student_logits, teacher_logits, mask=mask, chunk_size=chunk_size)
 
 
 def cross_entropy(student_logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -129,10 +117,6 @@ class Objective:
     temperature: float = 1.0
 
 
-def _kl_rows(p_lp: torch.Tensor, q_lp: torch.Tensor) -> torch.Tensor:
-    return kl_from_logprobs(p_lp, q_lp)
-
-
 def _mix(a_lp: torch.Tensor, b_lp: torch.Tensor, weight_a: float) -> torch.Tensor:
     """log(w·a + (1-w)·b) for 0 < w < 1, stable."""
     return torch.logsumexp(torch.stack([a_lp + math.log(weight_a), b_lp + math.log1p(-weight_a)]), dim=0)
@@ -142,49 +126,51 @@ def divergence_rows(teacher_lp: torch.Tensor, student_lp: torch.Tensor, objectiv
     """Per-row divergence between two (N, C) log-probability tables -> (N,)."""
     kind = objective.kind
     if kind == "forward_kl":
-        return _kl_rows(teacher_lp, student_lp)
+        return kl_from_logprobs(teacher_lp, student_lp)
     floored = teacher_lp.clamp(min=_LOG_FLOOR)
     if kind == "reverse_kl":
-        return _kl_rows(student_lp, floored)
+        return kl_from_logprobs(student_lp, floored)
     if kind == "jsd":
         beta = objective.beta
         if beta <= 0.0:
-            return _kl_rows(teacher_lp, student_lp)
+            return kl_from_logprobs(teacher_lp, student_lp)
         if beta >= 1.0:
-            return _kl_rows(student_lp, floored)
+            return kl_from_logprobs(student_lp, floored)
         mixture = _mix(teacher_lp, student_lp, beta)
-        return beta * _kl_rows(teacher_lp, mixture) + (1 - beta) * _kl_rows(student_lp, mixture)
+        return beta * kl_from_logprobs(teacher_lp, mixture) + (1 - beta) * kl_from_logprobs(student_lp, mixture)
     if kind in ("skew_forward_kl", "skew_reverse_kl"):
         alpha = objective.skew_alpha
         if kind == "skew_forward_kl":
-            return _kl_rows(teacher_lp, student_lp if alpha <= 0 else _mix(teacher_lp, student_lp, alpha))
-        return _kl_rows(student_lp, floored if alpha <= 0 else _mix(student_lp, teacher_lp, alpha))
+            return kl_from_logprobs(teacher_lp, student_lp if alpha <= 0 else _mix(teacher_lp, student_lp, alpha))
+        return kl_from_logprobs(student_lp, floored if alpha <= 0 else _mix(student_lp, teacher_lp, alpha))
     if kind == "tvd":
         return 0.5 * (teacher_lp.exp() - student_lp.exp()).abs().sum(-1)
     raise ValueError(f"unknown divergence '{kind}' (known: {', '.join(KINDS)})")
 
 
-def _soften(logprobs: torch.Tensor, temperature: float) -> torch.Tensor:
+def soften(logprobs: torch.Tensor, temperature: float) -> torch.Tensor:
     return logprobs if temperature == 1.0 else F.log_softmax(logprobs / temperature, dim=-1)
 
 
 def kd_sparse(student_logits: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torch.Tensor,
-              tail_logprobs: torch.Tensor, objective: Objective = Objective(),
+              tail_logprobs: torch.Tensor, objective: Objective | None = None,
               mask: torch.Tensor | None = None) -> torch.Tensor:
     """Any divergence on the cached sparse target (k ids + tail), mean over tokens.
 
     With a temperature the student side is exact (its logits / T), while the teacher's stored
     (k+1)-bucket table is re-softened as if its tail were one token (the tail's inner shape is
     not stored): exact when the tail is empty, an approximation otherwise."""
-    teacher_lp = _soften(sparse_teacher_logprobs(topk_logprobs, tail_logprobs), objective.temperature)
+    objective = objective or Objective()
+    teacher_lp = soften(sparse_teacher_logprobs(topk_logprobs, tail_logprobs), objective.temperature)
     student_lp = sparse_student_logprobs(student_logits.float() / objective.temperature, topk_ids)
     rows = divergence_rows(teacher_lp, student_lp, objective)
     return _masked_mean(rows, mask) * objective.temperature ** 2
 
 
-def kd_dense(student_logits: torch.Tensor, teacher_logits: torch.Tensor, objective: Objective = Objective(),
+def kd_dense(student_logits: torch.Tensor, teacher_logits: torch.Tensor, objective: Objective | None = None,
              mask: torch.Tensor | None = None, chunk_size: int = 1024) -> torch.Tensor:
     """Any divergence on full logits (N, V) each, in row chunks of chunk_size, mean over tokens."""
+    objective = objective or Objective()
     t = objective.temperature
     rows = [divergence_rows(F.log_softmax(tc.float() / t, -1), F.log_softmax(sc.float() / t, -1), objective)
             for sc, tc in zip(student_logits.split(chunk_size), teacher_logits.split(chunk_size))]
