@@ -30,12 +30,18 @@ def test_incremental_text_equals_decoding_the_whole_answer(build):
     tokenizer = build()
     ids = tokenizer("海の詩を書いてください。 Write a poem, then 東京タワー!", add_special_tokens=False)["input_ids"]
     ids = ids[:5] + [tokenizer.eos_token_id] + ids[5:]  # a special token inside is skipped, as decode does
+    vocab = tokenizer.get_vocab()
+    if "<0xE4>" in vocab:  # SentencePiece byte fallback: two characters spelled byte by byte
+        ids += [vocab[f"<0x{b:02X}>"] for b in "京都".encode()]
     text = Detokenizer(tokenizer)
     for n, token in enumerate(ids, start=1):
         text.add(token)
+        assert "\ufffd" not in text.settled
         whole = tokenizer.decode(ids[:n], skip_special_tokens=True)
-        assert whole.startswith(text.settled) and "\ufffd" not in text.settled
-        assert text.final() == whole
+        # While a character's bytes are incomplete, a byte-fallback decoder turns the whole run of
+        # byte pieces into U+FFFD, rewriting text it gave before: compare at whole characters only.
+        if "\ufffd" not in whole:
+            assert whole.startswith(text.settled) and text.final() == whole
     assert text.settled == tokenizer.decode(ids, skip_special_tokens=True)
 
 
