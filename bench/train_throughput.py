@@ -10,6 +10,7 @@ callback marks each step). Tokens/s counts the tokens of the sequences trained o
 
     .venv/bin/pip install 'trl==1.16.0'   # bench-only dependency (pip install -e '.[bench]')
     .venv/bin/python bench/train_throughput.py [--steps 6] [--new-tokens 64]
+    .venv/bin/python bench/train_throughput.py --modes offline --lambdas 0 --repeats 5   # the 3x goal alone
 """
 
 from __future__ import annotations
@@ -140,36 +141,52 @@ def trl_gkd(lmbda: float, student_factory, teacher, tokenizer, convs, steps: int
             "steps": len(times), "on_policy_steps_incl_warmup": on_policy[0]}
 
 
+def ratios(run: dict) -> dict[str, float]:
+    """Ours over TRL at the goals' pairings, where both sides were measured in `run`."""
+    pairs = {"offline_vs_trl_lambda0": ("offline", "lambda_0.0"), "online_vs_trl_lambda0": ("online", "lambda_0.0"),
+             "on_policy_vs_trl_lambda0.5": ("on_policy", "lambda_0.5")}
+    return {name: round(run["ours"][mine]["tokens_per_s"] / run["trl_gkd"][theirs]["tokens_per_s"], 2)
+            for name, (mine, theirs) in pairs.items() if mine in run["ours"] and theirs in run["trl_gkd"]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--new-tokens", type=int, default=64, help="on-policy answer length (ours and TRL)")
+    parser.add_argument("--modes", default="offline,online,on_policy,sft", help="our modes to time")
+    parser.add_argument("--lambdas", default="0,0.5,1", help="TRL GKD λ values to time ('' for none)")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="measure everything this many times, each repeat with its own anchor: on a shared "
+                             "machine whose speed drifts, the median ratio of the repeats is the figure to quote")
     parser.add_argument("--skip-trl", action="store_true")
     args = parser.parse_args()
     torch.manual_seed(0)
-    anchor = matmul_gflops()
+    modes = [m for m in args.modes.split(",") if m]
+    lambdas = [] if args.skip_trl else [float(x) for x in args.lambdas.split(",") if x]
     teacher, tokenizer, _ = load_causal_lm("embedded")
     teacher.config.use_cache = False
     kept = even_layers(teacher.config.num_hidden_layers, 6)
     student_factory = lambda: cut_student(teacher, kept)  # noqa: E731
     convs = conversations(tokenizer, BATCH * (args.steps + 1))
     examples = with_targets(teacher, tokenizer, examples_of(tokenizer, convs))
-    result: dict = {"benchmark": "train_throughput", "anchor_matmul_fp32_gflops": round(anchor, 1),
-                    "teacher": "SmolLM2-135M-Instruct (30 layers)", "student_layers": kept, "batch": BATCH,
-                    "sequence_tokens": LENGTH, "threads": torch.get_num_threads(), "ours": {}, "trl_gkd": {}}
-    for mode in ("offline", "online", "on_policy", "sft"):
-        result["ours"][mode] = ours(mode, student_factory, teacher, tokenizer, examples, args.steps, args.new_tokens)
-        print(mode, result["ours"][mode], flush=True)
-    if not args.skip_trl:
-        for lmbda in (0.0, 0.5, 1.0):
-            result["trl_gkd"][f"lambda_{lmbda}"] = trl_gkd(lmbda, student_factory, teacher, tokenizer, convs,
-                                                           args.steps, args.new_tokens)
-            print(lmbda, result["trl_gkd"][f"lambda_{lmbda}"], flush=True)
-        trl = result["trl_gkd"]
-        result["offline_vs_trl_lambda0"] = round(result["ours"]["offline"]["tokens_per_s"] / trl["lambda_0.0"]["tokens_per_s"], 2)
-        result["online_vs_trl_lambda0"] = round(result["ours"]["online"]["tokens_per_s"] / trl["lambda_0.0"]["tokens_per_s"], 2)
-        result["on_policy_vs_trl_lambda0.5"] = round(
-            result["ours"]["on_policy"]["tokens_per_s"] / trl["lambda_0.5"]["tokens_per_s"], 2)
+    result: dict = {"benchmark": "train_throughput", "teacher": "SmolLM2-135M-Instruct (30 layers)",
+                    "student_layers": kept, "batch": BATCH, "sequence_tokens": LENGTH,
+                    "threads": torch.get_num_threads(), "runs": []}
+    for repeat in range(args.repeats):
+        run: dict = {"anchor_matmul_fp32_gflops": round(matmul_gflops(), 1), "ours": {}, "trl_gkd": {}}
+        jobs = [("ours", mode, lambda mode=mode: ours(mode, student_factory, teacher, tokenizer, examples,
+                                                      args.steps, args.new_tokens)) for mode in modes]
+        jobs += [("trl_gkd", f"lambda_{lmbda}", lambda lmbda=lmbda: trl_gkd(lmbda, student_factory, teacher, tokenizer,
+                                                                            convs, args.steps, args.new_tokens))
+                 for lmbda in lambdas]
+        for side, name, measure in jobs if repeat % 2 == 0 else jobs[::-1]:  # odd repeats: TRL first (drift)
+            run[side][name] = measure()
+            print(repeat, side, name, run[side][name], flush=True)
+        run.update(ratios(run))
+        result["runs"].append(run)
+    if args.repeats > 1:
+        result["median_of_runs"] = {name: round(statistics.median(run[name] for run in result["runs"]), 2)
+                                    for name in ratios(result["runs"][0])}
     print(json.dumps(result, indent=2, ensure_ascii=False))
 
 

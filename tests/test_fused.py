@@ -111,3 +111,15 @@ def test_under_bf16_autocast_the_head_runs_in_bf16_and_gradients_keep_their_dtyp
         assert torch.allclose(got, ref, rtol=5e-2, atol=2e-3), (got - ref).abs().max()
     in_fp32, _ = fused_head_loss(hidden, head, labels, ce_weight=0.5, kd_weight=0.5, target=target)
     assert abs(fused.item() - in_fp32.item()) > 1e-5  # the head really ran in bf16
+
+
+def test_a_scaled_loss_scales_every_gradient_and_a_second_backward_is_refused():
+    hidden, head, teacher_logits, labels = _setup(6, bias=True)
+    target = SparseTarget(*sparse_step(teacher_logits, K))
+    fused, _ = fused_head_loss(hidden, head, labels, ce_weight=0.5, kd_weight=0.5, target=target)
+    reference = _reference(hidden, head, labels, 0.5, 0.5, Objective(), sparse=(target.ids, target.logprobs, target.tail))
+    _assert_same(fused * 0.25, reference * 0.25, hidden, head)  # gradient accumulation divides the loss
+    again, _ = fused_head_loss(hidden, head, labels, ce_weight=0.5, kd_weight=0.5, target=target)
+    again.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="one backward"):
+        again.backward()

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from edgedistill.data.store import Sample
+from edgedistill.teachers.hf import final_hidden
 
 
 @dataclass
@@ -93,11 +94,9 @@ def answer_hidden(model, batch: Batch) -> torch.Tensor:
     """(N, H) final-normed hidden states at the positions that predict answer tokens.
 
     The forward goes through `model` itself (so accelerate's autocast and DDP wrappers apply)
-    with `logits_to_keep=1`: the LM head meets these states only where a loss is taken.
+    and keeps no logits: the LM head meets these states only where a loss is taken.
     """
-    out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                output_hidden_states=True, logits_to_keep=1, use_cache=False)
-    hidden = out.hidden_states[-1]  # (B, T, H), after the final norm
+    hidden = final_hidden(model, batch.input_ids, batch.attention_mask)  # (B, T, H)
     return hidden.flatten(0, 1)[batch.positions.to(hidden.device)]
 
 

@@ -148,7 +148,9 @@ class _FusedHeadLoss(torch.autograd.Function):
                         grad_weight += (grad.T.to(dtype) @ h).float()
                 if need_b:
                     grad_bias += grad.sum(0)
-        ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
+        # Held on ctx, not save_for_backward, so that backward can hand them over as the only
+        # reference: autograd then adopts grad_weight as weight.grad instead of copying it.
+        ctx.grads = (grad_hidden, grad_weight, grad_bias)
         ctx.weight_dtype = weight.dtype
         spec.sums = {"ce": ce_sum, "kd": kd_sum}
         loss = (spec.ce_weight * ce_sum + spec.kd_weight * kd_sum) / max(n, 1)
@@ -156,11 +158,16 @@ class _FusedHeadLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor):
-        grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
+        if ctx.grads is None:
+            raise RuntimeError("the fused head loss supports one backward pass (no retain_graph)")
+        (grad_hidden, grad_weight, grad_bias), ctx.grads = ctx.grads, None
         scale = grad_loss.float()
-        return (grad_hidden * scale.to(grad_hidden.dtype),
-                None if grad_weight is None else (grad_weight * scale).to(ctx.weight_dtype),
-                None if grad_bias is None else (grad_bias * scale).to(ctx.weight_dtype), None)
+        if bool(scale != 1.0):  # a plain loss.backward() gives 1: no (V, H) pass then
+            grad_hidden = grad_hidden * scale.to(grad_hidden.dtype)
+            grad_weight = None if grad_weight is None else grad_weight * scale
+            grad_bias = None if grad_bias is None else grad_bias * scale
+        return (grad_hidden, None if grad_weight is None else grad_weight.to(ctx.weight_dtype),
+                None if grad_bias is None else grad_bias.to(ctx.weight_dtype), None)
 
 
 def fused_head_loss(hidden: torch.Tensor, head: torch.nn.Linear, labels: torch.Tensor, *, ce_weight: float,

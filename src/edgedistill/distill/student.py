@@ -45,7 +45,8 @@ def boundary_states(model, samples: Sequence[Sample]) -> list[torch.Tensor]:
     per_layer: list[list[torch.Tensor]] = []
     for sample in samples:
         ids = torch.tensor(list(sample.prompt_ids) + list(sample.answer_ids), dtype=torch.long)[None]
-        hidden = model(input_ids=ids, output_hidden_states=True).hidden_states  # L+1 of (1, T, H)
+        hidden = model(input_ids=ids, output_hidden_states=True,  # no logits: L+1 of (1, T, H)
+                       logits_to_keep=torch.empty(0, dtype=torch.long), use_cache=False).hidden_states
         if not per_layer:
             per_layer = [[] for _ in hidden]
         for i, h in enumerate(hidden):

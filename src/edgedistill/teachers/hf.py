@@ -342,6 +342,15 @@ class HFTeacher:
         return score_sequences(self.model, self.tokenizer, sequences, k)
 
 
+def final_hidden(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, T, H) hidden states after the final norm, the LM head run on no position: callers
+    project only the rows a loss or a score needs. (`logits_to_keep=1` would still multiply
+    B rows by the whole head, reading all of its V x H weights: 34 ms a step for SmolLM2 here.)"""
+    no_position = torch.empty(0, dtype=torch.long, device=input_ids.device)
+    return model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True,
+                 logits_to_keep=no_position, use_cache=False).hidden_states[-1]
+
+
 @torch.inference_mode()
 def score_sequences(model, tokenizer, sequences: list[tuple[list[int], list[int]]], k: int) -> list[Completion]:
     """One forward pass over the batch, right padded (so positions need no correction); the LM
@@ -353,8 +362,7 @@ def score_sequences(model, tokenizer, sequences: list[tuple[list[int], list[int]
     for row, seq in enumerate(joined):
         input_ids[row, :len(seq)] = torch.tensor(seq)
         mask[row, :len(seq)] = 1
-    hidden = model(input_ids=input_ids, attention_mask=mask, output_hidden_states=True,
-                   logits_to_keep=1, use_cache=False).hidden_states[-1]  # after the final norm
+    hidden = final_hidden(model, input_ids, mask)
     head = model.get_output_embeddings()
     completions = []
     for row, (prompt, answer) in enumerate(sequences):
