@@ -11,11 +11,13 @@ callback marks each step). Tokens/s counts the tokens of the sequences trained o
     .venv/bin/pip install 'trl==1.16.0'   # bench-only dependency (pip install -e '.[bench]')
     .venv/bin/python bench/train_throughput.py [--steps 6] [--new-tokens 64]
     .venv/bin/python bench/train_throughput.py --modes offline --lambdas 0 --repeats 5   # the 3x goal alone
+    .venv/bin/python bench/train_throughput.py --modes offline,offline@compile --lambdas '' --profile
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import random
 import statistics
@@ -68,18 +70,29 @@ def with_targets(teacher, tokenizer, examples: list[Example], k: int = 32) -> li
             for e, c in zip(examples, scored)]
 
 
-def ours(mode: str, student_factory, teacher, tokenizer, examples, steps: int, new_tokens: int) -> dict:
+def ours(variant: str, student_factory, teacher, tokenizer, examples, steps: int, new_tokens: int,
+         profile: bool = False) -> dict:
+    """Time our step in `variant`: a mode, optionally `@compile` (each decoder layer through
+    torch.compile, the first steps at each new shape compiling). With `profile`, one more step
+    runs under torch.profiler and its top operators by own CPU time are returned."""
+    mode, _, option = variant.partition("@")
     cfg = TrainCfg(mode=mode, alpha_ce=1.0 if mode == "sft" else 0.5, on_policy_fraction=0.5,
                    on_policy_max_new_tokens=new_tokens, lr=1e-5)
     model = student_factory()
     model.config.use_cache = False
     model.train()
+    if option == "compile":
+        for layer in model.model.layers:
+            layer.compile()
     optimizer = make_optimizer(model, cfg)
     head, teacher_head = model.get_output_embeddings(), teacher.get_output_embeddings()
     end_ids = end_of_turn_ids(model, tokenizer)
     times, tokens, on_policy_steps = [], [], 0
-    for step in range(steps + 1):
+    top_ops: list[dict] = []
+    for step in range(steps + 1 + profile):
         chunk = examples[(step * BATCH) % len(examples):][:BATCH]
+        profiler = torch.profiler.profile(record_shapes=True) if step == steps + 1 else contextlib.nullcontext()
+        profiler.__enter__()
         started = time.perf_counter()
         batch = collate(chunk, tokenizer.pad_token_id)
         live, cfg_step = (teacher if mode in ("online", "on_policy") else None), cfg
@@ -91,11 +104,28 @@ def ours(mode: str, student_factory, teacher, tokenizer, examples, steps: int, n
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        if step:  # the first step is warm-up
+        if step == steps + 1:
+            profiler.__exit__(None, None, None)
+            top_ops = top_operators(profiler, time.perf_counter() - started)
+        elif step:  # the first step is warm-up
             times.append(time.perf_counter() - started)
             tokens.append(batch.n_tokens)
-    return {"tokens_per_s": round(sum(tokens) / sum(times), 1), "median_step_s": round(statistics.median(times), 2),
-            "steps": steps, "on_policy_steps": on_policy_steps}
+    result = {"tokens_per_s": round(sum(tokens) / sum(times), 1), "median_step_s": round(statistics.median(times), 2),
+              "steps": steps, "on_policy_steps": on_policy_steps}
+    return result | ({"profiled_step": top_ops} if profile else {})
+
+
+def top_operators(profiler, wall_s: float, n: int = 14) -> list[dict]:
+    """The profiled step's operators by own CPU time (grouped by input shapes), with the matmul
+    share of the step: where a step's time goes, from the command that documents it."""
+    events = profiler.key_averages(group_by_input_shape=True)
+    total_ms = sum(e.self_cpu_time_total for e in events) / 1e3
+    matmul_ms = sum(e.self_cpu_time_total for e in events if e.key in ("aten::mm", "aten::addmm", "aten::addmm_")) / 1e3
+    top = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:n]
+    return [{"step_wall_s": round(wall_s, 2), "self_cpu_total_ms": round(total_ms), "matmul_ms": round(matmul_ms),
+             "matmul_share": round(matmul_ms / total_ms, 3)}] + [
+        {"op": e.key, "shapes": str(e.input_shapes)[:80], "calls": e.count, "self_ms": round(e.self_cpu_time_total / 1e3, 1)}
+        for e in top]
 
 
 def trl_gkd(lmbda: float, student_factory, teacher, tokenizer, convs, steps: int, new_tokens: int) -> dict:
@@ -153,16 +183,17 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--new-tokens", type=int, default=64, help="on-policy answer length (ours and TRL)")
-    parser.add_argument("--modes", default="offline,online,on_policy,sft", help="our modes to time")
+    parser.add_argument("--modes", default="offline,online,on_policy,sft",
+                        help="our modes to time; a mode@compile runs the student's layers through torch.compile")
+    parser.add_argument("--profile", action="store_true", help="profile one extra step of each of our modes")
     parser.add_argument("--lambdas", default="0,0.5,1", help="TRL GKD λ values to time ('' for none)")
     parser.add_argument("--repeats", type=int, default=1,
                         help="measure everything this many times, each repeat with its own anchor: on a shared "
                              "machine whose speed drifts, the median ratio of the repeats is the figure to quote")
-    parser.add_argument("--skip-trl", action="store_true")
     args = parser.parse_args()
     torch.manual_seed(0)
     modes = [m for m in args.modes.split(",") if m]
-    lambdas = [] if args.skip_trl else [float(x) for x in args.lambdas.split(",") if x]
+    lambdas = [float(x) for x in args.lambdas.split(",") if x]
     teacher, tokenizer, _ = load_causal_lm("embedded")
     teacher.config.use_cache = False
     kept = even_layers(teacher.config.num_hidden_layers, 6)
@@ -175,7 +206,7 @@ def main() -> None:
     for repeat in range(args.repeats):
         run: dict = {"anchor_matmul_fp32_gflops": round(matmul_gflops(), 1), "ours": {}, "trl_gkd": {}}
         jobs = [("ours", mode, lambda mode=mode: ours(mode, student_factory, teacher, tokenizer, examples,
-                                                      args.steps, args.new_tokens)) for mode in modes]
+                                                      args.steps, args.new_tokens, args.profile)) for mode in modes]
         jobs += [("trl_gkd", f"lambda_{lmbda}", lambda lmbda=lmbda: trl_gkd(lmbda, student_factory, teacher, tokenizer,
                                                                             convs, args.steps, args.new_tokens))
                  for lmbda in lambdas]

@@ -91,19 +91,6 @@ def kl_from_logprobs(teacher_lp: torch.Tensor, student_lp: torch.Tensor) -> torc
     return terms.sum(-1)
 
 
-def forward_kl_sparse(student_logits: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torch.Tensor,
-                      tail_logprobs: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Forward KL(teacher || student) on the cached sparse target, mean over tokens (`kd_sparse`
-    with the default objective)."""
-    return kd_sparse(student_logits, topk_ids, topk_logprobs, tail_logprobs, mask=mask)
-
-
-def forward_kl_dense(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
-                     mask: torch.Tensor | None = None, chunk_size: int = 1024) -> torch.Tensor:
-    """Forward KL on full logits, (N, V) each, in row chunks (`kd_dense` with the default objective)."""
-    return kd_dense(student_logits, teacher_logits, mask=mask, chunk_size=chunk_size)
-
-
 def cross_entropy(student_logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """Mean next-token cross-entropy on the teacher's text: (N, V) logits, (N,) labels."""
     return _masked_mean(F.cross_entropy(student_logits.float(), labels.long(), reduction="none"), mask)

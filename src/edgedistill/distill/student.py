@@ -28,6 +28,7 @@ import torch
 from edgedistill.data.store import Sample
 from edgedistill.errors import UserError
 from edgedistill.run import publish_mode
+from edgedistill.teachers.hf import hidden_states
 
 # Architectures whose decoder stack is `model.model.layers` with per-layer config lists we know.
 CUTTABLE = {"llama", "mistral", "qwen2", "qwen3"}
@@ -45,8 +46,7 @@ def boundary_states(model, samples: Sequence[Sample]) -> list[torch.Tensor]:
     per_layer: list[list[torch.Tensor]] = []
     for sample in samples:
         ids = torch.tensor(list(sample.prompt_ids) + list(sample.answer_ids), dtype=torch.long)[None]
-        hidden = model(input_ids=ids, output_hidden_states=True,  # no logits: L+1 of (1, T, H)
-                       logits_to_keep=torch.empty(0, dtype=torch.long), use_cache=False).hidden_states
+        hidden = hidden_states(model, ids)  # L+1 of (1, T, H), no logits
         if not per_layer:
             per_layer = [[] for _ in hidden]
         for i, h in enumerate(hidden):
