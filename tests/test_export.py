@@ -14,7 +14,8 @@ from conftest import build_tiny_model, build_tiny_spm_tokenizer, build_tiny_toke
 from edgedistill.errors import UserError
 from edgedistill.export.gguf import export_gguf, permute_qk
 from edgedistill.export.ollama import modelfile
-from edgedistill.export.verify import LlamaCppClient, check_parity, serve, sparse_kl_top1, teacher_forced
+from edgedistill.export.verify import (LlamaCppClient, _greedy_split, _position_of, check_parity, serve, sparse_kl_top1,
+                                       teacher_forced)
 
 CONVERSATIONS = [[{"role": "user", "content": "Name three fruits."}],
                  [{"role": "user", "content": "日本の首都はどこですか？"}],
@@ -41,11 +42,11 @@ def tiny_folder(tmp_path: Path, model_type: str, sentencepiece: bool = False, ti
     return folder
 
 
-def parity_of(folder: Path, gguf: Path, tokens: int = 12):
+def parity_of(folder: Path, gguf: Path, tokens: int = 12, exact: bool = False):
     from edgedistill.teachers.hf import load_causal_lm
 
     model, tokenizer, _ = load_causal_lm(str(folder))
-    with serve(gguf, threads=1, ctx=1024) as server:
+    with serve(gguf, threads=1, ctx=1024, exact=exact) as server:
         client = LlamaCppClient(server)
         try:
             return check_parity(client, model, tokenizer, CONVERSATIONS, tokens)
@@ -61,11 +62,35 @@ def test_f32_gguf_runs_in_llamacpp_exactly_as_in_transformers(tmp_path, model_ty
     result = export_gguf(folder, tmp_path / "out" / "tiny-f32.gguf", "f32", name="tiny")
     assert result.bits_per_weight == 32.0 and result.tensor_types == {"F32": result.tensor_types["F32"]}
     assert ("output.weight" in {t.name for t in GGUFReader(result.path).tensors}) is not tied
-    parity = parity_of(folder, result.path)
+    # F32 weights and float32 attention in llama.cpp: ≤ 4e-6 measured over 11 random models
+    # (its default F16 KV cache and flash attention alone give up to 0.010).
+    parity = parity_of(folder, result.path, exact=True)
     assert parity.tokenizer_match and parity.template_match, parity.first_difference
-    assert parity.greedy_match == len(CONVERSATIONS), parity.first_difference
-    # F32 weights; llama.cpp keeps its KV cache in F16, hence not 1e-6.
-    assert parity.compared_positions >= 50 and parity.max_logprob_diff < 1e-2
+    assert parity.greedy_match + parity.near_tie_splits == len(CONVERSATIONS), parity.first_difference
+    assert parity.compared_positions >= 50 and parity.max_logprob_diff < 1e-4, parity
+
+
+def test_greedy_split_measures_transformers_gap_where_the_paths_part():
+    logprobs = torch.log_softmax(torch.tensor([[3.0, 0.0, 0.0, 0.0], [0.0, 2.0, 1.99, 0.0],
+                                               [0.0, 0.0, 0.0, 1.0], [0.5, 0.0, 0.0, 0.0]]), -1)
+    at, gap = _greedy_split([0, 1, 3], [0, 2, 3], logprobs, eos=0)  # llama.cpp took the runner-up
+    assert at == 1 and gap == pytest.approx(0.01, abs=1e-5)
+    at, gap = _greedy_split([0, 1, 3, 2], [0, 1, 3], logprobs, eos=0)  # llama.cpp ended: chose eos
+    assert at == 3 and gap == pytest.approx(float(logprobs[3, 2] - logprobs[3, 0]))
+    assert gap < 0  # transformers preferred eos there itself: not a near tie, a real split
+
+
+def test_logprob_entries_align_with_the_tokens_whose_bytes_they_carry():
+    """As llama.cpp answered for a byte-fallback model (seen in a run of the test below): the lone
+    0xC1 byte token got no entry, its byte went to the next one; repeats must not shift pairs."""
+    id_bytes = {222: "朝".encode(), 893: b"\xc1", 610: b"ns", 213: "新".encode(), 2: b"</s>"}
+    tokens = [222, 893, 610, 213, 213, 2]
+    entries = [{"id": 222, "bytes": list("朝".encode())}, {"id": 610, "bytes": [0xC1, 0x6E, 0x73]},
+               {"id": 213, "bytes": list("新".encode())}, {"id": 213, "bytes": list("新".encode())},
+               {"id": 2, "bytes": []}]  # special tokens come back with no bytes
+    assert [position for position, _ in _position_of(tokens, entries, id_bytes)] == [0, 2, 3, 4, 5]
+    entries[1] = {"id": 610, "bytes": list(b"ns")}  # out of step: stop, never pair by guess
+    assert [position for position, _ in _position_of(tokens, entries, id_bytes)] == [0]
 
 
 def test_sentencepiece_vocabulary_tokenizes_as_in_transformers(tmp_path):
@@ -76,12 +101,12 @@ def test_sentencepiece_vocabulary_tokenizes_as_in_transformers(tmp_path):
     result = export_gguf(folder, tmp_path / "out" / "spm-f32.gguf", "f32", name="spm")
     fields = GGUFReader(result.path).fields
     assert fields["tokenizer.ggml.model"].contents() == "llama" and "tokenizer.ggml.scores" in fields
-    parity = parity_of(folder, result.path)
+    parity = parity_of(folder, result.path, exact=True)
     assert parity.tokenizer_match and parity.template_match, parity.first_difference
-    # A random model's first steps can be near-ties that F16 KV rounding flips; the log-probs
-    # compared along llama.cpp's own tokens are the strict check.
-    assert parity.greedy_match >= len(CONVERSATIONS) - 1 and parity.max_logprob_diff < 1e-2, parity
-    assert parity.compared_positions >= 50
+    # The BPE trainer breaks frequency ties differently from run to run, so this random model
+    # changes too; some draws have near-ties (0.0035 nats seen) that rounding may flip.
+    assert parity.greedy_match + parity.near_tie_splits == len(CONVERSATIONS), parity
+    assert parity.compared_positions >= 50 and parity.max_logprob_diff < 1e-4, parity
 
 
 def test_real_smollm2_weights_export_f16_with_parity():
@@ -95,8 +120,10 @@ def test_real_smollm2_weights_export_f16_with_parity():
         assert 15.9 < result.bits_per_weight < 16.2 and result.parameters > 134e6
         parity = parity_of(folder, result.path, tokens=16)
         assert parity.tokenizer_match and parity.template_match, parity.first_difference
-        # fp16 weights vs float32: near-ties may flip late in an answer, log-probs stay close.
-        assert parity.greedy_match >= 2 and parity.max_logprob_diff < 0.1, parity
+        # fp16 weights vs float32: near-ties may flip late in an answer (0.0000 nats apart seen at
+        # step 14), log-probs stay close.
+        assert parity.greedy_match + parity.near_tie_splits == len(CONVERSATIONS), parity
+        assert parity.max_logprob_diff < 0.1, parity
     finally:
         result.path.unlink(missing_ok=True)
 

@@ -20,6 +20,7 @@ from edgedistill.export.card import write_model_card
 from edgedistill.export.gguf import export_gguf
 from edgedistill.export.ollama import write_modelfile
 from edgedistill.evaluate.metrics import peak_rss_bytes, rouge_by_lang
+from edgedistill.evaluate.report import greedy_summary
 from edgedistill.export.verify import (LlamaCppClient, check_parity, greedy_answers, serve, sparse_kl_top1, speed,
                                        teacher_forced)
 from edgedistill.recipe import Recipe
@@ -38,9 +39,8 @@ def _markdown(rows: list[dict], parity: dict[str, float], reference: str) -> str
                      f"{kl} | {top1} | {r['prefill_tokens_per_s']:.0f} | {r['decode_tokens_per_s']:.1f} |")
     lines += ["", f"Parity of `{reference}` with transformers: tokenizer "
               f"{'identical' if parity.get('tokenizer_match') else 'DIFFERENT'} on a mixed English/Japanese/emoji "
-              f"text, chat template {'identical' if parity.get('template_match') else 'DIFFERENT'}, greedy tokens "
-              f"identical on {int(parity.get('greedy_match', 0))} of {int(parity.get('greedy_prompts', 0))} "
-              f"prompts, largest log-prob difference {parity.get('max_logprob_diff', float('nan')):.4f} over "
+              f"text, chat template {'identical' if parity.get('template_match') else 'DIFFERENT'}, "
+              f"{greedy_summary(parity)}, largest log-prob difference {parity.get('max_logprob_diff', float('nan')):.4f} over "
               f"{int(parity.get('compared_positions', 0))} listed entries."]
     return "\n".join(lines) + "\n"
 

@@ -13,7 +13,6 @@ whose argmax token ends inside a UTF-8 character; such positions are skipped and
 
 from __future__ import annotations
 
-import codecs
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,6 +60,10 @@ class Parity:
     tokenizer_match: bool
     template_match: bool
     greedy_match: int  # prompts whose greedy tokens are identical
+    # Prompts whose greedy paths part where transformers ranks the two tokens closer than twice
+    # max_logprob_diff. Both tokens are among llama.cpp's listed entries there, so a split that
+    # rounding alone causes always lands here; a conversion error shows up as a wide gap.
+    near_tie_splits: int
     prompts: int
     compared_positions: int
     max_logprob_diff: float  # over the top entries llama.cpp lists, vs transformers on the same tokens
@@ -68,21 +71,31 @@ class Parity:
 
     def as_metrics(self) -> dict[str, float]:
         return {"tokenizer_match": float(self.tokenizer_match), "template_match": float(self.template_match),
-                "greedy_match": self.greedy_match, "greedy_prompts": self.prompts,
+                "greedy_match": self.greedy_match, "greedy_near_ties": self.near_tie_splits,
+                "greedy_prompts": self.prompts,
                 "compared_positions": self.compared_positions, "max_logprob_diff": self.max_logprob_diff}
 
 
 def _position_of(tokens: list[int], entries: list[dict], id_bytes: dict[int, bytes]) -> list[tuple[int, dict]]:
-    """Align llama.cpp's per-token probability entries with generated positions. llama.cpp emits
-    no entry for a token that ends inside a UTF-8 character (its bytes go to the next one), so
-    replay the bytes to know which positions have entries; an entry whose id disagrees is dropped."""
-    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    emitting = []
-    for position, token in enumerate(tokens):
-        decoder.decode(id_bytes.get(token, b""))
-        if not decoder.getstate()[0]:  # nothing pending: this position got an entry
-            emitting.append(position)
-    return [(position, entry) for position, entry in zip(emitting, entries) if tokens[position] == entry.get("id")]
+    """Align llama.cpp's per-token probability entries with generated positions.
+
+    llama.cpp emits no entry for a token that ends inside a UTF-8 character (by its own test of
+    lead bytes, which e.g. takes a lone 0xC1 byte token as the start of a character) and hands
+    its bytes to the next entry. So each entry covers the tokens whose bytes it carries and
+    belongs to the last of them; special tokens come back with no bytes and cover one token.
+    Alignment stops at the first entry that does not fit, rather than pair log-probs by guess."""
+    aligned, position = [], 0
+    for entry in entries:
+        raw = bytes(entry.get("bytes") or [])
+        start, covered = position, b""
+        while position < len(tokens) and (position == start or len(covered) < len(raw)):
+            covered += id_bytes.get(tokens[position], b"")
+            position += 1
+        last = position - 1
+        if position == start or tokens[last] != entry.get("id") or (raw and covered != raw):
+            break
+        aligned.append((last, entry))
+    return aligned
 
 
 def check_parity(client: LlamaCppClient, model, tokenizer, conversations: list[list[dict[str, str]]],
@@ -102,8 +115,8 @@ def check_parity(client: LlamaCppClient, model, tokenizer, conversations: list[l
                          for m in conversations)
     if not template_match:
         notes.append("chat template renders differently")
-    greedy_match, compared, max_diff = 0, 0, 0.0
-    stop = {tokenizer.eos_token_id}
+    greedy_match, compared, max_diff, split_gaps = 0, 0, 0.0, []
+    eos = tokenizer.eos_token_id
     id_bytes = VocabMap(tokenizer).id_bytes
     for prompt in encode_prompts(tokenizer, conversations):
         answer = client.complete(prompt, max_new_tokens, n_probs)
@@ -111,25 +124,33 @@ def check_parity(client: LlamaCppClient, model, tokenizer, conversations: list[l
         with torch.inference_mode():
             out = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
                                  max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+            # transformers' log-probs along llama.cpp's own tokens, plus the position after the last one
+            logprobs = torch.log_softmax(model(torch.tensor([prompt + tokens])).logits[0, len(prompt) - 1:].float(), -1)
         reference = out[0, len(prompt):].tolist()
-        if reference and reference[-1] in stop:
+        if reference and reference[-1] == eos:
             reference = reference[:-1]  # llama.cpp does not return the end-of-turn token
         if reference == tokens:
             greedy_match += 1
-        elif not notes:
-            at = next((i for i, (a, b) in enumerate(zip(reference, tokens)) if a != b), min(len(reference), len(tokens)))
-            notes.append(f"greedy tokens differ at step {at}")
-        if not tokens:
-            continue
-        with torch.inference_mode():  # transformers' log-probs along llama.cpp's own tokens
-            logits = model(torch.tensor([prompt + tokens])).logits[0, len(prompt) - 1:-1].float()
-        logprobs = torch.log_softmax(logits, -1)
+        else:
+            at, gap = _greedy_split(reference, tokens, logprobs, eos)
+            split_gaps.append(gap)
+            notes.append(f"greedy tokens differ at step {at} (transformers' log-prob gap there {gap:.4f})")
         for position, entry in _position_of(tokens, answer.get("completion_probabilities") or [], id_bytes):
             for top in entry.get("top_logprobs", []):
                 max_diff = max(max_diff, abs(float(logprobs[position, top["id"]]) - float(top["logprob"])))
                 compared += 1
-    return Parity(hf_ids == gguf_ids, template_match, greedy_match, len(conversations), compared, max_diff,
-                  notes[0] if notes else "")
+    near_ties = sum(gap <= 2 * max_diff for gap in split_gaps)
+    return Parity(hf_ids == gguf_ids, template_match, greedy_match, near_ties, len(conversations), compared,
+                  max_diff, notes[0] if notes else "")
+
+
+def _greedy_split(reference: list[int], tokens: list[int], logprobs, eos: int) -> tuple[int, float]:
+    """Where two greedy paths part, and how far transformers ranks its own choice there above
+    llama.cpp's (a path that ended chose the end-of-turn token). `logprobs` follows llama.cpp's path."""
+    at = next((i for i, (a, b) in enumerate(zip(reference, tokens)) if a != b), min(len(reference), len(tokens)))
+    ours = reference[at] if at < len(reference) else eos
+    theirs = tokens[at] if at < len(tokens) else eos
+    return at, float(logprobs[at, ours] - logprobs[at, theirs])
 
 
 @dataclass
@@ -199,5 +220,6 @@ def greedy_answers(client: LlamaCppClient, prompts: list[list[int]], n_predict: 
     return answers, sum(first_token) / len(first_token) if first_token else float("nan")
 
 
-def serve(gguf_path: Path, threads: int = 2, ctx: int = 4096) -> LlamaCppServer:
-    return start_llamacpp_server(gguf_path, parallel=1, ctx_per_slot=ctx, threads=threads, alias=gguf_path.stem)
+def serve(gguf_path: Path, threads: int = 2, ctx: int = 4096, exact: bool = False) -> LlamaCppServer:
+    return start_llamacpp_server(gguf_path, parallel=1, ctx_per_slot=ctx, threads=threads, alias=gguf_path.stem,
+                                 exact=exact)

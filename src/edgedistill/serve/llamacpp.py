@@ -50,7 +50,7 @@ def exit_with_parent(parent: int) -> None:
 
 
 def _serve(gguf: str, host: str, port: int, parallel: int, ctx_per_slot: int, threads: int, alias: str,
-           parent: int | None = None) -> None:
+           parent: int | None = None, exact: bool = False) -> None:
     import threading
 
     import xllamacpp
@@ -68,6 +68,9 @@ def _serve(gguf: str, host: str, port: int, parallel: int, ctx_per_slot: int, th
     params.port = port
     params.model_alias = {alias}
     params.verbosity = 0  # no request text in logs
+    if exact:  # F32 KV cache, no flash attention (which rounds through F16 on CPU)
+        params.cache_type_k = params.cache_type_v = xllamacpp.ggml_type.GGML_TYPE_F32
+        params.flash_attn_type = xllamacpp.llama_flash_attn_type.LLAMA_FLASH_ATTN_TYPE_DISABLED
     server = xllamacpp.Server(params)  # noqa: F841  (kept alive until the process is stopped)
     threading.Event().wait()
 
@@ -102,8 +105,12 @@ class LlamaCppServer:
 
 def start_llamacpp_server(gguf: Path, *, port: int | None = None, host: str = "127.0.0.1", parallel: int = 4,
                           ctx_per_slot: int = 2048, threads: int = 2, alias: str = "model",
-                          ready_timeout_s: float = 120.0) -> LlamaCppServer:
-    """Start the server in a child process and return once /health answers 200."""
+                          ready_timeout_s: float = 120.0, exact: bool = False) -> LlamaCppServer:
+    """Start the server in a child process and return once /health answers 200.
+
+    `exact` keeps attention in float32 (F32 KV cache, no flash attention): an F32 GGUF then
+    matches transformers to ~3e-6 in log-prob instead of ~0.01 (measured), for checking a
+    conversion; slower and twice the KV memory, so never the default."""
     if not gguf.is_file():
         raise UserError(f"{gguf}: GGUF file not found")
     if importlib.util.find_spec("xllamacpp") is None:
@@ -111,7 +118,7 @@ def start_llamacpp_server(gguf: Path, *, port: int | None = None, host: str = "1
     port = port or free_port()
     command = [sys.executable, "-m", "edgedistill.serve.llamacpp", str(gguf), "--host", host, "--port", str(port),
                "--parallel", str(parallel), "--ctx-per-slot", str(ctx_per_slot), "--threads", str(threads),
-               "--alias", alias, "--parent", str(os.getpid())]
+               "--alias", alias, "--parent", str(os.getpid())] + (["--exact"] if exact else [])
     return spawn_server(command, host, port, f"{gguf}: llama.cpp", ready_timeout_s)
 
 
@@ -146,10 +153,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--alias", default="model")
     parser.add_argument("--parent", type=int, default=None, help="Exit when this process is gone.")
+    parser.add_argument("--exact", action="store_true", help="Float32 attention (F32 KV, no flash attention).")
     args = parser.parse_args(argv)
     try:
         _serve(str(args.gguf), args.host, args.port, args.parallel, args.ctx_per_slot, args.threads, args.alias,
-               args.parent)
+               args.parent, args.exact)
     except KeyboardInterrupt:
         pass
     except RuntimeError as exc:  # xllamacpp's one error: bad file, port in use
