@@ -381,16 +381,16 @@ def _gguf_markdown(ledger: Ledger, run: RunDir) -> str:
     return (_markdown_table(["type", "size MB", "bits/weight", "KL vs first", "top-1 vs first", "prefill tok/s",
                              "decode tok/s"], rows)
             + f"\n\nThe first row is the reference (highest precision). Against transformers it gives "
-            f"{greedy_summary(parity)} (held out), log-probs within "
+            f"{greedy_summary(parity, 'held-out prompts')}, log-probs within "
             f"{parity.get('max_logprob_diff', float('nan')):.4f}, tokenizer "
             f"{'identical' if parity.get('tokenizer_match') else 'different'}, chat template "
             f"{'identical' if parity.get('template_match') else 'different'}. Files: `{run.export_dir}`.")
 
 
-def greedy_summary(parity: dict[str, float]) -> str:
+def greedy_summary(parity: dict[str, float], prompts: str = "prompts") -> str:
     """The greedy comparison in words, for the export table and the run report."""
     text = (f"greedy tokens identical on {int(parity.get('greedy_match', 0))} of "
-            f"{int(parity.get('greedy_prompts', 0))} prompts")
+            f"{int(parity.get('greedy_prompts', 0))} {prompts}")
     if near_ties := int(parity.get("greedy_near_ties", 0)):
         text += (f" ({near_ties} more part where transformers' top two are closer than twice the largest "
                  "log-prob difference: rounding, not a conversion error)")
