@@ -40,8 +40,9 @@ def _markdown(rows: list[dict], parity: dict[str, float], reference: str) -> str
     lines += ["", f"Parity of `{reference}` with transformers: tokenizer "
               f"{'identical' if parity.get('tokenizer_match') else 'DIFFERENT'} on a mixed English/Japanese/emoji "
               f"text, chat template {'identical' if parity.get('template_match') else 'DIFFERENT'}, "
-              f"{greedy_summary(parity)}, largest log-prob difference {parity.get('max_logprob_diff', float('nan')):.4f} over "
-              f"{int(parity.get('compared_positions', 0))} listed entries."]
+              f"{greedy_summary(parity)}, largest log-prob difference "
+              f"{parity.get('max_logprob_diff', float('nan')):.4f} over {int(parity.get('compared_positions', 0))} "
+              "listed entries."]
     return "\n".join(lines) + "\n"
 
 

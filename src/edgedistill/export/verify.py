@@ -61,8 +61,8 @@ class Parity:
     template_match: bool
     greedy_match: int  # prompts whose greedy tokens are identical
     # Prompts whose greedy paths part where transformers ranks the two tokens closer than twice
-    # max_logprob_diff. Both tokens are among llama.cpp's listed entries there, so a split that
-    # rounding alone causes always lands here; a conversion error shows up as a wide gap.
+    # max_logprob_diff. Where llama.cpp lists that position, both tokens are among its entries,
+    # so a split that rounding alone causes lands here; a conversion error shows as a wide gap.
     near_tie_splits: int
     prompts: int
     compared_positions: int
