@@ -58,6 +58,7 @@ def build_tiny_tokenizer():
 def build_tiny_spm_tokenizer():
     """A SentencePiece-style BPE (Llama 2 layout: ▁ for spaces, byte fallback <0x..>), ~960 ids."""
     import json
+    from collections import Counter
 
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -65,10 +66,14 @@ def build_tiny_spm_tokenizer():
     from edgedistill.data.prompts import read_seed_texts
 
     texts = read_seed_texts("bundled:en") + read_seed_texts("bundled:ja")
+    # The 300 most frequent characters, ties broken by character: the trainer's own
+    # limit_alphabet breaks ties by hash order, so every run built a different model.
+    counts = Counter("\u2581".join(texts).replace(" ", "\u2581"))
+    alphabet = sorted(counts, key=lambda ch: (-counts[ch], ch))[:300]
     tok = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>", fuse_unk=True))
     tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first", split=True)
     tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=700, special_tokens=["<unk>", "<s>", "</s>"],
-                                                       limit_alphabet=300))
+                                                       initial_alphabet=alphabet, limit_alphabet=len(alphabet)))
     data = json.loads(tok.to_str())
     vocab = data["model"]["vocab"]
     for byte in range(256):  # the byte-fallback pieces, in the model vocabulary as in Llama 2

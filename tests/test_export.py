@@ -103,8 +103,8 @@ def test_sentencepiece_vocabulary_tokenizes_as_in_transformers(tmp_path):
     assert fields["tokenizer.ggml.model"].contents() == "llama" and "tokenizer.ggml.scores" in fields
     parity = parity_of(folder, result.path, exact=True)
     assert parity.tokenizer_match and parity.template_match, parity.first_difference
-    # The BPE trainer breaks frequency ties differently from run to run, so this random model
-    # changes too; some draws have near-ties (0.0035 nats seen) that rounding may flip.
+    # A random model can have near-ties (0.0035 nats seen when this vocabulary still changed
+    # from run to run) that even float32 rounding differences may flip.
     assert parity.greedy_match + parity.near_tie_splits == len(CONVERSATIONS), parity
     assert parity.compared_positions >= 50 and parity.max_logprob_diff < 1e-4, parity
 
