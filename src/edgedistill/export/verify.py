@@ -16,12 +16,16 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import httpx
 import numpy as np
 
 from edgedistill.serve.llamacpp import LlamaCppServer, start_llamacpp_server
 from edgedistill.teachers.openai_compat import VocabMap
+
+if TYPE_CHECKING:
+    import torch
 
 PROBE_TEXT = ("Distil a model for the edge: 価格は ¥12,800（税込）です。 Ship it on 2026-11-28 🙂 — "
               "naïve café, ＡＢＣ１２３, 東京都千代田区 〒100-0001.")
@@ -144,7 +148,7 @@ def check_parity(client: LlamaCppClient, model, tokenizer, conversations: list[l
                   max_diff, notes[0] if notes else "")
 
 
-def _greedy_split(reference: list[int], tokens: list[int], logprobs, eos: int) -> tuple[int, float]:
+def _greedy_split(reference: list[int], tokens: list[int], logprobs: torch.Tensor, eos: int) -> tuple[int, float]:
     """Where two greedy paths part, and how far transformers ranks its own choice there above
     llama.cpp's (a path that ended chose the end-of-turn token). `logprobs` follows llama.cpp's path."""
     at = next((i for i, (a, b) in enumerate(zip(reference, tokens)) if a != b), min(len(reference), len(tokens)))
