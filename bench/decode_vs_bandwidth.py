@@ -22,7 +22,7 @@ from gguf import GGUFReader
 
 from edgedistill.export.gguf import export_gguf
 from edgedistill.export.verify import LlamaCppClient, serve, speed
-from edgedistill.teachers.hf import gguf_as_safetensors, resolve_source
+from edgedistill.models.hf import gguf_as_safetensors, resolve_source
 
 
 def copy_bandwidth_gbs(size_bytes: int = 1 << 30, repeat: int = 5) -> float:

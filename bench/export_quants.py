@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from demo_timings import matmul_gflops
+
 from edgedistill.export.stage import run_export
 from edgedistill.recipe import load_recipe
 from edgedistill.run import RunDir, open_ledger

@@ -17,12 +17,13 @@ import platform
 import time
 
 import torch
-
 from demo_timings import matmul_gflops  # the shared anchor
+
 from edgedistill.data.prompts import load_prompts
+from edgedistill.models.hf import embedded_gguf_path
+from edgedistill.models.llamacpp import start_llamacpp_server
 from edgedistill.recipe import GenerateCfg, TeacherCfg
-from edgedistill.serve.llamacpp import start_llamacpp_server
-from edgedistill.teachers.hf import HFTeacher, embedded_gguf_path
+from edgedistill.teachers.hf import HFTeacher
 from edgedistill.teachers.openai_compat import OpenAITeacher
 
 K = 20

@@ -23,16 +23,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
 from demo_timings import matmul_gflops  # the shared anchor
-from edgedistill.data.generate import load_distill_set
+
+from edgedistill.data.store import load_distill_set
 from edgedistill.distill.batches import Example, answer_logits, collate, to_example
 from edgedistill.distill.student import cut_student, even_layers
 from edgedistill.distill.train import make_optimizer, step_loss
 from edgedistill.evaluate.metrics import greedy_answers, rouge_by_lang
+from edgedistill.models.hf import load_causal_lm, sampled_step
 from edgedistill.recipe import TrainCfg
 from edgedistill.run import RunDir
-from edgedistill.teachers.hf import load_causal_lm, sampled_step
 
 VARIANTS = {  # name: (target, TrainCfg overrides)
     "sft": ("none", {"mode": "sft", "alpha_ce": 1.0}),

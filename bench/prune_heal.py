@@ -24,16 +24,16 @@ import tempfile
 import time
 from pathlib import Path
 
+from demo_timings import matmul_gflops  # the shared anchor
 from transformers import AutoModelForCausalLM
 
-from demo_timings import matmul_gflops  # the shared anchor
-from edgedistill.data.generate import load_distill_set
-from edgedistill.distill.student import choose_layers, count_parameters, cut_student, save_model
+from edgedistill.data.store import load_distill_set
+from edgedistill.distill.student import choose_layers, cut_student
 from edgedistill.distill.train import run_train
 from edgedistill.evaluate.metrics import teacher_forced_metrics
+from edgedistill.models.hf import count_parameters, load_causal_lm, save_model
 from edgedistill.recipe import load_recipe
 from edgedistill.run import Ledger, RunDir
-from edgedistill.teachers.hf import load_causal_lm
 
 KEPT_METRICS = ("perplexity", "top1_agreement")
 

@@ -17,14 +17,14 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from demo_timings import matmul_gflops
+
 from edgedistill.data.bootstrap import grow_instructions
 from edgedistill.data.generate import bootstrap_settings
 from edgedistill.data.prompts import load_prompts
 from edgedistill.data.store import InstructionStore, SampleStore
 from edgedistill.recipe import bundled_recipe
 from edgedistill.teachers import build_teacher
-
-from demo_timings import matmul_gflops
 
 
 def main() -> None:

@@ -21,9 +21,9 @@ import sys
 import time
 
 import httpx
-
 from demo_timings import matmul_gflops  # the shared anchor
-from edgedistill.serve.llamacpp import free_port
+
+from edgedistill.net import free_port
 
 QUESTIONS = ["What is the capital of France?", "Name three fruits.", "日本の首都はどこですか？",
              "Write one sentence about the sea.", "How many days are in a week?"]

@@ -25,14 +25,19 @@ import tempfile
 import time
 
 import torch
-
 from demo_timings import matmul_gflops  # the shared anchor
+
 from edgedistill.data.prompts import load_prompts
 from edgedistill.distill.batches import Example, collate
 from edgedistill.distill.student import cut_student, even_layers
 from edgedistill.distill.train import make_optimizer, on_policy_batch, step_loss
+from edgedistill.models.hf import (
+    encode_prompts,
+    end_of_turn_ids,
+    load_causal_lm,
+    score_sequences,
+)
 from edgedistill.recipe import TrainCfg
-from edgedistill.teachers.hf import encode_prompts, end_of_turn_ids, load_causal_lm, score_sequences
 
 BATCH, LENGTH, PROMPT = 4, 256, 64
 

@@ -167,7 +167,7 @@ class ScriptedTeacher:
         import hashlib
 
         from edgedistill.data.selfinstruct import parse_tasks
-        from edgedistill.teachers import Completion
+        from edgedistill.models.hf import Completion
 
         out = []
         for messages in batch:
@@ -226,7 +226,7 @@ class ServeProcess:
     """`edgedistill serve TARGET` on a free loopback port, ready when /health answers 200."""
 
     def __init__(self, target: str, *args: str, env: dict[str, str] | None = None):
-        from edgedistill.serve.llamacpp import free_port
+        from edgedistill.net import free_port
 
         self.port = free_port()
         self.process = subprocess.Popen(

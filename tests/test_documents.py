@@ -7,7 +7,12 @@ import re
 
 import pytest
 
-from edgedistill.data.documents import MIN_PASSAGE_CHARS, TEMPLATES, document_tasks, passages
+from edgedistill.data.documents import (
+    MIN_PASSAGE_CHARS,
+    TEMPLATES,
+    document_tasks,
+    passages,
+)
 from edgedistill.data.prompts import load_prompts
 from edgedistill.errors import UserError
 

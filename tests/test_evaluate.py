@@ -8,12 +8,24 @@ import json
 
 import pytest
 import torch
-
 from conftest import SHARED_DATA, tiny_recipe_for
+
 from edgedistill.errors import UserError
-from edgedistill.evaluate.judge import bootstrap_interval, combine, judge_pairs, parse_verdict
-from edgedistill.evaluate.tasks import chosen_by_text, choice_logliks, exact_match, load_task, score_task
-from edgedistill.teachers import Completion, Usage
+from edgedistill.evaluate.judge import (
+    bootstrap_interval,
+    combine,
+    judge_pairs,
+    parse_verdict,
+)
+from edgedistill.evaluate.tasks import (
+    choice_logliks,
+    chosen_by_text,
+    exact_match,
+    load_task,
+    score_task,
+)
+from edgedistill.models.hf import Completion
+from edgedistill.teachers import Usage
 
 needs_shared = pytest.mark.skipif(not (SHARED_DATA / "gsm8k").is_dir(), reason="../shared/data not present")
 
@@ -53,7 +65,7 @@ def test_answer_extraction_rules():
 
 
 def test_choice_loglik_equals_a_direct_forward_and_scores_are_accuracies(tiny_teacher_dir):
-    from edgedistill.teachers.hf import encode_prompts, load_causal_lm
+    from edgedistill.models.hf import encode_prompts, load_causal_lm
 
     model, tokenizer, _ = load_causal_lm(str(tiny_teacher_dir))
     item = load_task("bundled:mc_en", limit=1)[0]

@@ -9,13 +9,25 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import (
+    build_tiny_model,
+    build_tiny_spm_tokenizer,
+    build_tiny_tokenizer,
+    subprocess_env,
+)
 
-from conftest import build_tiny_model, build_tiny_spm_tokenizer, build_tiny_tokenizer, subprocess_env
 from edgedistill.errors import UserError
 from edgedistill.export.gguf import export_gguf, permute_qk
 from edgedistill.export.ollama import modelfile
-from edgedistill.export.verify import (LlamaCppClient, _greedy_split, _position_of, check_parity, serve, sparse_kl_top1,
-                                       teacher_forced)
+from edgedistill.export.verify import (
+    LlamaCppClient,
+    _greedy_split,
+    _position_of,
+    check_parity,
+    serve,
+    sparse_kl_top1,
+    teacher_forced,
+)
 
 CONVERSATIONS = [[{"role": "user", "content": "Name three fruits."}],
                  [{"role": "user", "content": "日本の首都はどこですか？"}],
@@ -23,7 +35,7 @@ CONVERSATIONS = [[{"role": "user", "content": "Name three fruits."}],
 
 
 def tiny_folder(tmp_path: Path, model_type: str, sentencepiece: bool = False, tied: bool = True) -> Path:
-    from edgedistill.teachers.hf import prepare_tokenizer
+    from edgedistill.models.hf import prepare_tokenizer
 
     tokenizer = build_tiny_spm_tokenizer() if sentencepiece else build_tiny_tokenizer()
     model = build_tiny_model(tokenizer, model_type, layers=2)
@@ -43,7 +55,7 @@ def tiny_folder(tmp_path: Path, model_type: str, sentencepiece: bool = False, ti
 
 
 def parity_of(folder: Path, gguf: Path, tokens: int = 12, exact: bool = False):
-    from edgedistill.teachers.hf import load_causal_lm
+    from edgedistill.models.hf import load_causal_lm
 
     model, tokenizer, _ = load_causal_lm(str(folder))
     with serve(gguf, threads=1, ctx=1024, exact=exact) as server:
@@ -111,7 +123,7 @@ def test_sentencepiece_vocabulary_tokenizes_as_in_transformers(tmp_path):
 
 def test_real_smollm2_weights_export_f16_with_parity():
     """The embedded teacher's real weights (the demo student is a cut of them)."""
-    from edgedistill.teachers.hf import gguf_as_safetensors, resolve_source
+    from edgedistill.models.hf import gguf_as_safetensors, resolve_source
 
     folder = gguf_as_safetensors(resolve_source("embedded"))
     out = Path(folder.parent.parent / "test-export")  # beside the cache, not in the repo

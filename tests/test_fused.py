@@ -5,8 +5,14 @@ import torch
 import torch.nn.functional as F
 
 from edgedistill.distill.fused import DenseTarget, SparseTarget, fused_head_loss
-from edgedistill.distill.losses import KINDS, Objective, cross_entropy, kd_dense, kd_sparse
-from edgedistill.teachers.hf import sampled_step, sparse_step
+from edgedistill.distill.losses import (
+    KINDS,
+    Objective,
+    cross_entropy,
+    kd_dense,
+    kd_sparse,
+)
+from edgedistill.models.hf import sampled_step, sparse_step
 
 N, H, V, K = 13, 8, 50, 6
 

@@ -3,7 +3,8 @@ any backend) so the bootstrap loop, filters, store and resume are what is under 
 
 import sqlite3
 
-from edgedistill.data.generate import bootstrap_settings, load_distill_set
+from edgedistill.data.generate import bootstrap_settings
+from edgedistill.data.store import load_distill_set
 from edgedistill.pipeline import run_recipe
 from edgedistill.recipe import build_recipe
 from edgedistill.run import open_ledger

@@ -1,11 +1,16 @@
 import math
-import pytest
 
+import pytest
 import torch
 import torch.nn.functional as F
 
-from edgedistill.distill.losses import (cross_entropy, kd_dense, kd_sparse, log1mexp,
-                                        sparse_student_logprobs)
+from edgedistill.distill.losses import (
+    cross_entropy,
+    kd_dense,
+    kd_sparse,
+    log1mexp,
+    sparse_student_logprobs,
+)
 
 
 def _topk_target(teacher_logits, k):

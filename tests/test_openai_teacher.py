@@ -7,26 +7,33 @@ import json
 import random
 import subprocess
 import sys
-from email.utils import format_datetime
 from datetime import datetime, timedelta, timezone
+from email.utils import format_datetime
 
 import numpy as np
 import pytest
-
 from conftest import subprocess_env
+from faultproxy import FAULTS, FaultProxy
+
 from edgedistill.errors import UserError
+from edgedistill.models.vocab import VocabMap
+from edgedistill.net import is_loopback
 from edgedistill.pipeline import run_recipe
 from edgedistill.recipe import build_recipe
 from edgedistill.run import Ledger, RunDir
-from edgedistill.teachers.openai_compat import (RetryableError, VocabMap, backoff_delay, is_loopback,
-                                                parse_chat_response, parse_retry_after, sparse_target)
-from faultproxy import FAULTS, FaultProxy
+from edgedistill.teachers.openai_compat import (
+    RetryableError,
+    backoff_delay,
+    parse_chat_response,
+    parse_retry_after,
+    sparse_target,
+)
 
 
 @pytest.fixture(scope="module")
 def llamacpp():
-    from edgedistill.serve.llamacpp import start_llamacpp_server
-    from edgedistill.teachers.hf import embedded_gguf_path
+    from edgedistill.models.hf import embedded_gguf_path
+    from edgedistill.models.llamacpp import start_llamacpp_server
 
     with start_llamacpp_server(embedded_gguf_path(), parallel=2, ctx_per_slot=1024, alias="smollm2") as server:
         yield server
@@ -50,7 +57,7 @@ def openai_recipe(tmp_path, base_url: str, name: str = "remote", teacher: dict |
 
 
 def stored(run: RunDir):
-    from edgedistill.data.generate import load_distill_set
+    from edgedistill.data.store import load_distill_set
 
     return load_distill_set(run)
 
@@ -68,7 +75,7 @@ def usage(run: RunDir) -> dict[str, float]:
 def test_llamacpp_server_gives_a_distill_set_in_the_hf_format(tmp_path, llamacpp):
     from datasets import load_from_disk
 
-    from edgedistill.teachers.hf import encode_prompts, load_causal_lm, score_sequences
+    from edgedistill.models.hf import encode_prompts, load_causal_lm, score_sequences
 
     run = run_recipe(openai_recipe(tmp_path, llamacpp.base_url), only="generate")
     samples = stored(run)
@@ -310,7 +317,7 @@ def test_llamacpp_backend_serves_a_gguf_for_the_stage_and_stops_it(tmp_path):
     samples = stored(run)
     assert len(samples) == 4 and all(s.topk_ids is not None and s.topk_ids.shape[1] == 4 for s in samples)
     ours = [c for c in psutil.Process().children(recursive=True)  # not the module's shared server
-            if "SmolLM2-135M-Instruct-Q4_1" in c.cmdline() and "edgedistill.serve.llamacpp" in c.cmdline()]
+            if "SmolLM2-135M-Instruct-Q4_1" in c.cmdline() and "edgedistill.models.llamacpp" in c.cmdline()]
     assert all(c.status() == psutil.STATUS_ZOMBIE for c in ours), ours
 
 
@@ -321,8 +328,8 @@ def test_a_stage_killed_with_9_leaves_no_llamacpp_server_behind(tmp_path):
 
     import psutil
 
-    script = ("from edgedistill.serve.llamacpp import start_llamacpp_server\n"
-              "from edgedistill.teachers.hf import embedded_gguf_path\n"
+    script = ("from edgedistill.models.llamacpp import start_llamacpp_server\n"
+              "from edgedistill.models.hf import embedded_gguf_path\n"
               "server = start_llamacpp_server(embedded_gguf_path(), parallel=1, ctx_per_slot=512, threads=1)\n"
               "print(server.process.pid, flush=True)\n"
               "import time; time.sleep(600)\n")

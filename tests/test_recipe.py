@@ -1,7 +1,7 @@
 import pytest
 
 from edgedistill.errors import UserError
-from edgedistill.recipe import Recipe, bundled_recipe, build_recipe, load_recipe
+from edgedistill.recipe import Recipe, build_recipe, bundled_recipe, load_recipe
 
 
 def test_bundled_recipes_validate():

@@ -4,7 +4,13 @@ from pathlib import Path
 
 import pytest
 
-from edgedistill.data.selfinstruct import FilterConfig, Task, TaskFilter, bootstrap_prompt, parse_tasks
+from edgedistill.data.selfinstruct import (
+    FilterConfig,
+    Task,
+    TaskFilter,
+    bootstrap_prompt,
+    parse_tasks,
+)
 from edgedistill.data.similarity import detect_lang, rouge_l, text_units
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"

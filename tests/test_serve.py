@@ -11,7 +11,6 @@ import time
 import httpx
 import openai
 import pytest
-
 from conftest import ServeProcess, subprocess_env
 
 MODEL = "SmolLM2-135M-Instruct-Q4_1"
@@ -140,7 +139,7 @@ def test_closed_by_default_and_keys_when_asked():
 
 
 def test_round_trip_the_server_is_a_teacher_for_the_data_engine(server, tmp_path):
-    from edgedistill.data.generate import load_distill_set
+    from edgedistill.data.store import load_distill_set
     from edgedistill.pipeline import run_recipe
     from edgedistill.recipe import build_recipe
 

@@ -10,16 +10,28 @@ import httpx
 import openai
 import pytest
 import torch
+from conftest import (
+    ServeProcess,
+    build_tiny_spm_tokenizer,
+    build_tiny_tokenizer,
+    subprocess_env,
+)
 
-from conftest import ServeProcess, build_tiny_spm_tokenizer, build_tiny_tokenizer, subprocess_env
-from edgedistill.serve.hf_engine import TEXT_ONLY, DecodeRequest, Detokenizer, Finish, decode, held_back
+from edgedistill.serve.hf_engine import (
+    TEXT_ONLY,
+    DecodeRequest,
+    Detokenizer,
+    Finish,
+    decode,
+    held_back,
+)
 
 QUESTION = [{"role": "user", "content": "Write a short poem about the sea."}]
 
 
 @pytest.fixture(scope="module")
 def tiny(tiny_teacher_dir):
-    from edgedistill.teachers.hf import encode_prompts, end_of_turn_ids, load_causal_lm
+    from edgedistill.models.hf import encode_prompts, end_of_turn_ids, load_causal_lm
 
     model, tokenizer, _ = load_causal_lm(str(tiny_teacher_dir))
     return model, tokenizer, end_of_turn_ids(model, tokenizer), encode_prompts(tokenizer, [QUESTION])[0]
@@ -119,7 +131,7 @@ def test_a_hf_folder_is_served_by_transformers_to_the_openai_client(hf_server, t
 def test_the_transformers_engine_is_a_teacher_with_the_hf_backends_targets(hf_server, tiny_teacher_dir, tmp_path):
     """Round trip: the same model through the server and through the hf backend gives the same
     answer tokens and the same top-k targets (greedy)."""
-    from edgedistill.data.generate import load_distill_set
+    from edgedistill.data.store import load_distill_set
     from edgedistill.pipeline import run_recipe
     from edgedistill.recipe import build_recipe
 

@@ -1,9 +1,15 @@
 import pytest
 import torch
-
 from conftest import build_tiny_model, build_tiny_tokenizer
-from edgedistill.distill.student import angular_block, block_influence, count_parameters, cut_student, even_layers
+
+from edgedistill.distill.student import (
+    angular_block,
+    block_influence,
+    cut_student,
+    even_layers,
+)
 from edgedistill.errors import UserError
+from edgedistill.models.hf import count_parameters
 
 
 @pytest.fixture(scope="module")

@@ -1,9 +1,9 @@
 """The hf teacher's generation: left padding must not change what a prompt gets."""
 
 import numpy as np
-
 from conftest import build_tiny_model, build_tiny_tokenizer
-from edgedistill.teachers.hf import generate_batch, prepare_tokenizer
+
+from edgedistill.models.hf import generate_batch, prepare_tokenizer
 
 
 def test_batched_left_padded_generation_matches_batch_one():
@@ -25,7 +25,7 @@ def test_batched_left_padded_generation_matches_batch_one():
 def test_score_gives_the_targets_generation_recorded():
     """On-policy KD scores answers the student wrote; on the teacher's own greedy answers the
     scores must be exactly the targets recorded while generating (one forward pass each)."""
-    from edgedistill.teachers.hf import score_sequences
+    from edgedistill.models.hf import score_sequences
 
     tokenizer = build_tiny_tokenizer()
     prepare_tokenizer(tokenizer)

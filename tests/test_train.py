@@ -14,8 +14,8 @@ import time
 
 import pytest
 import torch
-
 from conftest import build_tiny_model, build_tiny_spm_tokenizer, subprocess_env
+
 from edgedistill.pipeline import run_recipe
 from edgedistill.run import open_ledger
 
@@ -79,7 +79,7 @@ def test_every_objective_lowers_its_loss_offline(base, objective):
 
 
 def test_sampled_targets_are_unbiased_and_stored_like_topk():
-    from edgedistill.teachers.hf import sampled_step
+    from edgedistill.models.hf import sampled_step
 
     logits = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0, -3.0]])
     p = torch.softmax(logits, -1)[0]
@@ -99,7 +99,7 @@ def test_a_sampled_distill_set_trains(base):
     recipe = recipe.model_copy(update={"generate": recipe.generate.model_copy(update={"sparse_target": "sampled"})})
     for stage in ("generate", "student", "train"):
         run = run_recipe(recipe, only=stage)
-    from edgedistill.data.generate import load_distill_set
+    from edgedistill.data.store import load_distill_set
 
     sample = load_distill_set(run, split="train")[0]
     weights = torch.from_numpy(sample.topk_logprobs.astype("float32")).exp()
@@ -205,8 +205,8 @@ def test_on_policy_answers_are_sampled_in_one_batch_as_each_prompt_alone(tiny_te
 
     from edgedistill.distill.batches import Example
     from edgedistill.distill.train import on_policy_batch
+    from edgedistill.models.hf import encode_prompts, end_of_turn_ids, load_causal_lm
     from edgedistill.recipe import TrainCfg
-    from edgedistill.teachers.hf import encode_prompts, end_of_turn_ids, load_causal_lm
 
     model, tokenizer, _ = load_causal_lm(str(tiny_teacher_dir))
     end_ids = end_of_turn_ids(model, tokenizer)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from edgedistill.console import console
 from edgedistill.errors import UserError
 from edgedistill.recipe import Recipe
-from edgedistill.run import FollowerLedger, is_main_process, Ledger, RunDir, open_ledger
+from edgedistill.run import FollowerLedger, Ledger, RunDir, is_main_process, open_ledger
 
 StageFn = Callable[[Recipe, RunDir, Ledger], dict[str, float]]
 
@@ -106,8 +106,8 @@ def preflight(recipe: Recipe) -> str:
     any stage starts, so a typo costs a second and one line, not a half-run. Returns a hash of
     the prompts, so that edited seed files make the stages rerun."""
     from edgedistill.data.prompts import load_prompts
-    from edgedistill.distill.student import check_cut
-    from edgedistill.teachers.hf import model_shape, resolve_source
+    from edgedistill.models.families import check_cuttable
+    from edgedistill.models.hf import model_shape, resolve_source
 
     prompts = load_prompts(recipe.generate.seeds, recipe.generate.heldout_fraction, recipe.generate.limit_per_source)
     local = recipe.teacher.local_model
@@ -118,8 +118,7 @@ def preflight(recipe: Recipe) -> str:
         raise UserError(f"generate.sparse_target = 'sampled' needs the teacher's full distribution — use "
                         f"teacher.backend = 'hf' (the {recipe.teacher.backend} backend gives top-k only)")
     if recipe.teacher.backend in ("hf", "llamacpp", "openai") and local and recipe.student.init == "cut":
-        model_type, n_layers = model_shape(resolve_source(local))
-        check_cut(model_type, n_layers, recipe.student.keep_layers)
+        check_cuttable(model_shape(resolve_source(local)), recipe.student.keep_layers)
     if recipe.student.init == "checkpoint":
         resolve_source(recipe.student.model or "")  # the folder exists, is safetensors, a known architecture
     return hashlib.sha256("".join(sorted(f"{p.id}:{p.split}" for p in prompts)).encode()).hexdigest()[:16]

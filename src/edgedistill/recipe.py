@@ -9,15 +9,22 @@ from __future__ import annotations
 
 import hashlib
 import json
-import tomllib
 from importlib import resources
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import tomli_w
+import tomllib
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from edgedistill.errors import UserError
+
+# Name lists and limits, each defined here once; the stages import them.
+OBJECTIVES = ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd")
+# GGUF types, highest precision first (the first one a run writes is the parity reference).
+GGUF_TYPES = ("f32", "f16", "bf16", "q8_0", "q6_k", "q5_k_m", "q5_0", "q4_k_m", "q4_1", "q4_0")
+# OpenAI's cap on top_logprobs, which vLLM and llama.cpp follow by default (and our server too).
+TOP_LOGPROBS_CAP = 20
 
 
 class _Section(BaseModel):
@@ -107,7 +114,7 @@ class GenerateCfg(_Section):
     temperature: float = Field(0.0, ge=0.0, le=2.0, description="0 = greedy decoding.")
     top_k_logprobs: int = Field(32, ge=1, le=64,
                                 description="Teacher log-probabilities kept per answer token (k); "
-                                "the openai backend asks for min(k, 20), the servers' cap.")
+                                f"the openai backend asks for min(k, {TOP_LOGPROBS_CAP}), the servers' cap.")
     sparse_target: Literal["topk", "sampled"] = Field(
         "topk", description="What the k stored entries per answer token are: the teacher's top-k ids + the "
         "exact tail mass ('topk'), or k draws from the teacher's distribution with unbiased weights (count/k; "
@@ -157,7 +164,7 @@ class TrainCfg(_Section):
         "student and scored by the teacher; sft: the teacher's text only.")
     alpha_ce: float = Field(0.5, ge=0.0, le=1.0,
                             description="loss = alpha*CE(teacher text) + (1-alpha)*divergence(teacher ‖ student).")
-    objective: Literal["forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd"] = Field(
+    objective: Literal[OBJECTIVES] = Field(
         "forward_kl", description="The divergence: forward KL (mean-seeking), reverse KL (MiniLLM, mode-seeking), "
         "jsd (generalized JSD(beta) as TRL's GKD defines it), skew KLs (DistiLLM), total variation.")
     beta: float = Field(0.5, ge=0.0, le=1.0, description="jsd: 0 = forward KL, 1 = reverse KL.")
@@ -220,7 +227,7 @@ class EvalCfg(_Section):
 
 
 class ExportCfg(_Section):
-    types: list[Literal["f32", "f16", "bf16", "q8_0", "q5_0", "q4_0", "q4_1", "q6_k", "q5_k_m", "q4_k_m"]] = Field(
+    types: list[Literal[GGUF_TYPES]] = Field(
         default_factory=lambda: ["f16", "q8_0", "q4_k_m"], min_length=1,
         description="GGUF files to write for llama.cpp / Ollama. K-quant mixes (q4_k_m, q5_k_m) follow "
         "llama-quantize's per-tensor policy; rows that do not split into 256-value blocks fall back "

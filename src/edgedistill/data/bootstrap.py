@@ -16,7 +16,13 @@ from collections.abc import Callable
 
 from edgedistill.console import stage_progress
 from edgedistill.data.prompts import Prompt
-from edgedistill.data.selfinstruct import FilterConfig, Task, TaskFilter, bootstrap_prompt, parse_tasks
+from edgedistill.data.selfinstruct import (
+    FilterConfig,
+    Task,
+    TaskFilter,
+    bootstrap_prompt,
+    parse_tasks,
+)
 from edgedistill.data.store import InstructionStore
 from edgedistill.recipe import GenerateCfg
 from edgedistill.teachers import Sampling, Teacher

@@ -19,9 +19,10 @@ from edgedistill.data.privacy import scrub
 from edgedistill.data.prompts import Prompt, SeedTask, load_prompts, make_prompt
 from edgedistill.data.store import InstructionStore, Sample, SampleStore
 from edgedistill.errors import UserError
+from edgedistill.models.hf import Completion
 from edgedistill.recipe import Recipe, TeacherCfg
 from edgedistill.run import Ledger, RunDir, atomic_write_text
-from edgedistill.teachers import Completion, Teacher, build_teacher
+from edgedistill.teachers import Teacher, build_teacher
 
 # Only these change an answer; other generate fields (batching, bootstrap) reuse stored answers.
 ANSWER_FIELDS = ("max_new_tokens", "temperature", "top_k_logprobs", "sparse_target")
@@ -233,13 +234,3 @@ def _self_instruct(teacher: Callable[[], Teacher], prompts: list[Prompt], recipe
                       f"within generate.bootstrap_max_requests = {cfg.bootstrap_max_requests}[/]")
     metrics = {"new_instructions": len(grown), "bootstrap_requests": instructions.requests_done(grown_settings)}
     return grown, metrics | {f"filter_{reason}": n for reason, n in counts.items()}
-
-
-def load_distill_set(run: RunDir, split: str | None = None) -> list[Sample]:
-    """The samples the generate stage chose for this run (optionally one split), from the store."""
-    if not run.distill_set_path.is_file():
-        raise UserError(f"{run.distill_set_path}: no distill set yet — run the generate stage first")
-    manifest = json.loads(run.distill_set_path.read_text(encoding="utf-8"))
-    ids = set(manifest["ids"])
-    with SampleStore(run.store_path) as store:
-        return [s for s in store.samples(manifest["settings"], split) if s.id in ids]

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from edgedistill.run import transaction
+from edgedistill.errors import UserError
+from edgedistill.run import RunDir, transaction
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS samples (
@@ -172,3 +173,13 @@ class InstructionStore:
             for reason, n in json.loads(counts).items():
                 total[reason] = total.get(reason, 0) + n
         return total
+
+
+def load_distill_set(run: RunDir, split: str | None = None) -> list[Sample]:
+    """The samples the generate stage chose for this run (optionally one split), from the store."""
+    if not run.distill_set_path.is_file():
+        raise UserError(f"{run.distill_set_path}: no distill set yet — run the generate stage first")
+    manifest = json.loads(run.distill_set_path.read_text(encoding="utf-8"))
+    ids = set(manifest["ids"])
+    with SampleStore(run.store_path) as store:
+        return [s for s in store.samples(manifest["settings"], split) if s.id in ids]

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from edgedistill.data.store import Sample
-from edgedistill.teachers.hf import final_hidden
+from edgedistill.models.hf import final_hidden
 
 
 @dataclass
@@ -59,7 +59,7 @@ def to_example(sample: Sample, max_seq_len: int) -> Example | None:
 def to_text_example(sample: Sample, tokenizer, max_seq_len: int) -> Example | None:
     """Sequence-level KD for a student with another vocabulary: the teacher's text through the
     student's own chat template and tokenizer (end of turn appended when the teacher stopped)."""
-    from edgedistill.teachers.hf import encode_prompts
+    from edgedistill.models.hf import encode_prompts
 
     prompt = encode_prompts(tokenizer, [sample.prompt_messages])[0]
     answer = tokenizer(sample.answer, add_special_tokens=False)["input_ids"]

@@ -26,7 +26,13 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from edgedistill.distill.losses import Objective, divergence_rows, soften, sparse_table, sparse_teacher_logprobs
+from edgedistill.distill.losses import (
+    Objective,
+    divergence_rows,
+    soften,
+    sparse_table,
+    sparse_teacher_logprobs,
+)
 
 _CHUNK_BYTES = 256 * 2**20  # float32 logits per chunk: big matmuls, bounded memory
 

@@ -33,8 +33,10 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-Kind = Literal["forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd"]
-KINDS: tuple[str, ...] = ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd")
+from edgedistill.recipe import OBJECTIVES
+
+Kind = Literal[OBJECTIVES]
+KINDS: tuple[str, ...] = OBJECTIVES
 # Teacher buckets with zero mass (padding of a short top list, unsampled ids) would make the
 # student-side divergences infinite; they are floored at 1e-10 in probability.
 _LOG_FLOOR = math.log(1e-10)

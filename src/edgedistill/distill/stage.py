@@ -1,14 +1,23 @@
-"""The student stage: choose the layers to keep on the distill set, cut, save as safetensors."""
+"""The student stage: choose the layers to keep on the distill set, cut, save as safetensors
+(or take a checkpoint of any family, or a fresh model from a config). What was done is written
+to the ledger in words (`student_init`, `student_tokenizer`) for the report, the model card and
+the GGUF metadata, so they say what this run did rather than what runs usually do."""
 
 from __future__ import annotations
 
 from edgedistill.console import console
-from edgedistill.data.generate import load_distill_set
-from edgedistill.distill.student import choose_layers, count_parameters, cut_student, save_model
+from edgedistill.data.store import load_distill_set
+from edgedistill.distill.student import (
+    STRATEGY_WORDS,
+    choose_layers,
+    cut_student,
+    layer_ranges,
+)
 from edgedistill.errors import UserError
+from edgedistill.models.hf import count_parameters, load_causal_lm, save_model
+from edgedistill.models.vocab import vocab_matches
 from edgedistill.recipe import Recipe
 from edgedistill.run import Ledger, RunDir
-from edgedistill.teachers.hf import load_causal_lm
 
 
 def run_student(recipe: Recipe, run: RunDir, ledger: Ledger) -> dict[str, float]:
@@ -29,8 +38,11 @@ def run_student(recipe: Recipe, run: RunDir, ledger: Ledger) -> dict[str, float]
     save_model(student, tokenizer, run.student_init_dir,
                extra={"kept_layers": kept, "strategy": cfg.strategy, "layer_scores": scores,
                       "teacher_layers": teacher.config.num_hidden_layers})
+    n_layers = teacher.config.num_hidden_layers
     ledger.set_meta("student_kept_layers", ",".join(map(str, kept)))
-    ledger.set_meta("kd_mode", "logit KD on the teacher's sparse top-k (same tokenizer: student cut from teacher)")
+    ledger.set_meta("student_init", f"{len(kept)} of the teacher's {n_layers} decoder layers (kept "
+                    f"{layer_ranges(kept)}, chosen by {STRATEGY_WORDS[cfg.strategy]})")
+    ledger.set_meta("student_tokenizer", "the teacher's tokenizer and chat template, unchanged")
     return {"teacher_params": teacher_params, "student_params": student_params, "param_fraction": fraction,
             "kept_layers": len(kept)}
 
@@ -46,6 +58,8 @@ def _other_student(recipe: Recipe, run: RunDir, ledger: Ledger, teacher, tokeniz
             raise UserError("student.model: init = 'checkpoint' needs a local Hugging Face folder")
         student, student_tokenizer, _ = load_causal_lm(cfg.model)
         extra = {"init": "checkpoint", "from": cfg.model}
+        init = (f"the checkpoint {cfg.model} ({student.config.model_type}, "
+                f"{student.config.num_hidden_layers} decoder layers), not cut")
     else:
         config = teacher.config.__class__.from_dict({**teacher.config.to_dict(), **cfg.config})
         if getattr(config, "layer_types", None) and len(config.layer_types) != config.num_hidden_layers:
@@ -58,10 +72,24 @@ def _other_student(recipe: Recipe, run: RunDir, ledger: Ledger, teacher, tokeniz
         student.generation_config = teacher.generation_config
         student_tokenizer = tokenizer
         extra = {"init": "config", "overrides": cfg.config}
+        init = (f"a fresh random {config.model_type} ({config.num_hidden_layers} decoder layers): the teacher's "
+                f"config with {', '.join(f'{k} = {v}' for k, v in cfg.config.items()) or 'no changes'}")
     teacher_params, student_params = count_parameters(teacher), count_parameters(student)
     console.print(f"student: {cfg.init}, {student_params / 1e6:.1f}M parameters = "
                   f"{student_params / teacher_params:.0%} of the teacher")
     save_model(student, student_tokenizer, run.student_init_dir, extra=extra)
-    ledger.set_meta("student_kept_layers", f"{cfg.init} ({student.config.num_hidden_layers} layers)")
+    ledger.set_meta("student_kept_layers", "")
+    ledger.set_meta("student_init", init)
+    ledger.set_meta("student_tokenizer", tokenizer_words(tokenizer, student_tokenizer))
     return {"teacher_params": teacher_params, "student_params": student_params,
             "param_fraction": student_params / teacher_params, "kept_layers": student.config.num_hidden_layers}
+
+
+def tokenizer_words(teacher_tokenizer, student_tokenizer) -> str:
+    """The student's tokenizer against the teacher's, in words."""
+    if student_tokenizer is teacher_tokenizer:
+        return "the teacher's tokenizer and chat template, unchanged"
+    if vocab_matches(teacher_tokenizer, student_tokenizer):
+        return "its own tokenizer, with the same vocabulary as the teacher's"
+    return (f"its own tokenizer ({len(student_tokenizer)} tokens; the teacher's has {len(teacher_tokenizer)}): "
+            "another vocabulary")

@@ -16,22 +16,33 @@ Which layers to drop is measured on the distill set:
 from __future__ import annotations
 
 import copy
-import json
-import os
-import shutil
-import tempfile
 from collections.abc import Sequence
-from pathlib import Path
 
 import torch
 
 from edgedistill.data.store import Sample
 from edgedistill.errors import UserError
-from edgedistill.run import publish_mode
-from edgedistill.teachers.hf import hidden_states
+from edgedistill.models.families import (
+    check_cuttable,
+    cut_config,
+    decoder_layers,
+    shape_of,
+)
+from edgedistill.models.hf import hidden_states
 
-# Architectures whose decoder stack is `model.model.layers` with per-layer config lists we know.
-CUTTABLE = {"llama", "mistral", "qwen2", "qwen3"}
+STRATEGY_WORDS = {"even": "even spacing", "angular": "angular distance on the distill set (Gromov et al. 2024)",
+                  "block_influence": "Block Influence on the distill set (ShortGPT)"}
+
+
+def layer_ranges(kept: Sequence[int]) -> str:
+    """[0, 1, 2, 5, 7, 8] -> '0–2, 5, 7–8' (for the report and the model card)."""
+    runs: list[list[int]] = []
+    for index in kept:
+        if runs and index == runs[-1][-1] + 1:
+            runs[-1].append(index)
+        else:
+            runs.append([index])
+    return ", ".join(f"{r[0]}–{r[-1]}" if len(r) > 1 else f"{r[0]}" for r in runs)
 
 
 def even_layers(n_layers: int, keep: int) -> list[int]:
@@ -79,19 +90,9 @@ def block_influence(states: list[torch.Tensor], n_drop: int) -> tuple[list[int],
     return [i for i in range(n_layers) if i not in dropped], scores
 
 
-def check_cut(model_type: str, n_layers: int, keep: int) -> None:
-    """The cut is possible: a known decoder stack, and fewer layers kept than the teacher has."""
-    if model_type not in CUTTABLE:
-        raise UserError(f"teacher architecture '{model_type}' cannot be cut into a student yet "
-                        f"(supported: {', '.join(sorted(CUTTABLE))})")
-    if not 1 <= keep < n_layers:
-        raise UserError(f"student.keep_layers: must be between 1 and {n_layers - 1} for this "
-                        f"{n_layers}-layer teacher (got {keep})")
-
-
 def choose_layers(model, strategy: str, keep: int, samples: Sequence[Sample]) -> tuple[list[int], list[float]]:
     n_layers = model.config.num_hidden_layers
-    check_cut(model.config.model_type, n_layers, keep)
+    check_cuttable(shape_of(model.config), keep)
     if strategy == "even":
         return even_layers(n_layers, keep), []
     if not samples:
@@ -101,52 +102,23 @@ def choose_layers(model, strategy: str, keep: int, samples: Sequence[Sample]) ->
     return measure(states, n_layers - keep)
 
 
-def _cut_config(config, kept: list[int]):
-    cut = copy.deepcopy(config)
-    cut.num_hidden_layers = len(kept)
-    for name in ("layer_types",):  # per-layer lists (Qwen2/3 sliding window) follow the kept layers
-        values = getattr(cut, name, None)
-        if isinstance(values, list) and len(values) == config.num_hidden_layers:
-            setattr(cut, name, [values[i] for i in kept])
-    if getattr(cut, "max_window_layers", None) is not None:
-        cut.max_window_layers = min(cut.max_window_layers, len(kept))
-    return cut
-
-
 def cut_student(teacher, kept: list[int]):
-    """A new model holding exactly the teacher's kept layers (renumbered), embeddings, norm and head."""
+    """A new model holding exactly the teacher's kept layers (renumbered), embeddings, norm and
+    head, for any decoder-only family (models/families.py finds the stack and per-layer config)."""
     from transformers import AutoModelForCausalLM
 
-    check_cut(teacher.config.model_type, teacher.config.num_hidden_layers, len(kept))
-    student = AutoModelForCausalLM.from_config(_cut_config(teacher.config, kept), dtype=teacher.dtype)
+    check_cuttable(shape_of(teacher.config), len(kept))
+    prefix, _ = decoder_layers(teacher)
+    student = AutoModelForCausalLM.from_config(cut_config(teacher.config, kept), dtype=teacher.dtype)
     renumber = {old: new for new, old in enumerate(kept)}
     state = {}
     for key, tensor in teacher.state_dict().items():
-        if key.startswith("model.layers."):
-            index = int(key.split(".")[2])
+        if key.startswith(prefix + "."):
+            index = int(key[len(prefix) + 1:].split(".")[0])
             if index not in renumber:
                 continue
-            key = key.replace(f"model.layers.{index}.", f"model.layers.{renumber[index]}.", 1)
+            key = f"{prefix}.{renumber[index]}{key[len(prefix) + 1 + len(str(index)):]}"
         state[key] = tensor.detach().clone()
     student.load_state_dict(state, strict=True)
     student.generation_config = copy.deepcopy(teacher.generation_config)
     return student
-
-
-def count_parameters(model) -> int:
-    """Unique parameters (tied embedding and head counted once)."""
-    return sum(p.numel() for p in model.parameters())
-
-
-def save_model(model, tokenizer, target: Path, extra: dict | None = None) -> None:
-    """save_pretrained (safetensors) + tokenizer + chat template, into a temp folder then renamed."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    if extra is not None:
-        (tmp / "edgedistill.json").write_text(json.dumps(extra, indent=2), encoding="utf-8")
-    publish_mode(tmp)
-    if target.exists():
-        shutil.rmtree(target)
-    os.replace(tmp, target)

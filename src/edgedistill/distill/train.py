@@ -42,12 +42,25 @@ import torch
 from torch.utils.data import DataLoader, RandomSampler
 
 from edgedistill.console import console, stage_progress
-from edgedistill.data.generate import load_distill_set
-from edgedistill.distill.batches import Batch, Example, answer_hidden, collate, to_example, to_text_example
-from edgedistill.distill.fused import DenseTarget, SparseTarget, default_chunk_rows, fused_head_loss
+from edgedistill.data.store import load_distill_set
+from edgedistill.distill.batches import (
+    Batch,
+    Example,
+    answer_hidden,
+    collate,
+    to_example,
+    to_text_example,
+)
+from edgedistill.distill.fused import (
+    DenseTarget,
+    SparseTarget,
+    default_chunk_rows,
+    fused_head_loss,
+)
 from edgedistill.distill.losses import Objective, cross_entropy, kd_dense, kd_sparse
-from edgedistill.distill.student import save_model
 from edgedistill.errors import UserError
+from edgedistill.models.hf import save_model
+from edgedistill.models.vocab import vocab_matches
 from edgedistill.recipe import Recipe, TrainCfg
 from edgedistill.run import Ledger, RunDir
 
@@ -113,7 +126,7 @@ def _target(batch: Batch, cfg: TrainCfg, teacher, teacher_head, device) -> Spars
 
     if not cfg.online_top_k:
         return DenseTarget(logits_of)
-    from edgedistill.teachers.hf import sparse_step
+    from edgedistill.models.hf import sparse_step
 
     rows = default_chunk_rows(teacher_head.weight.shape[0])
     parts = [sparse_step(logits_of(s, s + rows), cfg.online_top_k) for s in range(0, len(teacher_hidden), rows)]
@@ -128,7 +141,7 @@ def on_policy_batch(model, examples: list[Example], cfg: TrainCfg, pad_id: int, 
     live teacher, so the batch carries none."""
     import numpy as np
 
-    from edgedistill.teachers.hf import left_pad
+    from edgedistill.models.hf import left_pad
 
     unwrapped = getattr(model, "module", model)
     was_training = unwrapped.training
@@ -150,12 +163,6 @@ def on_policy_batch(model, examples: list[Example], cfg: TrainCfg, pad_id: int, 
         sampled.append(Example(np.concatenate([prompt, np.array(answer, dtype=np.int64)]), example.n_prompt,
                                None, None, None))
     return collate(sampled, pad_id)
-
-
-def vocab_matches(teacher_tokenizer, student_tokenizer) -> bool:
-    """Logit KD needs the same token strings at the same ids (padding rows of the embedding
-    beyond the tokenizer do not count)."""
-    return teacher_tokenizer.get_vocab() == student_tokenizer.get_vocab()
 
 
 def _checkpoints(folder: Path) -> list[Path]:
@@ -200,7 +207,7 @@ def _cosine_with_warmup(optimizer, warmup: int, total: int):
 
 
 def _load_teacher(recipe: Recipe):
-    from edgedistill.teachers.hf import load_causal_lm
+    from edgedistill.models.hf import load_causal_lm
 
     if recipe.teacher.backend not in ("hf", "llamacpp"):
         raise UserError(f"train.mode = '{recipe.train.mode}' needs the teacher in memory — use teacher.backend "
@@ -228,7 +235,7 @@ def run_train(recipe: Recipe, run: RunDir, ledger: Ledger) -> dict[str, float]:
     teacher's text only (same data, order, steps and seed) — the row every report compares to."""
     from transformers import AutoTokenizer
 
-    from edgedistill.teachers.hf import load_tokenizer
+    from edgedistill.models.hf import load_tokenizer
 
     cfg = recipe.train
     student_tokenizer = AutoTokenizer.from_pretrained(run.student_init_dir, local_files_only=True)
@@ -238,7 +245,8 @@ def run_train(recipe: Recipe, run: RunDir, ledger: Ledger) -> dict[str, float]:
     if logit_kd and not same_vocab:
         console.print("[yellow]teacher and student vocabularies differ: logit KD is impossible, training on the "
                       "teacher's text (sequence-level KD) instead[/]")
-        ledger.set_meta("kd_mode", "sequence-level KD (teacher and student vocabularies differ)")
+        ledger.set_meta("kd_mode", "sequence-level KD: cross-entropy on the teacher's text, re-tokenised for the "
+                        "student (the vocabularies differ)")
         ledger.log_metrics("train", "stage", {"vocab_mismatch_fallback": 1.0})
         logit_kd = False
     examples = _examples(recipe, run, student_tokenizer, same_vocab=same_vocab)
@@ -254,10 +262,12 @@ def run_train(recipe: Recipe, run: RunDir, ledger: Ledger) -> dict[str, float]:
             shutil.rmtree(stale, ignore_errors=True)
     teacher = _load_teacher(recipe)[0] if logit_kd and cfg.mode in ("online", "on_policy") else None
     if logit_kd:
-        ledger.set_meta("kd_mode", f"{cfg.mode} logit KD, {cfg.objective} on "
-                        + ("the cached sparse target" if cfg.mode == "offline" else "the live teacher's logits"))
+        target = (f"the cached sparse top-{recipe.generate.top_k_logprobs} target" if cfg.mode == "offline"
+                  else "the live teacher's logits")
+        ledger.set_meta("kd_mode", f"{cfg.mode} logit KD: loss = {cfg.alpha_ce:g}·CE(teacher's text) + "
+                        f"{1 - cfg.alpha_ce:g}·{cfg.objective}(teacher ‖ student) on {target}")
     elif cfg.mode == "sft" or cfg.alpha_ce == 1.0:
-        ledger.set_meta("kd_mode", "SFT on the teacher's text (sequence-level KD)")
+        ledger.set_meta("kd_mode", "SFT: cross-entropy on the teacher's text (sequence-level KD)")
     console.print(f"training the student: {cfg.mode if logit_kd else 'sequence-level'}, {cfg.objective}"
                   + (" (then the SFT baseline)" if cfg.sft_baseline else ""))
     result = train_student(recipe, run, ledger, examples, out_dir=run.student_dir, use_logits=logit_kd,
@@ -305,7 +315,7 @@ def train_student(recipe: Recipe, run: RunDir, ledger: Ledger, examples: list[Ex
     from accelerate.utils import set_seed
     from transformers import AutoTokenizer
 
-    from edgedistill.teachers.hf import end_of_turn_ids
+    from edgedistill.models.hf import end_of_turn_ids
 
     cfg = recipe.train
     logging.getLogger("accelerate").setLevel(logging.ERROR)  # per-save notes about the tied head

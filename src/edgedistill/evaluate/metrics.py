@@ -25,7 +25,7 @@ import torch
 from edgedistill.data.similarity import rouge_l
 from edgedistill.data.store import Sample
 from edgedistill.distill.batches import answer_logits, collate, to_example
-from edgedistill.teachers.hf import encode_prompts, generate_batch
+from edgedistill.models.hf import encode_prompts, generate_batch
 
 
 @torch.inference_mode()

@@ -142,7 +142,7 @@ def task_table(ledger: Ledger) -> tuple[list[str], list[list[str]]]:
                                                   for _, label, m in rows]
 
 
-def _markdown_table(header: list[str], rows: list[list[str]]) -> str:
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     return "\n".join(lines)
@@ -355,8 +355,8 @@ def _sections(recipe: Recipe, run: RunDir, ledger: Ledger) -> dict:
                f"{v.get('cost_usd', 0.0):.4f}"] for (stage, teacher), v in ledger.usage().items()])
     stages = (['stage', 'status', 'seconds'],
               [[s.name, s.status, f"{s.seconds:.1f}" if s.seconds else "–"] for s in ledger.stages() if s.name != "report"])
-    intro = (f"Teacher {meta.get('teacher', recipe.teacher.model)}; student cut from it, keeping layers "
-             f"{meta.get('student_kept_layers', '?')} ({recipe.student.strategy}); {meta.get('kd_mode', '')}. "
+    intro = (f"Teacher {meta.get('teacher', recipe.teacher.model)}. Student: {meta.get('student_init', '?')}; "
+             f"{meta.get('student_tokenizer', '')}. Training: {meta.get('kd_mode', 'not run yet')}. "
              f"Held-out prompts: {int(gen.get('heldout_prompts', 0))} (never trained on).")
     quality_note = ("Perplexity is of the teacher's answers to the held-out prompts; top-1 agreement is the share of "
                     "answer positions where the model's most likely token is the teacher's; ROUGE-L and chrF compare "
@@ -378,7 +378,7 @@ def _gguf_markdown(ledger: Ledger, run: RunDir) -> str:
     if not rows:
         return "No export yet."
     parity = export.get("parity", {})
-    return (_markdown_table(["type", "size MB", "bits/weight", "KL vs first", "top-1 vs first", "prefill tok/s",
+    return (markdown_table(["type", "size MB", "bits/weight", "KL vs first", "top-1 vs first", "prefill tok/s",
                              "decode tok/s"], rows)
             + f"\n\nThe first row is the reference (highest precision). Against transformers it gives "
             f"{greedy_summary(parity, 'held-out prompts')}, log-probs within "
@@ -409,13 +409,13 @@ The same report with plots and every held-out answer: `{run.report_html_path}`.
 {chr(10) + '**' + line + '**' + chr(10) if line else ''}
 ## Teacher vs students vs edge files
 
-{_markdown_table(header, rows)}
+{markdown_table(header, rows)}
 
 {sections['quality_note']} Bold: the best student value in each column.
 
 ## Task accuracy
 
-{_markdown_table(task_header, task_rows) if task_rows else 'No eval sets with answers in this run (evaluate.tasks).'}
+{markdown_table(task_header, task_rows) if task_rows else 'No eval sets with answers in this run (evaluate.tasks).'}
 
 ## Judge (pairwise, both orders)
 
@@ -423,7 +423,7 @@ The same report with plots and every held-out answer: `{run.report_html_path}`.
 
 ## Data and training
 
-{_markdown_table(['what', 'value'], sections['data_rows'])}
+{markdown_table(['what', 'value'], sections['data_rows'])}
 
 ## Edge files (GGUF, measured in llama.cpp)
 
@@ -431,11 +431,11 @@ The same report with plots and every held-out answer: `{run.report_html_path}`.
 
 ## Teacher usage (cost ledger, every attempt)
 
-{_markdown_table(*sections['usage'])}
+{markdown_table(*sections['usage'])}
 
 ## Stages
 
-{_markdown_table(*sections['stages'])}
+{markdown_table(*sections['stages'])}
 
 ## Recipe
 

@@ -14,16 +14,26 @@ import time
 from pathlib import Path
 
 from edgedistill.console import console
-from edgedistill.data.generate import load_distill_set
-from edgedistill.data.store import Sample
-from edgedistill.distill.student import count_parameters
+from edgedistill.data.store import Sample, load_distill_set
 from edgedistill.errors import UserError
-from edgedistill.evaluate.metrics import (greedy_answers, peak_rss_bytes, reset_peak_rss, rouge_by_lang,
-                                          size_on_disk, speed_profile, teacher_forced_metrics)
+from edgedistill.evaluate.metrics import (
+    greedy_answers,
+    peak_rss_bytes,
+    reset_peak_rss,
+    rouge_by_lang,
+    size_on_disk,
+    speed_profile,
+    teacher_forced_metrics,
+)
 from edgedistill.evaluate.tasks import TaskItem, load_task, score_task
+from edgedistill.models.hf import (
+    count_parameters,
+    gguf_as_safetensors,
+    load_causal_lm,
+    resolve_source,
+)
 from edgedistill.recipe import Recipe
 from edgedistill.run import Ledger, RunDir, atomic_write_text
-from edgedistill.teachers.hf import gguf_as_safetensors, load_causal_lm, resolve_source
 
 # Row names in the ledger and the report, in display order.
 MODELS = ("teacher", "student_before", "student_after", "student_sft")

@@ -172,7 +172,7 @@ def chosen_by_text(prediction: str, choices: list[str]) -> int | None:
 @torch.inference_mode()
 def choice_logliks(model, tokenizer, item: TaskItem) -> list[float]:
     """Summed log-probability of each choice's tokens as the assistant's reply to the question."""
-    from edgedistill.teachers.hf import encode_prompts
+    from edgedistill.models.hf import encode_prompts
 
     prompt = encode_prompts(tokenizer, [item.messages])[0]
     sequences = [prompt + tokenizer(c, add_special_tokens=False)["input_ids"] for c in item.choices or []]
@@ -194,7 +194,7 @@ def _argmax(values: list[float]) -> int:
 
 def score_task(model, tokenizer, items: list[TaskItem], max_new_tokens: int, batch_size: int) -> dict[str, float]:
     """Accuracy of one model on one eval set; generation is greedy and batched."""
-    from edgedistill.teachers.hf import generate_batch
+    from edgedistill.models.hf import generate_batch
 
     answers: list[str] = []
     for start in range(0, len(items), batch_size):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 from edgedistill import __version__
-from edgedistill.evaluate.report import _markdown_table, quality_table
+from edgedistill.evaluate.report import markdown_table, quality_table
 from edgedistill.recipe import Recipe
 from edgedistill.run import Ledger, RunDir, atomic_write_text
 
@@ -22,7 +22,7 @@ def model_card(recipe: Recipe, run: RunDir, ledger: Ledger, export_table: str) -
     license_name = recipe.export.license or "the teacher's license (not recorded in the recipe)"
     front = {"license": recipe.export.license or "other", "language": languages,
              "tags": ["gguf", "llama.cpp", "distillation", "edgedistill"], "base_model_relation": "distilled"}
-    quality = _markdown_table(header, rows) if rows else "Not evaluated in this run."
+    quality = markdown_table(header, rows) if rows else "Not evaluated in this run."
     return f"""---
 {chr(10).join(f"{k}: {json.dumps(v, ensure_ascii=False)}" for k, v in front.items())}
 ---
@@ -34,24 +34,22 @@ privately and offline in llama.cpp, Ollama or LM Studio.
 
 ## Model
 
-- Student: {int(student.get('kept_layers', 0))} of the teacher's decoder layers (kept:
-  {meta.get('student_kept_layers', '?')}, chosen by `{recipe.student.strategy}`),
+- Student: {meta.get('student_init', 'not recorded')};
   {student.get('student_params', 0) / 1e6:.1f}M parameters = {student.get('param_fraction', 0):.0%} of the teacher.
-- Tokenizer and chat template: the teacher's, unchanged.
+- Tokenizer and chat template: {meta.get('student_tokenizer', 'not recorded')}.
 
 ## Data
 
 {int(gen.get('prompts', 0))} prompts ({int(gen.get('train_prompts', 0))} for training,
 {int(gen.get('heldout_prompts', 0))} held out; {int(gen.get('prompts_ja', 0))} in Japanese) from
 `{', '.join(recipe.generate.seeds)}`{' plus ' + str(int(gen['new_instructions'])) + ' Self-Instruct tasks' if gen.get('new_instructions') else ''},
-answered by the teacher ({int(gen.get('answer_tokens', 0))} answer tokens, top-{recipe.generate.top_k_logprobs}
-log-probabilities per token kept for distillation).
+answered by the teacher ({int(gen.get('answer_tokens', 0))} answer tokens; {int(gen.get('text_only_answers', 0))} kept as
+text only).
 
 ## Training
 
-Knowledge distillation: {recipe.train.alpha_ce:g}·cross-entropy on the teacher's answers +
-{1 - recipe.train.alpha_ce:g}·KL(teacher ‖ student) on its sparse top-k distribution;
-{int(train.get('steps', 0))} steps over {int(train.get('train_tokens', 0))} tokens.
+{meta.get('kd_mode', 'Not trained in this run.')}; {int(train.get('steps', 0))} steps over
+{int(train.get('train_tokens', 0))} tokens.
 
 ## Evaluation (held-out prompts)
 

@@ -14,19 +14,24 @@ from __future__ import annotations
 import json
 
 from edgedistill.console import console, stage_progress
-from edgedistill.data.generate import load_distill_set
+from edgedistill.data.store import load_distill_set
 from edgedistill.errors import UserError
+from edgedistill.evaluate.metrics import peak_rss_bytes, rouge_by_lang
+from edgedistill.evaluate.report import greedy_summary
 from edgedistill.export.card import write_model_card
 from edgedistill.export.gguf import export_gguf
 from edgedistill.export.ollama import write_modelfile
-from edgedistill.evaluate.metrics import peak_rss_bytes, rouge_by_lang
-from edgedistill.evaluate.report import greedy_summary
-from edgedistill.export.verify import (LlamaCppClient, check_parity, greedy_answers, serve, sparse_kl_top1, speed,
-                                       teacher_forced)
-from edgedistill.recipe import Recipe
+from edgedistill.export.verify import (
+    LlamaCppClient,
+    check_parity,
+    greedy_answers,
+    serve,
+    sparse_kl_top1,
+    speed,
+    teacher_forced,
+)
+from edgedistill.recipe import GGUF_TYPES, Recipe
 from edgedistill.run import Ledger, RunDir, atomic_write_text
-
-PRECISION_ORDER = ("f32", "f16", "bf16", "q8_0", "q6_k", "q5_k_m", "q5_0", "q4_k_m", "q4_1", "q4_0")
 
 
 def _markdown(rows: list[dict], parity: dict[str, float], reference: str) -> str:
@@ -47,13 +52,13 @@ def _markdown(rows: list[dict], parity: dict[str, float], reference: str) -> str
 
 
 def run_export(recipe: Recipe, run: RunDir, ledger: Ledger) -> dict[str, float]:
-    from edgedistill.teachers.hf import encode_prompts, load_causal_lm
+    from edgedistill.models.hf import encode_prompts, load_causal_lm
 
     cfg = recipe.export
     source = run.student_dir
     if not (source / "config.json").is_file():
         raise UserError(f"{source}: no trained student — run the train stage first")
-    types = sorted(dict.fromkeys(cfg.types), key=PRECISION_ORDER.index)
+    types = sorted(dict.fromkeys(cfg.types), key=GGUF_TYPES.index)
     reference = types[0]
     heldout = load_distill_set(run, split="heldout")
     sequences = [s.prompt_ids.tolist() + s.answer_ids.tolist() for s in heldout]

@@ -21,15 +21,15 @@ from typing import TYPE_CHECKING
 import httpx
 import numpy as np
 
-from edgedistill.serve.llamacpp import LlamaCppServer, start_llamacpp_server
-from edgedistill.teachers.openai_compat import VocabMap
+from edgedistill.models.llamacpp import LlamaCppServer, start_llamacpp_server
+from edgedistill.models.vocab import VocabMap
+from edgedistill.recipe import TOP_LOGPROBS_CAP
 
 if TYPE_CHECKING:
     import torch
 
 PROBE_TEXT = ("Distil a model for the edge: 価格は ¥12,800（税込）です。 Ship it on 2026-11-28 🙂 — "
               "naïve café, ＡＢＣ１２３, 東京都千代田区 〒100-0001.")
-KL_TOP_K = 20  # reference buckets for the sparse KL (the OpenAI-compatible cap, as in the data engine)
 N_PROBS = 64   # what each side lists per position; a reference id outside the quant's list is
                # given the quant's smallest listed log-prob (an upper bound), and counted
 
@@ -107,7 +107,7 @@ def check_parity(client: LlamaCppClient, model, tokenizer, conversations: list[l
     """Tokenizer, chat template, greedy tokens and log-probs of the GGUF vs transformers."""
     import torch
 
-    from edgedistill.teachers.hf import encode_prompts
+    from edgedistill.models.hf import encode_prompts
 
     notes: list[str] = []
     hf_ids = tokenizer(PROBE_TEXT, add_special_tokens=False)["input_ids"]
@@ -179,7 +179,7 @@ def teacher_forced(client: LlamaCppClient, sequences: list[list[int]], max_posit
     return Distributions(rows)
 
 
-def sparse_kl_top1(reference: Distributions, quant: Distributions, k: int = KL_TOP_K) -> dict[str, float]:
+def sparse_kl_top1(reference: Distributions, quant: Distributions, k: int = TOP_LOGPROBS_CAP) -> dict[str, float]:
     """Mean KL(reference ‖ quant) over reference top-k + tail, top-1 agreement, and coverage."""
     kls, agree, missing, used = [], 0, 0, 0
     for ref, qnt in zip(reference.rows, quant.rows):

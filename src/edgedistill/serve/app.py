@@ -26,10 +26,18 @@ from importlib import resources
 import httpx
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+
+from edgedistill.recipe import TOP_LOGPROBS_CAP
 
 log = logging.getLogger("edgedistill.serve")
-MAX_TOP_LOGPROBS = 20
 
 
 @dataclass
@@ -107,8 +115,8 @@ def _validate(body: dict, settings: ServeSettings) -> JSONResponse | None:
     # chat: top_logprobs = k; completions: logprobs = k (in chat, logprobs is a boolean)
     for field in ("top_logprobs", "logprobs"):
         k = body.get(field)
-        if isinstance(k, int) and not isinstance(k, bool) and not 0 <= k <= MAX_TOP_LOGPROBS:
-            return openai_error(400, f"{field} must be between 0 and {MAX_TOP_LOGPROBS}.")
+        if isinstance(k, int) and not isinstance(k, bool) and not 0 <= k <= TOP_LOGPROBS_CAP:
+            return openai_error(400, f"{field} must be between 0 and {TOP_LOGPROBS_CAP}.")
     return None
 
 

@@ -30,7 +30,6 @@ import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-MAX_TOP_LOGPROBS = 20
 TEXT_ONLY = -1
 
 
@@ -161,8 +160,8 @@ class Engine:
     """A loaded model plus the OpenAI wire format around `decode`."""
 
     def __init__(self, folder: Path, model_id: str, threads: int = 2):
-        from edgedistill.teachers.hf import end_of_turn_ids, load_causal_lm
-        from edgedistill.teachers.openai_compat import VocabMap
+        from edgedistill.models.hf import end_of_turn_ids, load_causal_lm
+        from edgedistill.models.vocab import VocabMap
 
         torch.set_num_threads(threads)
         self.model, self.tokenizer, _ = load_causal_lm(str(folder))
@@ -346,7 +345,8 @@ def start_hf_engine(folder: Path, *, alias: str, threads: int = 2, host: str = "
     """Start the engine in a child process; returns once the model is loaded (/health 200)."""
     import os
 
-    from edgedistill.serve.llamacpp import free_port, spawn_server
+    from edgedistill.models.llamacpp import spawn_server
+    from edgedistill.net import free_port
 
     port = free_port()
     command = [sys.executable, "-m", "edgedistill.serve.hf_engine", str(folder), "--host", host, "--port", str(port),
@@ -359,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
     import uvicorn
 
     from edgedistill.errors import UserError
-    from edgedistill.serve.llamacpp import exit_with_parent
+    from edgedistill.models.llamacpp import exit_with_parent
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("folder", type=Path)

@@ -9,10 +9,11 @@ from pathlib import Path
 from typing import NamedTuple
 
 from edgedistill.errors import UserError
-from edgedistill.teachers.openai_compat import is_loopback
+from edgedistill.net import is_loopback
+from edgedistill.recipe import GGUF_TYPES
 
 # The file a run serves by default: small, and near-lossless for small models (docs/BENCHMARKS.md).
-PREFERRED = ("q8_0", "q4_k_m", "q5_k_m", "q6_k", "f16", "q4_0", "q4_1", "q5_0", "bf16", "f32")
+PREFERRED = tuple(t for t in GGUF_TYPES if t.startswith("q")) + tuple(t for t in GGUF_TYPES if not t.startswith("q"))
 
 
 ENGINES = ("auto", "llamacpp", "transformers")
@@ -35,7 +36,7 @@ def resolve_model(target: str, engine: str = "auto") -> ServedModel:
     if engine not in ENGINES:
         raise UserError(f"--engine {engine}: choose one of {', '.join(ENGINES)}")
     if target == "embedded":
-        from edgedistill.teachers.hf import EMBEDDED_ID, embedded_gguf_path
+        from edgedistill.models.hf import EMBEDDED_ID, embedded_gguf_path
 
         if engine == "transformers":
             raise UserError("embedded: the embedded teacher is a GGUF file — serve it with --engine llamacpp")
@@ -88,7 +89,7 @@ def run_server(target: str, *, host: str = "127.0.0.1", port: int = 8000, api_ke
     served = resolve_model(target, engine)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if served.engine == "llamacpp":
-        from edgedistill.serve.llamacpp import start_llamacpp_server
+        from edgedistill.models.llamacpp import start_llamacpp_server
 
         runtime = start_llamacpp_server(served.path, parallel=parallel, ctx_per_slot=context_per_slot,
                                         threads=threads, alias=served.model_id)

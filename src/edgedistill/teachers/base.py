@@ -7,33 +7,12 @@ needs no edit to a dispatcher.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
-import numpy as np
-
 from edgedistill.errors import UserError
+from edgedistill.models.hf import Completion, Messages
 from edgedistill.recipe import GenerateCfg, TeacherCfg
-
-Messages = list[dict[str, str]]
-
-
-@dataclass
-class Completion:
-    """A teacher's answer to one prompt, with its sparse distribution per answer token.
-
-    `topk_ids[t]` / `topk_logprobs[t]` are the teacher's k most likely tokens for answer token t
-    (unprocessed logits, temperature 1) and `tail_logprobs[t]` is log of the mass outside them,
-    so the k+1 buckets form a distribution (ARCHITECTURE.md, "Sparse KD target").
-    """
-
-    prompt_ids: list[int]
-    token_ids: list[int]
-    text: str
-    finished: bool  # ended on an end-of-turn token rather than the length limit
-    topk_ids: np.ndarray | None = None  # (T, k) int32
-    topk_logprobs: np.ndarray | None = None  # (T, k) float16
-    tail_logprobs: np.ndarray | None = None  # (T,) float32
 
 
 @dataclass
@@ -50,11 +29,6 @@ class Usage:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     text_only: int = 0  # answers whose tokens did not map onto the local vocabulary
-    pii: dict[str, int] = field(default_factory=dict)  # placeholders put in, per type
-
-    def add_pii(self, counts: dict[str, int]) -> None:
-        for kind, n in counts.items():
-            self.pii[kind] = self.pii.get(kind, 0) + n
 
 
 @dataclass(frozen=True)

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import weakref
 
+from edgedistill.models.hf import resolve_source
 from edgedistill.recipe import GenerateCfg, TeacherCfg
 from edgedistill.teachers.base import register_backend
-from edgedistill.teachers.hf import resolve_source
 from edgedistill.teachers.openai_compat import OpenAITeacher
 
 
@@ -26,7 +26,7 @@ def context_per_slot(gen_cfg: GenerateCfg) -> int:
 
 @register_backend("llamacpp")
 def _make_llamacpp_teacher(teacher_cfg: TeacherCfg, gen_cfg: GenerateCfg) -> OpenAITeacher:
-    from edgedistill.serve.llamacpp import start_llamacpp_server
+    from edgedistill.models.llamacpp import start_llamacpp_server
 
     source = resolve_source(teacher_cfg.model)
     if source.gguf_file is None:

@@ -17,24 +17,23 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
-import ipaddress
 import json
 import math
 import os
 import random
 import time
 from dataclasses import dataclass
-from functools import cache
-from urllib.parse import urlsplit
 
 import httpx
 import numpy as np
 
 from edgedistill.errors import UserError
-from edgedistill.recipe import GenerateCfg, TeacherCfg
-from edgedistill.teachers.base import Completion, Messages, Sampling, Usage, register_backend
+from edgedistill.models.hf import Completion, Messages, encode_prompts, load_tokenizer
+from edgedistill.models.vocab import VocabMap
+from edgedistill.net import is_loopback
+from edgedistill.recipe import TOP_LOGPROBS_CAP, GenerateCfg, TeacherCfg
+from edgedistill.teachers.base import Sampling, Usage, register_backend
 
-SERVER_TOP_LOGPROBS_CAP = 20  # OpenAI's limit, which vLLM and llama.cpp follow by default
 RETRY_STATUS = frozenset({408, 409, 425, 429})  # plus every 5xx
 # Log-prob of the buckets a short top list does not fill: zero mass (the KD losses skip p = 0
 # terms explicitly, so -inf never meets an arithmetic that would turn it into nan).
@@ -48,16 +47,6 @@ class RetryableError(Exception):
         super().__init__(reason)
         self.reason = reason
         self.retry_after = retry_after
-
-
-def is_loopback(url: str) -> bool:
-    host = urlsplit(url).hostname or ""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def parse_retry_after(value: str | None) -> float | None:
@@ -83,83 +72,6 @@ def backoff_delay(attempt: int, base: float, cap: float, retry_after: float | No
     if retry_after is not None:
         delay = max(delay, min(retry_after, cap))
     return delay
-
-
-# --- token mapping -----------------------------------------------------------------------------
-
-@cache
-def _byte_level_table() -> dict[str, int]:
-    """GPT-2 byte-level BPE's printable stand-in character for each byte, reversed."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAC + 1)) + list(range(0xAE, 0xFF + 1))
-    chars, extra = {}, 0
-    for byte in range(256):
-        if byte in printable:
-            chars[chr(byte)] = byte
-        else:
-            chars[chr(256 + extra)] = byte
-            extra += 1
-    return chars
-
-
-def _sentencepiece_bytes(token: str) -> bytes:
-    if len(token) == 6 and token.startswith("<0x") and token.endswith(">"):
-        return bytes([int(token[3:5], 16)])
-    return token.replace("\u2581", " ").encode("utf-8")
-
-
-class VocabMap:
-    """Token bytes <-> ids of a local tokenizer (byte-level BPE or SentencePiece layouts)."""
-
-    def __init__(self, tokenizer):
-        vocab: dict[str, int] = tokenizer.get_vocab()
-        special = set(getattr(tokenizer, "all_special_tokens", [])) | set(tokenizer.get_added_vocab())
-        table = _byte_level_table()
-        ordinary = [t for t in vocab if t not in special]
-        byte_level = bool(ordinary) and all(ch in table for t in ordinary for ch in t)
-        self.id_bytes: dict[int, bytes] = {}
-        self.special_ids = {vocab[t] for t in special if t in vocab}
-        for token, idx in vocab.items():
-            if token in special:
-                raw = token.encode("utf-8")
-            elif byte_level:
-                raw = bytes(table[ch] for ch in token)
-            else:
-                raw = _sentencepiece_bytes(token)
-            self.id_bytes[idx] = raw
-        self.by_bytes: dict[bytes, int] = {}
-        for idx in sorted(self.id_bytes):  # the lowest id wins a (rare) byte collision
-            self.by_bytes.setdefault(self.id_bytes[idx], idx)
-        self.longest = max(map(len, self.by_bytes), default=0)
-
-    def split(self, raw: bytes) -> list[int] | None:
-        """Ids spelling `raw` exactly, longest token first (None if some byte has no token)."""
-        ids, start = [], 0
-        while start < len(raw):
-            for end in range(min(len(raw), start + self.longest), start, -1):
-                if (idx := self.by_bytes.get(raw[start:end])) is not None:
-                    ids.append(idx)
-                    start = end
-                    break
-            else:
-                return None
-        return ids
-
-    def lookup(self, entry: dict, chosen: bool = False) -> int | None:
-        """The local id of one logprobs entry, or None when it does not belong to this vocabulary.
-
-        With a server id (llama.cpp) the id must agree with the entry's bytes, allowing for two
-        llama.cpp habits measured on its server: special tokens come back with empty bytes, and
-        a chosen token that completes a UTF-8 character carries the bytes of the pieces before
-        it (its alternatives carry their own bytes only)."""
-        raw = bytes(entry["bytes"]) if isinstance(entry.get("bytes"), list) else str(entry.get("token", "")).encode()
-        server_id = entry.get("id")
-        if isinstance(server_id, int) and not isinstance(server_id, bool):
-            own = self.id_bytes.get(server_id)
-            if own is not None and (raw == own or (chosen and own and raw.endswith(own))
-                                    or (not raw and server_id in self.special_ids)):
-                return server_id
-            return None
-        return self.by_bytes.get(raw)
 
 
 # --- response parsing --------------------------------------------------------------------------
@@ -268,8 +180,6 @@ class OpenAITeacher:
     `max_retries` is spent (then None: counted as a failure, never stored)."""
 
     def __init__(self, teacher_cfg: TeacherCfg, gen_cfg: GenerateCfg):
-        from edgedistill.teachers.hf import load_tokenizer
-
         self.cfg = teacher_cfg
         self.gen_cfg = gen_cfg
         self.model_id = teacher_cfg.model
@@ -301,7 +211,7 @@ class OpenAITeacher:
         body: dict = {**self.cfg.extra_body, "model": self.cfg.model, "messages": messages,
                       "max_tokens": sampling.max_new_tokens, "temperature": sampling.temperature, "stream": False}
         if sampling.top_k_logprobs:
-            body |= {"logprobs": True, "top_logprobs": min(sampling.top_k_logprobs, SERVER_TOP_LOGPROBS_CAP)}
+            body |= {"logprobs": True, "top_logprobs": min(sampling.top_k_logprobs, TOP_LOGPROBS_CAP)}
         return body
 
     async def _attempt(self, client: httpx.AsyncClient, body: dict) -> ServerAnswer:
@@ -366,13 +276,11 @@ class OpenAITeacher:
         return completions
 
     def _completion(self, messages: Messages, answer: ServerAnswer, k: int | None) -> Completion:
-        from edgedistill.teachers.hf import encode_prompts
-
         prompt_ids = encode_prompts(self.tokenizer, [messages])[0]
         eos = self.tokenizer.eos_token_id
         completion = Completion(prompt_ids=prompt_ids, token_ids=[], text=answer.text.strip(),
                                 finished=answer.finished)
-        target = sparse_target(answer.logprobs, self.vocab, min(k, SERVER_TOP_LOGPROBS_CAP)) \
+        target = sparse_target(answer.logprobs, self.vocab, min(k, TOP_LOGPROBS_CAP)) \
             if k and answer.logprobs else None
         if target is None:
             if k:

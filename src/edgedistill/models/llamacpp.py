@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -28,12 +27,7 @@ from pathlib import Path
 import httpx
 
 from edgedistill.errors import UserError
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from edgedistill.net import free_port
 
 
 def exit_with_parent(parent: int) -> None:
@@ -117,7 +111,7 @@ def start_llamacpp_server(gguf: Path, *, port: int | None = None, host: str = "1
     if importlib.util.find_spec("xllamacpp") is None:
         raise UserError("the llama.cpp runtime is missing — `pip install xllamacpp` (or `make setup`)")
     port = port or free_port()
-    command = [sys.executable, "-m", "edgedistill.serve.llamacpp", str(gguf), "--host", host, "--port", str(port),
+    command = [sys.executable, "-m", "edgedistill.models.llamacpp", str(gguf), "--host", host, "--port", str(port),
                "--parallel", str(parallel), "--ctx-per-slot", str(ctx_per_slot), "--threads", str(threads),
                "--alias", alias, "--parent", str(os.getpid())] + (["--exact"] if exact else [])
     return spawn_server(command, host, port, f"{gguf}: llama.cpp", ready_timeout_s)
@@ -144,7 +138,7 @@ def spawn_server(command: list[str], host: str, port: int, what: str, ready_time
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m edgedistill.serve.llamacpp MODEL.gguf --port N`: serve in the foreground until stopped."""
+    """`python -m edgedistill.models.llamacpp MODEL.gguf --port N`: serve in the foreground until stopped."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("gguf", type=Path)
     parser.add_argument("--host", default="127.0.0.1")
