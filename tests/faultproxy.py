@@ -65,6 +65,13 @@ def _handler(state: ProxyState) -> type[BaseHTTPRequestHandler]:
             self.end_headers()
             self.wfile.write(body)
 
+        def do_GET(self) -> None:  # noqa: N802 — the teacher's probe of /v1/models: forwarded, never a fault
+            if state.require_key and self.headers.get("Authorization") != f"Bearer {state.require_key}":
+                self._reply(401, b'{"error": {"message": "invalid api key", "type": "invalid_request_error"}}')
+                return
+            upstream = httpx.get(state.upstream + self.path, timeout=30, trust_env=False)
+            self._reply(upstream.status_code, upstream.content)
+
         def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
             body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
             with state.lock:

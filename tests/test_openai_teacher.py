@@ -3,10 +3,14 @@ embedded SmolLM2 GGUF), directly and through a fault-injecting proxy."""
 
 from __future__ import annotations
 
+import contextlib
+import http.server
 import json
 import random
 import subprocess
 import sys
+import threading
+import time
 from datetime import datetime, timedelta, timezone
 from email.utils import format_datetime
 
@@ -17,7 +21,7 @@ from faultproxy import FAULTS, FaultProxy
 
 from edgedistill.errors import UserError
 from edgedistill.models.vocab import VocabMap
-from edgedistill.net import is_loopback
+from edgedistill.net import free_port, is_loopback
 from edgedistill.pipeline import run_recipe
 from edgedistill.recipe import build_recipe
 from edgedistill.run import Ledger, RunDir
@@ -247,6 +251,63 @@ limit_per_source = 2
     assert done.returncode == 2, done.stderr
     errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "HTTP 401" in errors[0] and "Traceback" not in done.stderr
+
+
+# --- the server is probed once, before any prompt ----------------------------------------------
+
+class _Html(http.server.BaseHTTPRequestHandler):
+    """A plain web server: GET answers an HTML page, anything else 501 (http.server's default)."""
+
+    def do_GET(self) -> None:  # noqa: N802
+        body = b"<!doctype html><title>intranet</title><p>hello"
+        self.send_response(200)
+        self.send_header("Content-Type", "text/html")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def plain_web_server(handler: type[http.server.BaseHTTPRequestHandler]):
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/v1"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def _probe_error(tmp_path, base_url: str, model: str = "smollm2") -> str:
+    recipe = openai_recipe(tmp_path, base_url, teacher={"model": model})
+    started = time.monotonic()
+    with pytest.raises(UserError) as caught:
+        run_recipe(recipe, only="generate")
+    assert time.monotonic() - started < 30  # one probe, not a minute of retries
+    return str(caught.value)
+
+
+def test_nothing_listening_is_one_line_naming_the_url(tmp_path):
+    url = f"http://127.0.0.1:{free_port()}/v1"
+    message = _probe_error(tmp_path, url)
+    assert "nothing answers at " + url in message and "connection refused" in message
+
+
+@pytest.mark.parametrize("handler, status", [(_Html, "HTTP 200 with text/html"),
+                                             (http.server.BaseHTTPRequestHandler, "HTTP 501 with text/html")])
+def test_a_web_server_that_is_not_an_openai_api_is_named(tmp_path, handler, status):
+    with plain_web_server(handler) as url:
+        message = _probe_error(tmp_path, url)
+    assert f"{url}/models answered {status}, not an OpenAI model list" in message
+
+
+def test_a_model_the_server_does_not_serve_is_named_with_what_it_serves(tmp_path, llamacpp):
+    message = _probe_error(tmp_path, llamacpp.base_url, model="gpt-oss-20b")
+    assert message == (f"teacher.model: 'gpt-oss-20b' is not served at {llamacpp.base_url} (it serves: smollm2)")
 
 
 # --- the pieces ---------------------------------------------------------------------------------

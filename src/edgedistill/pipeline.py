@@ -3,10 +3,16 @@ settings, so a crash or a second `make demo` resumes instead of starting over.""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
-from collections.abc import Callable
+import signal
+import sqlite3
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 from edgedistill.console import console
 from edgedistill.errors import UserError
@@ -74,9 +80,12 @@ def run_recipe(recipe: Recipe, only: str | None = None) -> RunDir:
                         "`torchrun --nproc_per_node N -m edgedistill train RUN`")
     inputs = preflight(recipe)
     run = RunDir.for_recipe(recipe)
+    if only not in (None, STAGE_NAMES[0]) and not run.ledger_path.is_file():
+        raise UserError(f"{run.root}: no such run yet — start it with `edgedistill run RECIPE` (stage '{only}' "
+                        "needs the stages before it)")
     if is_main_process():
-        run.create(recipe)
-    with open_ledger(run) as main_ledger:
+        _create_run(run, recipe)
+    with open_ledger(run) as main_ledger, _signals_as_interrupts():
         ledger = main_ledger if is_main_process() else FollowerLedger(main_ledger)
         ledger.set_meta("run", recipe.run.name)
         upstream_ran = False
@@ -102,14 +111,19 @@ def run_recipe(recipe: Recipe, only: str | None = None) -> RunDir:
 
 
 def preflight(recipe: Recipe) -> str:
-    """Check the cheap things (seed files, teacher path, architecture, student size) before
-    any stage starts, so a typo costs a second and one line, not a half-run. Returns a hash of
-    the prompts, so that edited seed files make the stages rerun."""
-    from edgedistill.data.prompts import load_prompts
+    """Check the cheap things (the runs folder, seed and eval files, teacher path, architecture,
+    prompt lengths against the teacher's context, student size) before any stage starts, so a
+    typo costs a second and one line, not a half-run. Returns a hash of the prompts, so that
+    edited seed files make the stages rerun."""
+    from edgedistill.data.prompts import check_prompts_fit, load_prompts
+    from edgedistill.evaluate.tasks import load_task
     from edgedistill.models.families import check_cuttable
-    from edgedistill.models.hf import model_shape, resolve_source
+    from edgedistill.models.hf import load_tokenizer, model_shape, resolve_source
 
+    _check_runs_dir(Path(recipe.run.runs_dir), Path(recipe.run.runs_dir) / recipe.run.name)
     prompts = load_prompts(recipe.generate.seeds, recipe.generate.heldout_fraction, recipe.generate.limit_per_source)
+    for task in recipe.evaluate.tasks:  # a bad eval set fails now, not after an hour of generation
+        load_task(task.path, task.format, task.limit)
     local = recipe.teacher.local_model
     if recipe.teacher.backend == "openai" and not local:
         raise UserError("teacher.tokenizer: the openai backend needs the local model the student is cut from "
@@ -121,7 +135,71 @@ def preflight(recipe: Recipe) -> str:
         check_cuttable(model_shape(resolve_source(local)), recipe.student.keep_layers)
     if recipe.student.init == "checkpoint":
         resolve_source(recipe.student.model or "")  # the folder exists, is safetensors, a known architecture
+    if local:
+        check_prompts_fit(prompts, load_tokenizer(local), teacher_context(recipe), recipe.generate.max_new_tokens)
     return hashlib.sha256("".join(sorted(f"{p.id}:{p.split}" for p in prompts)).encode()).hexdigest()[:16]
+
+
+def teacher_context(recipe: Recipe) -> int:
+    """Tokens a prompt and its answer may use together: the local model's context, and for the
+    llamacpp backend the context of each server slot it starts."""
+    import json
+
+    from edgedistill.models.hf import gguf_cache_dir, resolve_source
+
+    source = resolve_source(recipe.teacher.local_model or "")
+    folder = source.folder if source.gguf_file is None else gguf_cache_dir(source)
+    config = json.loads((folder / "config.json").read_text(encoding="utf-8")) if (folder / "config.json").is_file() else {}
+    context = int(config.get("max_position_embeddings") or 2048)
+    if recipe.teacher.backend == "llamacpp":
+        from edgedistill.teachers.llamacpp import context_per_slot
+
+        context = min(context, context_per_slot(recipe.generate))
+    return context
+
+
+def _check_runs_dir(runs_dir: Path, root: Path) -> None:
+    for path, what in ((runs_dir, "--runs-dir / run.runs_dir"), (root, "the run folder")):
+        if path.exists() and not path.is_dir():
+            raise UserError(f"{path}: {what} is a file, not a folder — pick another --runs-dir or --name")
+
+
+def _create_run(run: RunDir, recipe: Recipe) -> None:
+    try:
+        run.create(recipe)
+    except OSError as exc:
+        raise UserError(f"{run.root}: cannot create the run folder ({exc.strerror or exc}) — check --runs-dir "
+                        "and its permissions and free space") from None
+
+
+@contextmanager
+def _signals_as_interrupts() -> Iterator[None]:
+    """SIGTERM and SIGHUP (`kill`, a closed terminal, a job scheduler's stop) end a stage as
+    Ctrl-C does: the ledger says 'interrupted', child servers are stopped by the stages' own
+    cleanup, and the same command resumes. (kill -9 cannot be caught: the ledger then shows
+    the stage as interrupted once its process is gone — see run.Ledger.)"""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, _frame) -> None:
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
+def _out_of_space(exc: BaseException) -> bool:
+    if isinstance(exc, OSError) and exc.errno in _NO_SPACE:
+        return True
+    return isinstance(exc, sqlite3.OperationalError) and "full" in str(exc)
 
 
 def _run_stage(stage: Stage, recipe: Recipe, run: RunDir, ledger: Ledger, fingerprint: str) -> None:
@@ -130,10 +208,22 @@ def _run_stage(stage: Stage, recipe: Recipe, run: RunDir, ledger: Ledger, finger
     try:
         metrics = stage.load()(recipe, run, ledger)
     except KeyboardInterrupt:
-        ledger.end_stage(stage.name, "interrupted")
+        _end_stage(ledger, stage.name, "interrupted")
         raise
-    except Exception as exc:
-        ledger.end_stage(stage.name, "failed", f"{type(exc).__name__}: {exc}".splitlines()[0])
+    except BaseException as exc:
+        _end_stage(ledger, stage.name, "failed", f"{type(exc).__name__}: {exc}".splitlines()[0])
+        if _out_of_space(exc):
+            raise UserError(f"{run.root}: no space left on the device during the {stage.name} stage — free some "
+                            "space and run the same command again (finished work is kept)") from None
         raise
     ledger.log_metrics(stage.name, "stage", metrics)
     ledger.end_stage(stage.name, "done")
+
+
+def _end_stage(ledger: Ledger, name: str, status: str, error: str | None = None) -> None:
+    """Record how a stage ended; on a full disk the ledger itself may not take the write, and
+    then the process-liveness check in run.Ledger keeps it truthful."""
+    try:
+        ledger.end_stage(name, status, error)
+    except sqlite3.OperationalError:
+        pass

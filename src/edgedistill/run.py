@@ -24,7 +24,8 @@ SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS stages (
   name TEXT PRIMARY KEY, status TEXT NOT NULL, fingerprint TEXT NOT NULL,
-  started_at REAL, ended_at REAL, seconds REAL, attempts INTEGER NOT NULL DEFAULT 0, error TEXT);
+  started_at REAL, ended_at REAL, seconds REAL, attempts INTEGER NOT NULL DEFAULT 0, error TEXT,
+  pid INTEGER);
 CREATE TABLE IF NOT EXISTS metrics (
   stage TEXT NOT NULL, subject TEXT NOT NULL, name TEXT NOT NULL, value REAL,
   PRIMARY KEY (stage, subject, name));
@@ -50,12 +51,16 @@ def atomic_write_text(path: Path, text: str) -> None:
     """Write a file so that a crash leaves either the old or the new content, never half."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    publish_mode(Path(tmp))
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        publish_mode(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:  # a full disk or a signal: no half-written temporary file stays behind
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 @contextmanager
@@ -81,14 +86,40 @@ class StageRecord:
     error: str | None
 
 
+def _alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process holds that pid: alive
+        return True
+    return True
+
+
+def _truthful(name: str, status: str, fingerprint: str, seconds: float | None, attempts: int,
+              error: str | None, pid: int | None) -> StageRecord:
+    """A stage still marked running whose process is gone (kill -9, power loss) was interrupted."""
+    if status == "running" and not _alive(pid):
+        status, error = "interrupted", error or "its process ended without recording why (killed?)"
+    return StageRecord(name, status, fingerprint, seconds, attempts, error)
+
+
 class Ledger:
     """The run's `run.db`: stage status and metrics."""
 
     def __init__(self, path: Path):
         self.path = path
-        self.db = sqlite3.connect(path, isolation_level=None, timeout=30)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.executescript(SCHEMA)
+        try:
+            self.db = sqlite3.connect(path, isolation_level=None, timeout=30)
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.executescript(SCHEMA)
+            if "pid" not in {row[1] for row in self.db.execute("PRAGMA table_info(stages)")}:
+                self.db.execute("ALTER TABLE stages ADD COLUMN pid INTEGER")  # ledgers made before it
+        except sqlite3.OperationalError as exc:
+            raise UserError(f"{path}: cannot open the run ledger ({exc}) — check the folder's permissions "
+                            "and free space") from None
 
     def close(self) -> None:
         self.db.close()
@@ -99,23 +130,24 @@ class Ledger:
     def meta(self) -> dict[str, str]:
         return dict(self.db.execute("SELECT key, value FROM meta"))
 
+    _STAGE_COLUMNS = "name, status, fingerprint, seconds, attempts, error, pid"
+
     def stage(self, name: str) -> StageRecord | None:
-        row = self.db.execute(
-            "SELECT name, status, fingerprint, seconds, attempts, error FROM stages WHERE name=?", (name,)
-        ).fetchone()
-        return StageRecord(*row) if row else None
+        row = self.db.execute(f"SELECT {self._STAGE_COLUMNS} FROM stages WHERE name=?", (name,)).fetchone()
+        return _truthful(*row) if row else None
 
     def stages(self) -> list[StageRecord]:
-        rows = self.db.execute(
-            "SELECT name, status, fingerprint, seconds, attempts, error FROM stages ORDER BY started_at")
-        return [StageRecord(*r) for r in rows]
+        rows = self.db.execute(f"SELECT {self._STAGE_COLUMNS} FROM stages ORDER BY started_at")
+        return [_truthful(*r) for r in rows]
 
     def start_stage(self, name: str, fingerprint: str) -> None:
         self.db.execute(
-            "INSERT INTO stages (name, status, fingerprint, started_at, attempts) VALUES (?, 'running', ?, ?, 1) "
+            "INSERT INTO stages (name, status, fingerprint, started_at, attempts, pid) "
+            "VALUES (?, 'running', ?, ?, 1, ?) "
             "ON CONFLICT(name) DO UPDATE SET status='running', fingerprint=excluded.fingerprint, "
-            "started_at=excluded.started_at, ended_at=NULL, seconds=NULL, error=NULL, attempts=attempts+1",
-            (name, fingerprint, time.time()),
+            "started_at=excluded.started_at, ended_at=NULL, seconds=NULL, error=NULL, attempts=attempts+1, "
+            "pid=excluded.pid",
+            (name, fingerprint, time.time(), os.getpid()),
         )
 
     def end_stage(self, name: str, status: str, error: str | None = None) -> None:

@@ -96,12 +96,12 @@ def document_tasks(folder: Path) -> list[SeedTask]:
     tasks = []
     for path in files:
         try:
-            text = path.read_text(encoding="utf-8")
+            text = path.read_text(encoding="utf-8-sig")
         except UnicodeDecodeError:
             raise UserError(f"{path}: not UTF-8 text — save the document as UTF-8") from None
         for passage in passages(text):
             lang = "ja" if detect_lang(passage) == "ja" else "en"
-            tasks += [SeedTask(instruction, passage) for instruction in TEMPLATES[lang]]
+            tasks += [SeedTask(instruction, passage, str(path)) for instruction in TEMPLATES[lang]]
     if not tasks:
         raise UserError(f"{folder}: the documents hold no passage of {MIN_PASSAGE_CHARS}+ characters")
     return tasks

@@ -10,7 +10,7 @@ import dataclasses
 import hashlib
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
@@ -24,6 +24,7 @@ BUNDLED = ("en", "ja")
 class SeedTask:
     instruction: str
     input: str = ""
+    origin: str = field(default="", compare=False)  # "file:line" (or file) for messages about this seed
 
     @property
     def text(self) -> str:
@@ -58,7 +59,7 @@ def _record_task(record: dict, where: str) -> SeedTask:
     extra = record.get("input")
     if extra is None and isinstance(record.get("instances"), list) and record["instances"]:
         extra = record["instances"][0].get("input")
-    return SeedTask(instruction.strip(), extra.strip() if isinstance(extra, str) else "")
+    return SeedTask(instruction.strip(), extra.strip() if isinstance(extra, str) else "", where)
 
 
 def _read_lines(source: str) -> tuple[list[str], str]:
@@ -72,8 +73,8 @@ def _read_lines(source: str) -> tuple[list[str], str]:
     path = Path(source).expanduser()
     if not path.is_file():
         raise UserError(f"{path}: seed file not found — check generate.seeds")
-    try:
-        return path.read_text(encoding="utf-8").splitlines(), str(path)
+    try:  # utf-8-sig: Windows Notepad starts UTF-8 files with a byte-order mark
+        return path.read_text(encoding="utf-8-sig").splitlines(), str(path)
     except UnicodeDecodeError:
         raise UserError(f"{path}: not UTF-8 text — save the seed file as UTF-8 JSONL") from None
 
@@ -92,13 +93,26 @@ def read_seed_tasks(source: str) -> list[SeedTask]:
         try:
             record = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise UserError(f"{where}:{number}: not valid JSON ({exc.msg})") from None
+            raise UserError(f"{where}:{number}: not valid JSON ({exc.msg}){json_hint(line)}") from None
         if not isinstance(record, dict):
             raise UserError(f"{where}:{number}: expected a JSON object per line")
         tasks.append(_record_task(record, f"{where}:{number}"))
     if not tasks:
         raise UserError(f"{where}: no seed records — add JSONL lines with an 'instruction'")
     return tasks
+
+
+# Full-width look-alikes of JSON punctuation that a Japanese IME types ({ } : , " [ ]).
+_FULL_WIDTH_JSON = "｛｝：，＂“”［］"
+
+
+def json_hint(line: str) -> str:
+    """A hint for a JSON line a Japanese keyboard broke: full-width punctuation is not JSON."""
+    found = sorted({ch for ch in line if ch in _FULL_WIDTH_JSON})
+    if not found:
+        return ""
+    return (f" — the line has full-width punctuation ({' '.join(found)}) where JSON needs ASCII "
+            "{ } : , \" [ ] (switch the IME to half-width for the punctuation)")
 
 
 def read_seed_texts(source: str) -> list[str]:
@@ -119,3 +133,22 @@ def load_prompts(sources: list[str], heldout_fraction: float, limit_per_source: 
                 prompt = dataclasses.replace(prompt, split="heldout")
             prompts.setdefault(prompt.id, prompt)
     return list(prompts.values())
+
+
+def check_prompts_fit(prompts: list[Prompt], tokenizer, context: int, max_new_tokens: int) -> None:
+    """Each prompt, rendered by the teacher's chat template, plus the longest answer must fit the
+    teacher's context — checked before any stage runs, naming the seed's file and line. (Found
+    by a new user: a 1 MB instruction was accepted and generation ground for minutes with no
+    output.) A rendered prompt has at most one token per UTF-8 byte, so only prompts longer
+    than the budget in bytes are tokenized."""
+    budget = context - max_new_tokens
+    for prompt in prompts:
+        text = tokenizer.apply_chat_template(prompt.messages, add_generation_prompt=True, tokenize=False)
+        if len(text.encode("utf-8")) <= budget:
+            continue
+        tokens = len(tokenizer(text, add_special_tokens=False)["input_ids"])
+        if tokens > budget:
+            where = prompt.task.origin or prompt.source
+            raise UserError(f"{where}: this prompt is {tokens:,} tokens; with generate.max_new_tokens = "
+                            f"{max_new_tokens} it does not fit the teacher's context of {context:,} tokens — "
+                            "shorten or split it (a folder of documents is cut into passages for you)")
