@@ -52,6 +52,17 @@ def test_answer_extraction_rules():
     assert chosen_by_text("2", ["a", "b", "c"]) == 2 and chosen_by_text("no idea", ["a b", "c d"]) is None
 
 
+def test_numeric_golds_match_answers_written_the_japanese_and_typographic_way():
+    # Each pair misread before (the last ASCII number after NFKC): 7万ドル read 7, 18㎡ read 2.
+    pairs = [("7万ドル", "70000"), ("5万7500ドル", "57500"), ("1万2000円です", "12000"), ("答えは十八個です", "18"),
+             ("18㎡", "18"), ("広さは18 m²", "18"), ("−5", "-5"), ("答えは18ドルです（1個あたり2ドル）", "18"),
+             ("#### 18\n（2ステップで計算）", "18"), ("Answer: 18 (2 steps)", "18"), (r"$\boxed{18}$ in 2 steps", "18")]
+    assert [(p, g) for p, g in pairs if not exact_match(p, g)] == []
+    assert not exact_match("7万ドル", "7") and not exact_match("18㎡", "2") and not exact_match("−5", "5")
+    assert exact_match("3.5kg", "3.5") and exact_match("$1,200", "1200") and exact_match("**答え：７２**", "72")
+    assert exact_match("合計は1万2000円", "1万2000")  # a gold written with 万 is numeric too
+
+
 def test_choice_loglik_equals_a_direct_forward_and_scores_are_accuracies(tiny_teacher_dir):
     from edgedistill.teachers.hf import encode_prompts, load_causal_lm
 
