@@ -111,6 +111,30 @@ def test_the_judge_removes_position_bias_and_counts_real_preferences():
     assert 0.2 < low < 0.5 < high < 0.8
 
 
+def test_report_shows_the_self_instruct_filters_per_language(tmp_path):
+    from edgedistill.evaluate.report import _filters_html, _filters_markdown, filter_table
+    from edgedistill.run import Ledger
+
+    ledger = Ledger(tmp_path / "run.db")
+    assert filter_table(ledger) == ([], [])  # no generate metrics: no table, no section
+    ledger.log_metrics("generate", "stage", {"filter_bad_start": 1, "filter_kept": 9, "filter_too_long": 1,
+                                             "prompts": 30})
+    assert filter_table(ledger) == ([], []) and _filters_markdown(ledger) == ""  # a run from before the split
+    ledger.log_metrics("generate", "stage", {
+        "filter_kept_en": 5, "filter_kept_ja": 4, "filter_bad_start_en": 1, "filter_too_long_ja": 1,
+        "filter_teacher_failed": 2, "filter_near_duplicate": 3, "filter_near_duplicate_ja": 3})
+    header, rows = filter_table(ledger)
+    assert header == ["outcome", "en", "ja", "all"]
+    assert rows == [["kept", "5", "4", "9"], ["bad_start", "1", "0", "1"], ["near_duplicate", "0", "3", "3"],
+                    ["teacher_failed", "–", "–", "2"], ["too_long", "0", "1", "1"],
+                    # en: 5 of 6 proposed; ja: 4 of 8; all: 9 of 14 (teacher_failed proposed nothing)
+                    ["kept share", "83.3%", "50.0%", "64.3%"]]
+    markdown = _filters_markdown(ledger)
+    assert "### Self-Instruct filters" in markdown and "| kept share | 83.3% | 50.0% | 64.3% |" in markdown
+    assert '<table id="filters">' in _filters_html(ledger) and "<td>83.3%</td>" in _filters_html(ledger)
+    ledger.close()
+
+
 @pytest.fixture(scope="module")
 def tiny_run(tiny_teacher_dir, tmp_path_factory):
     from edgedistill.pipeline import run_recipe
