@@ -223,12 +223,14 @@ _BLACKLIST = (
 REASONS = ("too_short", "too_long", "broken_text", "bad_start", "blacklist", "exact_duplicate", "near_duplicate")
 
 
-# Japanese characters per English word, measured on the 71 instructions of
-# bench/data/business_instructions.jsonl, written as translations of each other: 3,336 CJK
-# characters for 1,450 English words less the 0 to 12 Latin words each Japanese text keeps
-# (Python, SQL, 2024) = 2.30 (2.32 on the 5 pairs of 48 to 105 words). The bundled seeds are
-# not translations of each other (en-office-01 summarises a memo, ja-office-01 a daily report),
-# so they cannot calibrate this. The issue's example: 96 units in Japanese, 45 in English.
+# Japanese characters per English word, measured (bench/filters_on_real_text.py) on the 71
+# instructions of bench/data/business_instructions.jsonl, written in both languages: 2,902
+# CJK characters for 1,328 English words less the 64 Latin words the Japanese keeps (Python,
+# SQL, 2024) = 2.30; 2.32 on the 5 pairs over 40 words, where the cap bites. The bundled seeds
+# are not translations of each other (en-office-01 summarises a memo, ja-office-01 a daily
+# report), so they cannot calibrate it. Short texts are denser in Japanese (1.67 on the 26
+# pairs of up to 10 words: 薬を買う場所は？ / Where do you buy medicine?), so min_units, there
+# to catch fragments, stays one unit per character.
 JA_CHARS_PER_WORD = 2.3
 
 
@@ -286,9 +288,9 @@ _OK_START_PUNCT = set("\"'`¿¡")
 # pipes, leaders (……), ASCII art and TSV gaps are punctuation, symbols, spaces or the
 # prolonged-sound mark alone, and a person writes them on purpose. Neither is one repeated
 # ASCII letter: #ffffff, xxxx masks, "Hmmmmm", ｗｗｗ (laughter).
-# Measured over the instructions, inputs, answers and choices of the Self-Instruct seeds,
-# IFEval, JCommonsenseQA and GSM8K (~110,000 texts): no other letter loop repeats more
-# than 3 times (チャチャチャ, La La La), so an instruction needs 5 and an input, which is data, 10.
+# Measured over the instructions, inputs, outputs, questions and choices of the Self-Instruct
+# seeds, IFEval, JCommonsenseQA and GSM8K (76,360 texts): no other letter loop repeats more
+# than 3 times (La La La, チャチャチャ), so an instruction needs 5 and an input, which is data, 10.
 _LETTER_LOOP = re.compile(r"((?:[^\W\d_]| ){1,4}?)\1+")
 LOOP_REPEATS = {"instruction": 5, "input": 10}
 # C0 and C1 controls and DEL, less tab, newline, CR (Windows line ends), VT and FF (pasted text).
@@ -345,7 +347,10 @@ class TaskFilter:
     Near duplicates: ROUGE-L F1 = 2·LCS / (m + n) on `similarity.dedup_units` (CJK character
     bigrams). With characters, the default 0.7 dropped 7 of 71 Japanese instructions written
     as translations of 71 English ones where words dropped 5 in English; with bigrams it drops
-    the same 5 (bench/filters_on_real_text.py), so one threshold serves both languages.
+    the same 5 (bench/filters_on_real_text.py), so one threshold serves both languages. On the
+    1,117 JCommonsenseQA validation questions it drops 20 instead of 49, mostly template
+    variants (鉛筆を英語で言うと？ / 橋を英語で言うと？; in English "What is a pencil in
+    English?" / "What is a bridge in English?" score 0.83 on words).
     Each pool item keeps its units and their bag; LCS <= the bag overlap, so a pair whose
     overlap bound is under the threshold is skipped without the O(m·n) LCS. Unrelated texts
     almost always stop there.
