@@ -9,7 +9,8 @@ for this project in English and, as translations, in Japanese: code, tables, rul
 separators, TSV, long specifications, shared IFEval-style clauses). Each source is filtered
 on its own, from an empty pool, in file order. Also measured: the calibrations the filters
 cite (characters per word and near-duplicate scores on the parallel set, letter loops in
-real text). Prints JSON; no model, no network; about a minute on one core.
+real text). "Before" is read from git (`git show 02b3d27:...`), so the script needs the
+repository's history. Prints JSON; no model, no network; under a minute on one core.
 
     .venv/bin/python bench/filters_on_real_text.py [--shared ../shared/data] [--examples 3]
 """
@@ -19,60 +20,35 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import re
 import statistics
 import subprocess
+import sys
+import types
 import unicodedata
 from collections import Counter
 from pathlib import Path
 
-from edgedistill.data.selfinstruct import (REASONS, FilterConfig, Task, TaskFilter, _bad_start, _is_loop,
-                                           _LETTER_LOOP, _normalize)
+from edgedistill.data.selfinstruct import _LETTER_LOOP, REASONS, Task, TaskFilter, _is_loop
 from edgedistill.data.similarity import _CJK_CHAR, dedup_units, detect_lang, lcs_length, text_units
 
 ROOT = Path(__file__).resolve().parents[1]
 BUSINESS = ROOT / "bench" / "data" / "business_instructions.jsonl"
 
 
-# --- the filters as on main at 02b3d27, frozen here for the comparison only ---------------------
-_LOOP_02B3D27 = re.compile(r"(.{1,4}?)\1{4,}", re.DOTALL)
-_CONTROL_02B3D27 = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
+# --- the filters as on main at 02b3d27 ------------------------------------------------------------
+BEFORE = "02b3d27"
 
 
-def _broken_02b3d27(text: str) -> bool:
-    if "\ufffd" in text or _CONTROL_02B3D27.search(text):
-        return True
-    return any(not unit.isdigit() for unit in (m.group(1) for m in _LOOP_02B3D27.finditer(text)))
-
-
-class FilterAt02b3d27(TaskFilter):
-    """One unit per CJK character for length and ROUGE-L, any 1-4 character piece repeated
-    5 times is broken text, in the instruction and the input alike."""
-
-    def add(self, task: Task) -> bool:
-        units = text_units(task.instruction)
-        outcome = self._check_02b3d27(task, units) or "kept"
-        for key in (outcome, f"{outcome}_{task.lang}"):
-            self.counts[key] = self.counts.get(key, 0) + 1
-        if outcome == "kept":
-            self._append(task, units)
-        return outcome == "kept"
-
-    def _check_02b3d27(self, task: Task, units: list[str]) -> str | None:
-        cfg, text = self.config, task.instruction.strip()
-        if len(units) < cfg.min_units or not text:
-            return "too_short"
-        if len(units) > cfg.max_units:
-            return "too_long"
-        if _broken_02b3d27(text) or _broken_02b3d27(task.input):
-            return "broken_text"
-        if _bad_start(text):
-            return "bad_start"
-        if self._blacklist is not None and self._blacklist.search(text):
-            return "blacklist"
-        if _normalize(text) in self._keys:
-            return "exact_duplicate"
-        return "near_duplicate" if self._near_duplicate(units) else None
+def filter_before() -> type:
+    """TaskFilter as it was at BEFORE, loaded from git: "before" is that code itself, not a copy
+    (there, one unit per CJK character for length and ROUGE-L, and any piece of 1-4 characters
+    repeated 5 times was broken text, in the instruction and the input alike)."""
+    source = subprocess.run(["git", "show", f"{BEFORE}:src/edgedistill/data/selfinstruct.py"], cwd=ROOT,
+                            capture_output=True, text=True, check=True).stdout
+    module = types.ModuleType(f"selfinstruct_{BEFORE}")
+    sys.modules[module.__name__] = module  # dataclasses look their module up
+    exec(compile(source, f"{BEFORE}:src/edgedistill/data/selfinstruct.py", "exec"), module.__dict__)
+    return module.TaskFilter
 
 
 # --- data --------------------------------------------------------------------------------------
@@ -99,18 +75,22 @@ def sources(shared: Path) -> dict[str, list[Task]]:
 
 
 # --- filtering ---------------------------------------------------------------------------------
-def run_filter(make: type[TaskFilter], tasks: list[Task], n_examples: int
+def run_filter(make: type, tasks: list[Task], n_examples: int
                ) -> tuple[dict[str, int], dict[str, list[dict[str, str]]]]:
-    flt = make([], FilterConfig())
+    """Counts as TaskFilter keeps them ('kept', 'kept_ja', ...) and a few dropped examples per
+    reason and language; `make` is this TaskFilter or the one at BEFORE (totals only)."""
+    flt = make([])
+    counts: Counter = Counter()
     examples: dict[str, list[dict[str, str]]] = {}
     for task in tasks:
         before = dict(flt.counts)
-        if not flt.add(task):
-            reason = next(r for r in REASONS if flt.counts[r] > before.get(r, 0))
-            if len(examples.setdefault(f"{reason}_{task.lang}", [])) < n_examples:
-                examples[f"{reason}_{task.lang}"].append(
-                    {"instruction": task.instruction[:160], **({"input": task.input[:120]} if task.input else {})})
-    return {k: v for k, v in flt.counts.items() if v}, examples
+        flt.add(task)
+        outcome = next(r for r in ("kept", *REASONS) if flt.counts[r] > before.get(r, 0))
+        counts.update([outcome, f"{outcome}_{task.lang}"])
+        if outcome != "kept" and len(examples.setdefault(f"{outcome}_{task.lang}", [])) < n_examples:
+            examples[f"{outcome}_{task.lang}"].append(
+                {"instruction": task.instruction[:160], **({"input": task.input[:120]} if task.input else {})})
+    return dict(counts), examples
 
 
 def by_language(counts: dict[str, int]) -> dict[str, dict[str, object]]:
@@ -220,7 +200,7 @@ def main() -> None:
     result: dict[str, object] = {"benchmark": "filters_on_real_text", "commit": _commit(),
                                  "sources": {name: len(tasks) for name, tasks in data.items()}}
     per_source, totals, examples = {}, {}, {}
-    for label, make in (("before", FilterAt02b3d27), ("after", TaskFilter)):
+    for label, make in (("before", filter_before()), ("after", TaskFilter)):
         total: Counter = Counter()
         examples[label] = {}
         for name, tasks in data.items():
