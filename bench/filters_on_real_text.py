@@ -29,7 +29,7 @@ from collections import Counter
 from pathlib import Path
 
 from edgedistill.data.selfinstruct import _LETTER_LOOP, REASONS, Task, TaskFilter, _is_loop
-from edgedistill.data.similarity import _CJK_CHAR, dedup_units, detect_lang, lcs_length, text_units
+from edgedistill.data.similarity import CJK_CHAR, dedup_units, detect_lang, lcs_length, text_units
 
 ROOT = Path(__file__).resolve().parents[1]
 BUSINESS = ROOT / "bench" / "data" / "business_instructions.jsonl"
@@ -126,8 +126,8 @@ def parallel_calibration(business: list[dict]) -> dict[str, object]:
     def count(selected: list[str]) -> dict[str, float]:
         """CJK characters per English word, the Latin words a Japanese text keeps (SQL, 2024) aside."""
         words = sum(len(text_units(en[i])) for i in selected)
-        cjk = sum(sum(1 for u in text_units(ja[i]) if _CJK_CHAR.fullmatch(u)) for i in selected)
-        latin = sum(sum(1 for u in text_units(ja[i]) if not _CJK_CHAR.fullmatch(u)) for i in selected)
+        cjk = sum(sum(1 for u in text_units(ja[i]) if CJK_CHAR.fullmatch(u)) for i in selected)
+        latin = sum(sum(1 for u in text_units(ja[i]) if not CJK_CHAR.fullmatch(u)) for i in selected)
         return {"pairs": len(selected), "en_words": words, "ja_cjk_chars": cjk, "ja_latin_units": latin,
                 "ja_cjk_chars_per_en_word": round(cjk / (words - latin), 3)}
 

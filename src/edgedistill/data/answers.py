@@ -3,8 +3,8 @@
 Used by exact match (`evaluate.tasks`) and meant for any answer verifier: `extract_number`
 reads the answer of a free-text reply, `parse_number` reads a gold that is only a number.
 
-What "the last number" (GSM8K's rule, read after NFKC) got wrong, measured on Japanese math
-answers in realistic styles: `7万ドル` → 7, `5万7500ドル` → 7500 (万 is a multiplier, not
+What "the last number" (GSM8K's rule, read after NFKC) got wrong on Japanese math answers
+in realistic styles (issue 19): `7万ドル` → 7, `5万7500ドル` → 7500 (万 is a multiplier, not
 a separator); `十八` → nothing (kanji numerals); `18㎡` and `18 m²` → 2 (NFKC turns the unit
 into `m2` before the digits are read); `−5` (U+2212) → 5; and `答えは18ドルです（1個あたり
 2ドル）` → 2 (a number after the answer). So:

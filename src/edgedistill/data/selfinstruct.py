@@ -20,7 +20,7 @@ import unicodedata
 from collections import Counter
 from dataclasses import dataclass, field
 
-from edgedistill.data.similarity import _CJK_CHAR, dedup_units, detect_lang, lcs_length, text_units
+from edgedistill.data.similarity import CJK_CHAR, dedup_units, detect_lang, lcs_length, text_units
 
 
 @dataclass(frozen=True)
@@ -286,8 +286,8 @@ _OK_START_PUNCT = set("\"'`¿¡")
 # control characters, or a loop of one short piece of letters ("ワーワーワーワーワー").
 # Layout is not a loop: rules (-----, ━━━━, ーーーー), separators (******), indentation, table
 # pipes, leaders (……), ASCII art and TSV gaps are punctuation, symbols, spaces or the
-# prolonged-sound mark alone, and a person writes them on purpose. Neither is one repeated
-# ASCII letter: #ffffff, xxxx masks, "Hmmmmm", ｗｗｗ (laughter).
+# prolonged-sound mark alone, and a person writes them on purpose. Nor is one ASCII letter
+# drawn out: #ffffff, xxxx masks, "Hmmmmm", ｗｗｗ (laughter).
 # Measured over the instructions, inputs, outputs, questions and choices of the Self-Instruct
 # seeds, IFEval, JCommonsenseQA and GSM8K (76,360 texts): no other letter loop repeats more
 # than 3 times (La La La, チャチャチャ), so an instruction needs 5 and an input, which is data, 10.
@@ -330,7 +330,7 @@ def length_in_words(task: Task, chars_per_word: float = JA_CHARS_PER_WORD) -> fl
     units = text_units(task.instruction)
     if task.lang != "ja":
         return float(len(units))
-    cjk = sum(1 for unit in units if _CJK_CHAR.fullmatch(unit))
+    cjk = sum(1 for unit in units if CJK_CHAR.fullmatch(unit))
     return len(units) - cjk + cjk / chars_per_word
 
 

@@ -17,7 +17,7 @@ from collections.abc import Callable
 _CJK = r"\u3000-\u303f\u3040-\u309f\u30a0-\u30ff\u31f0-\u31ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uff00-\uffef"
 _UNIT = re.compile(rf"[{_CJK}]|[^\s{_CJK}\W]+|[^\s\w{_CJK}]", re.UNICODE)
 _JA_KANA = re.compile(r"[\u3040-\u30ff]")
-_CJK_CHAR = re.compile(rf"[{_CJK}]")
+CJK_CHAR = re.compile(rf"[{_CJK}]")
 
 
 def text_units(text: str, *, keep_punct: bool = False) -> list[str]:
@@ -38,7 +38,7 @@ def detect_lang(text: str) -> str:
     if not letters:
         return "other"
     kana = len(_JA_KANA.findall(text))
-    cjk = len(_CJK_CHAR.findall(text))
+    cjk = len(CJK_CHAR.findall(text))
     if kana / len(letters) >= 0.05:
         return "ja"
     if cjk / len(letters) >= 0.3:
@@ -62,7 +62,7 @@ def dedup_units(text: str) -> list[str]:
     units: list[str] = []
     run: list[str] = []
     for unit in text_units(text, keep_punct=True) + [" "]:  # the sentinel closes the last run
-        if len(unit) == 1 and _CJK_CHAR.fullmatch(unit) and not _is_punct(unit):
+        if len(unit) == 1 and CJK_CHAR.fullmatch(unit) and not _is_punct(unit):
             run.append(unit)
             continue
         units += [a + b for a, b in zip(run, run[1:])] if len(run) > 1 else run
