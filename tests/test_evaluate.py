@@ -64,6 +64,17 @@ def test_answer_extraction_rules():
     assert chosen_by_text("2", ["a", "b", "c"]) == 2 and chosen_by_text("no idea", ["a b", "c d"]) is None
 
 
+def test_numeric_golds_match_answers_written_the_japanese_and_typographic_way():
+    # Each pair misread before (the last ASCII number after NFKC): 7万ドル read 7, 18㎡ read 2.
+    pairs = [("7万ドル", "70000"), ("5万7500ドル", "57500"), ("1万2000円です", "12000"), ("答えは十八個です", "18"),
+             ("18㎡", "18"), ("広さは18 m²", "18"), ("−5", "-5"), ("答えは18ドルです（1個あたり2ドル）", "18"),
+             ("#### 18\n（2ステップで計算）", "18"), ("Answer: 18 (2 steps)", "18"), (r"$\boxed{18}$ in 2 steps", "18")]
+    assert [(p, g) for p, g in pairs if not exact_match(p, g)] == []
+    assert not exact_match("7万ドル", "7") and not exact_match("18㎡", "2") and not exact_match("−5", "5")
+    assert exact_match("3.5kg", "3.5") and exact_match("$1,200", "1200") and exact_match("**答え：７２**", "72")
+    assert exact_match("合計は1万2000円", "1万2000")  # a gold written with 万 is numeric too
+
+
 def test_choice_loglik_equals_a_direct_forward_and_scores_are_accuracies(tiny_teacher_dir):
     from edgedistill.models.hf import encode_prompts, load_causal_lm
 
@@ -110,6 +121,34 @@ def test_the_judge_removes_position_bias_and_counts_real_preferences():
     assert (prefers.wins, prefers.losses, prefers.win_rate) == (4, 0, 1.0) and prefers.ci_low == 1.0
     low, high = bootstrap_interval([1.0, 0.0] * 10)
     assert 0.2 < low < 0.5 < high < 0.8
+
+
+def test_report_shows_the_self_instruct_filters_per_language(tmp_path):
+    from edgedistill.evaluate.report import (
+        _filters_html,
+        _filters_markdown,
+        filter_table,
+    )
+    from edgedistill.run import Ledger
+
+    ledger = Ledger(tmp_path / "run.db")
+    assert filter_table(ledger) == ([], [])  # no generate metrics: no table, no section
+    ledger.log_metrics("generate", "stage", {"filter_bad_start": 1, "filter_kept": 9, "filter_too_long": 1,
+                                             "prompts": 30})
+    assert filter_table(ledger) == ([], []) and _filters_markdown(ledger) == ""  # a run from before the split
+    ledger.log_metrics("generate", "stage", {
+        "filter_kept_en": 5, "filter_kept_ja": 4, "filter_bad_start_en": 1, "filter_too_long_ja": 1,
+        "filter_teacher_failed": 2, "filter_near_duplicate": 3, "filter_near_duplicate_ja": 3})
+    header, rows = filter_table(ledger)
+    assert header == ["outcome", "en", "ja", "all"]
+    assert rows == [["kept", "5", "4", "9"], ["bad_start", "1", "0", "1"], ["near_duplicate", "0", "3", "3"],
+                    ["teacher_failed", "–", "–", "2"], ["too_long", "0", "1", "1"],
+                    # en: 5 of 6 proposed; ja: 4 of 8; all: 9 of 14 (teacher_failed proposed nothing)
+                    ["kept share", "83.3%", "50.0%", "64.3%"]]
+    markdown = _filters_markdown(ledger)
+    assert "### Self-Instruct filters" in markdown and "| kept share | 83.3% | 50.0% | 64.3% |" in markdown
+    assert '<table id="filters">' in _filters_html(ledger) and "<td>83.3%</td>" in _filters_html(ledger)
+    ledger.close()
 
 
 @pytest.fixture(scope="module")

@@ -28,6 +28,10 @@ def test_self_instruct_grows_filters_and_answers_new_tasks(tmp_path, scripted_te
     assert m["filter_exact_duplicate"] >= m["bootstrap_requests"]  # each request repeats an example
     assert m["filter_blacklist"] >= m["bootstrap_requests"]  # ... and asks for a picture
     assert m["filter_kept"] >= 12
+    # the same outcomes per language: each language's counts add up to the total
+    assert m["filter_kept_en"] > 0 and m["filter_kept_ja"] > 0
+    for outcome in ("kept", "exact_duplicate", "blacklist"):
+        assert sum(v for k, v in m.items() if k.startswith(f"filter_{outcome}_")) == m[f"filter_{outcome}"], outcome
     samples = load_distill_set(run)
     grown = [s for s in samples if s.source == "self_instruct"]
     assert len(grown) == 12 and all(s.split == "train" for s in grown)

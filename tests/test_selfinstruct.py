@@ -5,13 +5,15 @@ from pathlib import Path
 import pytest
 
 from edgedistill.data.selfinstruct import (
+    REASONS,
     FilterConfig,
     Task,
     TaskFilter,
     bootstrap_prompt,
+    length_in_words,
     parse_tasks,
 )
-from edgedistill.data.similarity import detect_lang, rouge_l, text_units
+from edgedistill.data.similarity import dedup_units, detect_lang, rouge_l, text_units
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -144,13 +146,14 @@ def test_filter_keeps_distinct_japanese_questions():
     questions = list(dict.fromkeys(r["question"] for r in rows))
     flt = _survival([(q, "") for q in questions])
     assert flt.counts["kept"] >= 0.9 * len(questions), flt.counts  # upstream keeps 0 of them
-    assert sum(flt.counts.values()) == len(questions)
+    assert sum(flt.counts[k] for k in ("kept", *REASONS)) == len(questions)
+    assert sum(n for k, n in flt.counts.items() if k.endswith("_ja")) == len(questions)  # each counted once more, as ja
 
     question = max(questions[:20], key=len)
     assert flt.check(Task(question, lang="ja")) == "exact_duplicate"
     assert flt.check(Task(" " + question.replace("？", "?") + " ", lang="ja")) == "exact_duplicate"  # NFKC
     copy = _near_copy(question)
-    assert copy != question and rouge_l(copy, question) >= 0.7
+    assert copy != question and rouge_l(copy, question, units=dedup_units) >= 0.7
     assert flt.check(Task(copy, lang="ja")) == "near_duplicate"
 
 
@@ -166,7 +169,7 @@ def test_filter_keeps_distinct_english_seeds():
 
 
 def test_near_duplicate_matches_rouge_l_reference():
-    # The pruned search must give the same verdict as similarity.rouge_l on every pair.
+    # The pruned search must give the same verdict as similarity.rouge_l (on its bigram units) on every pair.
     rng = random.Random(0)
     words = "write a short story poem about the cat dog sea list three ways to explain why how".split()
     kana = list("あいうえおかきくけこさしすせそたちつてとなにぬねの")
@@ -176,7 +179,7 @@ def test_near_duplicate_matches_rouge_l_reference():
         for _ in range(400):
             cand, ref = rng.sample(texts, 2)
             flt = TaskFilter([Task(ref)], FilterConfig(max_rouge_l=threshold, min_units=1))
-            expected = rouge_l(cand, ref) >= threshold
+            expected = rouge_l(cand, ref, units=dedup_units) >= threshold
             assert (flt.check(Task(cand)) == "near_duplicate") == expected, (cand, ref)
 
 
@@ -200,7 +203,11 @@ def test_lengths_in_cjk_units_and_bad_starts():
     assert flt.check(Task("要約", lang="ja")) == "too_short"
     assert flt.check(Task("要約せよ", lang="ja")) is None  # 4 characters = 4 units
     assert flt.check(Task("Summarise it", lang="en")) == "too_short"  # 2 words
-    assert flt.check(Task("あ" * 21, lang="ja")) == "too_long"
+    kana = "あいうえお" * 9  # 45 characters, no piece of 1-4 repeated
+    assert flt.check(Task(kana + "かき", lang="ja")) == "too_long"  # 47 / 2.3 = 20.4 English words
+    assert flt.check(Task(kana, lang="ja")) is None  # 45 / 2.3 = 19.6
+    assert length_in_words(Task("次のPython関数を直して", lang="ja")) == pytest.approx(1 + 8 / 2.3)  # Python stays 1 word
+    assert flt.check(Task("word " * 21)) == "too_long" and flt.check(Task("word " * 20)) is None
     assert flt.check(Task("", lang="en")) == "too_short"
     assert flt.check(Task("- List three fruits.")) == "bad_start"
     assert flt.check(Task("3. List three fruits.")) == "bad_start"  # a leftover list marker
@@ -223,7 +230,10 @@ def test_add_grows_pool_and_counts_every_reason():
     ]]
     assert outcomes == [True, False, False, False, False, False, False, False, False, True]
     assert flt.counts == {"kept": 2, "too_short": 1, "too_long": 1, "broken_text": 1, "bad_start": 1,
-                          "blacklist": 1, "exact_duplicate": 2, "near_duplicate": 1}
+                          "blacklist": 1, "exact_duplicate": 2, "near_duplicate": 1,
+                          "kept_ja": 1, "exact_duplicate_ja": 1, "near_duplicate_ja": 1, "exact_duplicate_en": 1,
+                          "blacklist_en": 1, "too_short_en": 1, "bad_start_en": 1, "too_long_en": 1,
+                          "broken_text_en": 1, "kept_en": 1}
     assert len(flt.pool) == 3
 
 
@@ -252,9 +262,88 @@ def test_check_against_500_item_pool():
 def test_broken_text_from_a_small_teacher_is_dropped():
     flt = TaskFilter([], FilterConfig())
     for broken in ("Translate this sentence into Fren\ufffd", "次のワーワーワーワーワーを説明してください。",
-                   "Explain why!!!!!! the sky is blue", "Summarize\x07 the text"):
+                   "Summarize\x07 the text", "Explain the the the the the the sky", "説明ののののののしてください。",
+                   "Summarise \x85the text"):
         assert flt.check(Task(broken)) == "broken_text", broken
     assert flt.check(Task("Describe the photo.", input="caf\ufffd")) == "broken_text"
+    assert flt.check(Task("Summarise the chat.", input="A: ok\x00\x00")) == "broken_text"
     for fine in ("Convert 10000000 yen to dollars at 150 yen per dollar.", "「ありがとう」を英語に訳してください。",
-                 "Write a haiku about autumn... then explain it."):
+                 "Write a haiku about autumn... then explain it.", "Explain why!!!!!! the sky is blue"):
         assert flt.check(Task(fine)) is None, fine
+
+
+# The examples: each was broken_text before (a piece of 1-4 characters repeated 5 times).
+LAYOUT_INSTRUCTIONS = [
+    "回答を2つ書き、アスタリスク6個（******）で区切ってください。",
+    "Separate the two answers with a line of six asterisks (******).",
+    "Put each title between lines of equals signs (=====) and use a rule like |---|---|---|.",
+]
+LAYOUT_INPUTS = [
+    "def f(x):\n        return x",
+    "5 3 . | . 7 . | . . .\n6 . . | 1 9 5 | . . .\n----------------------\n8 . . | . 6 . | . . 3",
+    "| 地域 | 売上 |\n|------|-----:|\n| 北部 | 12,400 |",
+    "よろしくお願いいたします。\n━━━━━━━━━━━━━━━━\n株式会社ミナト物流\nーーーーーーーーーーーーーーーー",
+    "氏名\t月\t火\t水\t木\t金\n田中\t9:00\t\t\t\t\r\n",  # empty TSV cells, a Windows line end
+    "   +-----------+\n   |    CEO    |\n   +-----+-----+",
+    "第1章　はじめに……………………1\n第2章　市場………………………4",
+    "body {\n        background: #ffffff;\n}",  # one ASCII letter drawn out is not a loop
+    "Sooooo good!!! Hmmmmm, the case scratches ｗｗｗｗｗｗ",
+    "来訪者：〇〇〇〇様　＿＿＿＿＿＿＿＿　★★★★☆",
+    "ははははは、それは面白いですね。",  # laughter in a chat log: 5 times is data, not a loop
+]
+
+
+def test_layout_in_instructions_and_inputs_is_not_broken_text():
+    flt = TaskFilter([], FilterConfig())
+    wrong = [text for text in LAYOUT_INSTRUCTIONS if flt.check(Task(text, lang=detect_lang(text))) is not None]
+    wrong += [text for text in LAYOUT_INPUTS if flt.check(Task("Summarise the text below.", input=text)) is not None]
+    assert wrong == []
+
+
+def test_an_input_is_broken_only_by_a_loop_twice_as_long():
+    flt = TaskFilter([], FilterConfig())
+    assert flt.check(Task("ははははは、面白いですね。", lang="ja")) == "broken_text"  # 5 in an instruction
+    assert flt.check(Task("Summarise the text below.", input="ははははは" * 2)) == "broken_text"  # 10 in an input
+    assert flt.check(Task("Summarise the text below.", input="ワー" * 9)) is None
+    assert flt.check(Task("Summarise the text below.", input="ワー" * 10)) == "broken_text"
+
+
+# One instruction written in both languages (bench/data/business_instructions.jsonl, long-policy):
+# 90 English words, 175 Japanese characters + 9 Latin words and numbers.
+POLICY_EN = ("Draft a one-page remote work policy for a company of about 120 people. It should cover who is eligible "
+             "(everyone after a three-month probation period), the core hours when people must be reachable (10:00 to "
+             "15:00 Japan time), how equipment is provided and returned, what happens with confidential documents at "
+             "home, how to report a security incident within 24 hours, and how managers review the arrangement every "
+             "six months. Use numbered sections and plain language, and add a short FAQ with three questions at the end.")
+POLICY_JA = ("従業員約120名の会社向けに、1ページのリモートワーク規程の草案を作成してください。対象者（3か月の試用期間を終えた全員）、"
+             "連絡が取れなければならないコアタイム（日本時間10時〜15時）、機器の貸与と返却の方法、自宅での機密文書の扱い、"
+             "セキュリティ事故を24時間以内に報告する手順、上司が6か月ごとに運用を見直す方法を含めてください。"
+             "番号付きの章立てと平易な言葉を使い、最後に3問の簡単なFAQを付けてください。")
+
+
+def test_the_length_cap_is_the_same_for_one_instruction_in_both_languages():
+    assert (len(text_units(POLICY_EN)), len(text_units(POLICY_JA))) == (90, 184)  # 184 > 150: Japanese was too_long
+    flt = TaskFilter([], FilterConfig())
+    assert flt.check(Task(POLICY_EN)) is None
+    assert flt.check(Task(POLICY_JA, lang="ja")) is None
+    assert length_in_words(Task(POLICY_JA, lang="ja")) == pytest.approx(9 + 175 / 2.3)  # 85.1 words against 90
+    short = FilterConfig(max_units=80)  # a cap between the two measures drops both
+    assert TaskFilter([], short).check(Task(POLICY_EN)) == "too_long"
+    assert TaskFilter([], short).check(Task(POLICY_JA, lang="ja")) == "too_long"
+
+
+def test_a_shared_japanese_clause_does_not_make_different_requests_duplicates():
+    # The same clause in English (7 of ~16 words) and Japanese (19 of ~35 characters): character
+    # ROUGE-L 0.72 / 0.74 dropped the second and third Japanese request; English words score 0.47 / 0.44.
+    clause_en, clause_ja = "Output only the answer, with no explanation: ", "回答のみを出力してください。説明は不要です："
+    asks = [("how many minutes are 3 hours and 20 minutes?", "3時間20分は何分ですか。"),
+            ("which city is the capital of Australia?", "オーストラリアの首都はどこですか。"),
+            ("what day of the week was 1 January 2024?", "2024年1月1日は何曜日でしたか。")]
+    flt = TaskFilter([], FilterConfig())
+    kept = [flt.add(Task(clause_en + en)) for en, _ in asks] + [flt.add(Task(clause_ja + ja, lang="ja")) for _, ja in asks]
+    assert kept == [True] * 6
+    assert rouge_l(clause_ja + asks[1][1], clause_ja + asks[0][1]) >= 0.7  # what characters said
+    # A real near copy is still one: one word changed.
+    assert flt.check(Task(clause_ja + "3時間20分は何秒ですか。", lang="ja")) == "near_duplicate"
+    assert flt.check(Task(clause_en + "how many seconds are 3 hours and 20 minutes?")) == "near_duplicate"
+    assert (flt.counts["kept_en"], flt.counts["kept_ja"]) == (3, 3)

@@ -1,6 +1,6 @@
 import numpy as np
 
-from edgedistill.data.store import Sample, SampleStore
+from edgedistill.data.store import InstructionStore, Sample, SampleStore
 
 
 def _sample(i: int, k: int = 4) -> Sample:
@@ -48,3 +48,16 @@ def test_a_failed_batch_stores_nothing(tmp_path):
         with pytest.raises(sqlite3.IntegrityError):
             store.add("S", [good, bad])
         assert store.count("S") == 0
+
+
+def test_filter_counts_sum_per_language_and_old_rows_stay_readable(tmp_path):
+    with SampleStore(tmp_path / "d.db") as store:
+        instructions = InstructionStore(store.db)
+        old = {"kept": 2, "near_duplicate": 1}  # a row written before the per-language keys
+        new = {"kept": 3, "kept_en": 1, "kept_ja": 2, "near_duplicate": 1, "near_duplicate_ja": 1}
+        instructions.add_batch("S", [(0, [("a", "", "en"), ("b", "", "en")], old),
+                                     (1, [("c", "", "en"), ("d", "", "ja"), ("e", "", "ja")], new)])
+        instructions.add_batch("S", [(2, [], {"teacher_failed": 1})])
+        assert instructions.counts("S") == {"kept": 5, "near_duplicate": 2, "kept_en": 1, "kept_ja": 2,
+                                            "near_duplicate_ja": 1, "teacher_failed": 1}
+        assert instructions.requests_done("S") == 3 and len(instructions.instructions("S")) == 5

@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 
 from edgedistill.data.prompts import load_prompts, read_seed_texts
-from edgedistill.data.similarity import detect_lang, rouge_l, text_units
+from edgedistill.data.similarity import dedup_units, detect_lang, rouge_l, text_units
 from edgedistill.errors import UserError
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -15,6 +15,13 @@ def test_japanese_is_split_by_character_and_scored():
     assert rouge_l("東京は日本の首都です", "東京は日本の首都です") == 1.0
     assert 0 < rouge_l("東京は日本の首都です", "日本の首都は東京です") < 1
     assert rouge_l("今日は晴れ", "") == 0.0
+
+
+def test_dedup_units_are_character_bigrams_within_cjk_runs():
+    assert dedup_units("東京は晴れ。Hello, World!") == ["東京", "京は", "は晴", "晴れ", "hello", "world"]
+    assert dedup_units("次のPython 3で、猫を") == ["次の", "python", "3", "で", "猫を"]  # a one-character run stays
+    # LCS of 東京は晴れ / 東京は雨 on bigrams: 東京, 京は = 2 of 4 and 3 -> F1 = 2*2/7
+    assert rouge_l("東京は晴れ", "東京は雨", units=dedup_units) == pytest.approx(4 / 7)
 
 
 def test_rouge_l_golden_value():

@@ -4,8 +4,10 @@ Self-Instruct (Wang et al. 2023, arXiv:2212.10560) and Alpaca grow a task pool f
 show the teacher a few pool tasks, ask for more, drop the ones that are too short, too long,
 need a modality a text model lacks, or overlap an existing task (ROUGE-L >= 0.7). Upstream
 drops every instruction whose first character is not ASCII and tokenises ROUGE by whitespace,
-so no Japanese task ever survives. Here lengths and ROUGE-L use `similarity.text_units`
-(one unit per CJK character), and the prompt and parser speak English and Japanese.
+so no Japanese task ever survives. Here lengths use `similarity.text_units` (one unit per CJK
+character, scaled to English words for the cap), ROUGE-L uses `similarity.dedup_units` (CJK
+character bigrams), and the prompt and parser speak English and Japanese. Each filter was
+checked on human-written text in both languages (bench/filters_on_real_text.py).
 
 Pure Python: no model calls. The caller samples examples, sends `bootstrap_prompt` to the
 teacher, feeds the answer to `parse_tasks` and each task to `TaskFilter.add`.
@@ -18,7 +20,13 @@ import unicodedata
 from collections import Counter
 from dataclasses import dataclass, field
 
-from edgedistill.data.similarity import detect_lang, lcs_length, text_units
+from edgedistill.data.similarity import (
+    CJK_CHAR,
+    dedup_units,
+    detect_lang,
+    lcs_length,
+    text_units,
+)
 
 
 @dataclass(frozen=True)
@@ -221,15 +229,29 @@ _BLACKLIST = (
 REASONS = ("too_short", "too_long", "broken_text", "bad_start", "blacklist", "exact_duplicate", "near_duplicate")
 
 
+# Japanese characters per English word, measured (bench/filters_on_real_text.py) on the 71
+# instructions of bench/data/business_instructions.jsonl, written in both languages: 2,902
+# CJK characters for 1,328 English words less the 64 Latin words the Japanese keeps (Python,
+# SQL, 2024) = 2.30; 2.32 on the 5 pairs over 40 words, where the cap bites. The bundled seeds
+# are not translations of each other (en-office-01 summarises a memo, ja-office-01 a daily
+# report), so they cannot calibrate it. Short texts are denser in Japanese (1.67 on the 26
+# pairs of up to 10 words: 薬を買う場所は？ / Where do you buy medicine?), so min_units, there
+# to catch fragments, stays one unit per character.
+JA_CHARS_PER_WORD = 2.3
+
+
 @dataclass
 class FilterConfig:
     max_rouge_l: float = field(default=0.7, metadata={
         "help": "drop a task whose instruction has ROUGE-L F1 >= this with any pool instruction "
-                "(Self-Instruct's 0.7), in (0, 1]"})
+                "(Self-Instruct's 0.7), on words and on CJK character bigrams, in (0, 1]"})
     min_units: int = field(default=3, metadata={
         "help": "drop instructions shorter than this, in similarity.text_units (a CJK char is 1)"})
     max_units: int = field(default=150, metadata={
-        "help": "drop instructions longer than this, in text units (Self-Instruct: 150 words)"})
+        "help": "drop instructions longer than this, in English words (Self-Instruct: 150); a "
+                "Japanese instruction's CJK characters count 1/ja_chars_per_word word each"})
+    ja_chars_per_word: float = field(default=JA_CHARS_PER_WORD, metadata={
+        "help": "Japanese characters per English word for the length cap, > 0 (measured: 2.3)"})
     blacklist: tuple[str, ...] = field(default=_BLACKLIST, metadata={
         "help": "words for what a text model cannot do: ASCII ones match whole words, "
                 "case-insensitive; others (Japanese) match as substrings"})
@@ -239,6 +261,8 @@ class FilterConfig:
             raise ValueError(f"max_rouge_l must be in (0, 1], got {self.max_rouge_l}")
         if not 0 <= self.min_units <= self.max_units:
             raise ValueError(f"need 0 <= min_units <= max_units, got {self.min_units}, {self.max_units}")
+        if not self.ja_chars_per_word > 0:
+            raise ValueError(f"ja_chars_per_word must be > 0, got {self.ja_chars_per_word}")
         self.blacklist = tuple(self.blacklist)
 
 
@@ -265,16 +289,37 @@ _OK_START_PUNCT = set("\"'`¿¡")
 
 
 # A small teacher's degenerate output: a cut UTF-8 sequence (U+FFFD, measured on SmolLM2),
-# control characters, or a loop of one short piece ("ワーワーワーワー", "!!!!!!").
-_LOOP = re.compile(r"(.{1,4}?)\1{4,}", re.DOTALL)
-_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
+# control characters, or a loop of one short piece of letters ("ワーワーワーワーワー").
+# Layout is not a loop: rules (-----, ━━━━, ーーーー), separators (******), indentation, table
+# pipes, leaders (……), ASCII art and TSV gaps are punctuation, symbols, spaces or the
+# prolonged-sound mark alone, and a person writes them on purpose. Nor is one ASCII letter
+# drawn out: #ffffff, xxxx masks, "Hmmmmm", ｗｗｗ (laughter).
+# Measured over the instructions, inputs, outputs, questions and choices of the Self-Instruct
+# seeds, IFEval, JCommonsenseQA and GSM8K (76,360 texts): no other letter loop repeats more
+# than 3 times (La La La, チャチャチャ), so an instruction needs 5 and an input, which is data, 10.
+_LETTER_LOOP = re.compile(r"((?:[^\W\d_]| ){1,4}?)\1+")
+LOOP_REPEATS = {"instruction": 5, "input": 10}
+# C0 and C1 controls and DEL, less tab, newline, CR (Windows line ends), VT and FF (pasted text).
+_CONTROL = re.compile(r"[\x00-\x08\x0e-\x1f\x7f-\x9f]")
 
 
-def _broken(text: str) -> bool:
+def _is_loop(piece: str) -> bool:
+    """Whether a repeated piece is a degenerate loop rather than layout or one letter drawn out."""
+    letters = [ch for ch in piece if ch != " "]
+    categories = {unicodedata.category(ch) for ch in letters}
+    if not letters or not categories <= {"Lu", "Ll", "Lt", "Lo", "Lm"} or categories == {"Lm"}:
+        return False  # 〇〇〇 (a number sign), ーーー (a rule)
+    folded = {unicodedata.normalize("NFKC", ch).lower() for ch in letters}
+    return not (len(folded) == 1 and next(iter(folded)).isascii())
+
+
+def _broken(text: str, *, repeats: int = LOOP_REPEATS["instruction"]) -> bool:
+    """U+FFFD, a control character other than layout whitespace, or a letter loop repeated
+    `repeats` times or more."""
     if "\ufffd" in text or _CONTROL.search(text):
         return True
-    # Digits may repeat (10000000 yen); anything else five times in a row is a loop.
-    return any(not unit.isdigit() for unit in (m.group(1) for m in _LOOP.finditer(text)))
+    return any(len(m.group()) >= repeats * len(m.group(1)) and _is_loop(m.group(1))
+               for m in _LETTER_LOOP.finditer(text))
 
 
 def _bad_start(text: str) -> bool:
@@ -285,17 +330,36 @@ def _bad_start(text: str) -> bool:
     return bool(_LIST_MARKER.match(text))
 
 
+def length_in_words(task: Task, chars_per_word: float = JA_CHARS_PER_WORD) -> float:
+    """The instruction's length in English words: text units, where a Japanese instruction's
+    CJK characters count 1/chars_per_word each (one unit per character was 2.3× stricter)."""
+    units = text_units(task.instruction)
+    if task.lang != "ja":
+        return float(len(units))
+    cjk = sum(1 for unit in units if CJK_CHAR.fullmatch(unit))
+    return len(units) - cjk + cjk / chars_per_word
+
+
 class TaskFilter:
     """A pool (seeds + accepted tasks) and the Self-Instruct filters against it.
 
     `check` says why a task would be dropped (None: keep); `add` checks, appends a kept task
-    to the pool and counts the outcome in `counts` ('kept' and every reason, for the ledger).
+    to the pool and counts the outcome in `counts`: 'kept' and every reason, and the same per
+    language as '<outcome>_<lang>' ('kept_ja', 'near_duplicate_en'), for the ledger and report.
     Only instructions are compared, as in Self-Instruct: the same instruction with another
-    input is a duplicate.
+    input is a duplicate. The input is data, not an instruction, so only a loop twice as long
+    (`LOOP_REPEATS`) makes it broken text.
 
-    Near duplicates: ROUGE-L F1 = 2·LCS / (m + n) on text units. Each pool item keeps its units
-    and their bag; LCS <= the bag overlap, so a pair whose overlap bound is under the threshold
-    is skipped without the O(m·n) LCS. Unrelated texts almost always stop there.
+    Near duplicates: ROUGE-L F1 = 2·LCS / (m + n) on `similarity.dedup_units` (CJK character
+    bigrams). With characters, the default 0.7 dropped 7 of 71 Japanese instructions written
+    as translations of 71 English ones where words dropped 5 in English; with bigrams it drops
+    the same 5 (bench/filters_on_real_text.py), so one threshold serves both languages. On the
+    1,117 JCommonsenseQA validation questions it drops 20 instead of 49, mostly template
+    variants (鉛筆を英語で言うと？ / 橋を英語で言うと？; in English "What is a pencil in
+    English?" / "What is a bridge in English?" score 0.83 on words).
+    Each pool item keeps its units and their bag; LCS <= the bag overlap, so a pair whose
+    overlap bound is under the threshold is skipped without the O(m·n) LCS. Unrelated texts
+    almost always stop there.
     """
 
     def __init__(self, pool: list[Task], config: FilterConfig | None = None):
@@ -307,7 +371,7 @@ class TaskFilter:
         self._units: list[list[str]] = []
         self._bags: list[Counter] = []
         for task in pool:
-            self._append(task, text_units(task.instruction))
+            self._append(task, dedup_units(task.instruction))
 
     def _append(self, task: Task, units: list[str]) -> None:
         self.pool.append(task)
@@ -316,16 +380,16 @@ class TaskFilter:
         self._bags.append(Counter(units))
 
     def check(self, task: Task) -> str | None:
-        return self._check(task, text_units(task.instruction))
+        return self._check(task, dedup_units(task.instruction))
 
     def _check(self, task: Task, units: list[str]) -> str | None:
         cfg = self.config
         text = task.instruction.strip()
-        if len(units) < cfg.min_units or not text:
+        if len(text_units(text)) < cfg.min_units or not text:
             return "too_short"
-        if len(units) > cfg.max_units:
+        if length_in_words(task, cfg.ja_chars_per_word) > cfg.max_units:
             return "too_long"
-        if _broken(text) or _broken(task.input):
+        if _broken(text) or _broken(task.input, repeats=LOOP_REPEATS["input"]):
             return "broken_text"
         if _bad_start(text):
             return "bad_start"
@@ -338,7 +402,8 @@ class TaskFilter:
         return None
 
     def _near_duplicate(self, units: list[str]) -> bool:
-        """Whether any pool instruction has ROUGE-L F1 >= the threshold (as similarity.rouge_l)."""
+        """Whether any pool instruction has ROUGE-L F1 >= the threshold (as similarity.rouge_l
+        with units=dedup_units)."""
         threshold = self.config.max_rouge_l
         m, bag = len(units), Counter(units)
         for ref, ref_bag in zip(self._units, self._bags):
@@ -361,11 +426,11 @@ class TaskFilter:
         return False
 
     def add(self, task: Task) -> bool:
-        units = text_units(task.instruction)
-        reason = self._check(task, units)
-        if reason is not None:
-            self.counts[reason] += 1
+        units = dedup_units(task.instruction)
+        outcome = self._check(task, units) or "kept"
+        for key in (outcome, f"{outcome}_{task.lang}"):
+            self.counts[key] = self.counts.get(key, 0) + 1
+        if outcome != "kept":
             return False
         self._append(task, units)
-        self.counts["kept"] += 1
         return True

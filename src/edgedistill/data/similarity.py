@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import re
 import unicodedata
+from collections.abc import Callable
 
 # Hiragana, katakana (incl. half-width), CJK unified ideographs (+ext A), CJK punctuation,
 # full-width forms. Each such character is one unit; runs of letters/digits are words.
 _CJK = r"\u3000-\u303f\u3040-\u309f\u30a0-\u30ff\u31f0-\u31ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uff00-\uffef"
 _UNIT = re.compile(rf"[{_CJK}]|[^\s{_CJK}\W]+|[^\s\w{_CJK}]", re.UNICODE)
 _JA_KANA = re.compile(r"[\u3040-\u30ff]")
-_CJK_CHAR = re.compile(rf"[{_CJK}]")
+CJK_CHAR = re.compile(rf"[{_CJK}]")
 
 
 def text_units(text: str, *, keep_punct: bool = False) -> list[str]:
@@ -37,13 +38,38 @@ def detect_lang(text: str) -> str:
     if not letters:
         return "other"
     kana = len(_JA_KANA.findall(text))
-    cjk = len(_CJK_CHAR.findall(text))
+    cjk = len(CJK_CHAR.findall(text))
     if kana / len(letters) >= 0.05:
         return "ja"
     if cjk / len(letters) >= 0.3:
         return "zh"
     ascii_letters = sum(c.isascii() for c in letters)
     return "en" if ascii_letters / len(letters) >= 0.8 else "other"
+
+
+def dedup_units(text: str) -> list[str]:
+    """Units for near-duplicate search: words as `text_units`, but CJK text as overlapping
+    character bigrams (a run of one character stays one unit; punctuation splits runs).
+
+    Why not characters: single kana (の, を, て, く) are shared by almost any two Japanese
+    sentences, so character ROUGE-L runs high on unrelated text. Measured on 71 instructions
+    written in both languages (bench/filters_on_real_text.py, 2,485 pairs): mean ROUGE-L
+    0.094 for English words, 0.160 for Japanese characters, 0.062 for Japanese bigrams, and
+    bigram scores stay nearer the English word scores of the same pair (mean |difference|
+    0.063 against 0.092 for characters). Bigrams are the usual word-free index unit for
+    Japanese; a Japanese word is about two characters.
+    """
+    units: list[str] = []
+    run: list[str] = []
+    for unit in text_units(text, keep_punct=True) + [" "]:  # the sentinel closes the last run
+        if len(unit) == 1 and CJK_CHAR.fullmatch(unit) and not _is_punct(unit):
+            run.append(unit)
+            continue
+        units += [a + b for a, b in zip(run, run[1:])] if len(run) > 1 else run
+        run = []
+        if not _is_punct(unit):
+            units.append(unit)
+    return units
 
 
 def lcs_length(a: list[str], b: list[str]) -> int:
@@ -58,9 +84,9 @@ def lcs_length(a: list[str], b: list[str]) -> int:
     return prev[-1]
 
 
-def rouge_l(candidate: str, reference: str) -> float:
-    """ROUGE-L F1 on language-aware units (Lin 2004, beta = 1)."""
-    cand, ref = text_units(candidate), text_units(reference)
+def rouge_l(candidate: str, reference: str, units: Callable[[str], list[str]] = text_units) -> float:
+    """ROUGE-L F1 on language-aware units (Lin 2004, beta = 1); `units` splits a text."""
+    cand, ref = units(candidate), units(reference)
     if not cand or not ref:
         return float(cand == ref)
     lcs = lcs_length(cand, ref)

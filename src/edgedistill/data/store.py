@@ -151,7 +151,8 @@ class InstructionStore:
         self.db.executescript(INSTRUCTIONS_SCHEMA)
 
     def add_batch(self, settings: str, requests: list[tuple[int, list[tuple[str, str, str]], dict[str, int]]]) -> None:
-        """requests: (request number, kept (instruction, input, lang) in acceptance order, filter counts)."""
+        """requests: (request number, kept (instruction, input, lang) in acceptance order, filter
+        counts: {outcome: n} and, per language, {outcome_lang: n} as TaskFilter.counts has them)."""
         with transaction(self.db):
             for request, kept, counts in requests:
                 self.db.executemany("INSERT INTO instructions VALUES (?,?,?,?,?,?,?)",
@@ -168,6 +169,8 @@ class InstructionStore:
         return self.db.execute("SELECT COUNT(*) FROM bootstrap_requests WHERE settings=?", (settings,)).fetchone()[0]
 
     def counts(self, settings: str) -> dict[str, int]:
+        """Every key summed over the requests; rows stored before the per-language keys existed
+        only add to the totals."""
         total: dict[str, int] = {}
         for (counts,) in self.db.execute("SELECT counts FROM bootstrap_requests WHERE settings=?", (settings,)):
             for reason, n in json.loads(counts).items():

@@ -142,6 +142,35 @@ def task_table(ledger: Ledger) -> tuple[list[str], list[list[str]]]:
                                                   for _, label, m in rows]
 
 
+def filter_table(ledger: Ledger) -> tuple[list[str], list[list[str]]]:
+    """Self-Instruct filter outcomes per reason × language, read from the generate stage's
+    `filter_<outcome>` totals and `filter_<outcome>_<lang>` splits; the last row is each
+    language's kept share, so a filter that eats one language shows at once. Empty when the
+    run has no per-language split (not self_instruct, or a run from before the split)."""
+    gen = ledger.metrics("generate").get("stage", {})
+    totals: dict[str, float] = {}
+    split: dict[str, dict[str, float]] = {}
+    for name, n in gen.items():
+        if not name.startswith("filter_"):
+            continue
+        total, _, lang = name.rpartition("_")
+        if total in gen:  # filter_near_duplicate_ja, beside filter_near_duplicate
+            split.setdefault(total.removeprefix("filter_"), {})[lang] = n
+        else:
+            totals[name.removeprefix("filter_")] = n
+    if not split:
+        return [], []
+    langs = sorted({lang for by in split.values() for lang in by})
+    rows = [[outcome, *(f"{int(split[outcome].get(lang, 0))}" if outcome in split else "–" for lang in langs),
+             f"{int(n)}"] for outcome, n in sorted(totals.items(), key=lambda item: (item[0] != "kept", item[0]))]
+    seen = {lang: sum(by.get(lang, 0) for by in split.values()) for lang in langs}  # teacher_failed has no language
+    kept = split.get("kept", {})
+    every = sum(totals[outcome] for outcome in split)
+    rows.append(["kept share", *(fmt("pct", kept.get(lang, 0) / seen[lang]) if seen[lang] else "–" for lang in langs),
+                 fmt("pct", totals.get("kept", 0) / every)])
+    return ["outcome", *langs, "all"], rows
+
+
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
@@ -268,6 +297,14 @@ def _quality_html(ledger: Ledger) -> str:
     return _html_table(header, rows, best, "quality")
 
 
+def _filters_html(ledger: Ledger) -> str:
+    header, rows = filter_table(ledger)
+    if not rows:
+        return ""
+    return (f'<h3>Self-Instruct filters</h3>\n{_html_table(header, rows, table_id="filters")}'
+            f'\n<p class="note">{html.escape(FILTER_NOTE)}</p>')
+
+
 def _examples_html(run: RunDir) -> str:
     path = run.eval_dir / "answers.jsonl"
     if not path.is_file():
@@ -310,6 +347,7 @@ def render_html(recipe: Recipe, run: RunDir, ledger: Ledger, sections: dict[str,
 {_examples_html(run)}
 <h2>Data and training</h2>
 {_html_table(['what', 'value'], sections['data_rows'])}
+{_filters_html(ledger)}
 <h2>Teacher usage (cost ledger)</h2>
 {_html_table(*sections['usage'], table_id="usage")}
 <h2>Stages</h2>
@@ -387,6 +425,16 @@ def _gguf_markdown(ledger: Ledger, run: RunDir) -> str:
             f"{'identical' if parity.get('template_match') else 'different'}. Files: `{run.export_dir}`.")
 
 
+FILTER_NOTE = ("What happened to each task the teacher proposed, by the language of its instruction; the kept "
+               "share is kept / proposed. The length cap counts English words (Japanese characters converted at "
+               "the ratio measured on parallel text), near duplicates compare words and Japanese character pairs.")
+
+
+def _filters_markdown(ledger: Ledger) -> str:
+    header, rows = filter_table(ledger)
+    return f"\n### Self-Instruct filters\n\n{markdown_table(header, rows)}\n\n{FILTER_NOTE}\n" if rows else ""
+
+
 def greedy_summary(parity: dict[str, float], prompts: str = "prompts") -> str:
     """The greedy comparison in words, for the export table and the run report."""
     text = (f"greedy tokens identical on {int(parity.get('greedy_match', 0))} of "
@@ -424,7 +472,7 @@ The same report with plots and every held-out answer: `{run.report_html_path}`.
 ## Data and training
 
 {markdown_table(['what', 'value'], sections['data_rows'])}
-
+{_filters_markdown(ledger)}
 ## Edge files (GGUF, measured in llama.cpp)
 
 {_gguf_markdown(ledger, run)}

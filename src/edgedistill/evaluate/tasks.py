@@ -7,8 +7,9 @@ Formats (one JSON object per line):
 - `jcommonsenseqa` — `question`, `choice0`..`choice4`, `label`.
 
 Scoring:
-- exact match: the greedy answer's *last number* against a numeric gold (GSM8K style; commas,
-  full-width digits and a trailing period are normalised), else the normalised text;
+- exact match: a numeric gold against the greedy answer's number as `data.answers` reads it
+  (after an answer marker such as `####`, `答えは` or `\\boxed{}`, else the last number; 万/億,
+  kanji numerals, typographic minus signs and units handled), else the normalised text;
 - multiple choice by log-likelihood: the choice whose tokens, as the assistant's reply, have
   the highest summed log-probability (lm-evaluation-harness `acc`);
 - multiple choice by generation: the greedy answer names a choice (its text, or its number).
@@ -21,6 +22,7 @@ stays an option for users who have it (`edgedistill evaluate --lm-eval`), not a 
 from __future__ import annotations
 
 import json
+import math
 import re
 import unicodedata
 from dataclasses import dataclass
@@ -29,10 +31,10 @@ from pathlib import Path
 
 import torch
 
+from edgedistill.data.answers import extract_number, parse_number
 from edgedistill.errors import UserError
 
 Messages = list[dict[str, str]]
-NUMBER = re.compile(r"-?\d+(?:,\d{3})*(?:\.\d+)?")
 MC_INSTRUCTION = {"en": "Answer with one of the choices.", "ja": "選択肢の中から一つ選んで答えてください。"}
 
 
@@ -140,18 +142,14 @@ def _normalise(text: str) -> str:
     return re.sub(r"[\s。、．，.,!！?？「」\"'()（）]+", " ", text).strip()
 
 
-def _number(text: str) -> float | None:
-    found = NUMBER.findall(unicodedata.normalize("NFKC", text))
-    return float(found[-1].replace(",", "")) if found else None
-
-
 def exact_match(prediction: str, gold: str) -> bool:
-    """Numeric gold: the prediction's last number equals it. Text gold: equal after normalising
+    """Numeric gold (a text that is one number: '72', '1,200', '1万2000'): the prediction's
+    final number (`data.answers.extract_number`) equals it. Text gold: equal after normalising
     (NFKC, case, punctuation), or the prediction's first line is."""
-    gold_number = _number(gold) if NUMBER.fullmatch(unicodedata.normalize("NFKC", gold).strip().rstrip(".")) else None
+    gold_number = parse_number(gold)
     if gold_number is not None:
-        predicted = _number(prediction)
-        return predicted is not None and abs(predicted - gold_number) < 1e-6
+        predicted = extract_number(prediction)
+        return predicted is not None and math.isclose(predicted, gold_number, rel_tol=1e-9, abs_tol=1e-6)
     first_line = prediction.strip().splitlines()[0] if prediction.strip() else ""
     return _normalise(gold) in (_normalise(prediction), _normalise(first_line))
 
