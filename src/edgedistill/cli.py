@@ -54,6 +54,10 @@ def user_errors(fn: Callable) -> Callable:
     return wrapper
 
 
+# The recipe fields the CLI's own flags set: an invalid value is blamed on the flag.
+FLAGS = {"run.name": "--name", "run.runs_dir": "--runs-dir", "export.types": "--quant"}
+
+
 def _overrides(sets: list[str] | None, name: str | None, runs_dir: Path | None) -> list[str]:
     out = list(sets or [])
     if name:
@@ -70,11 +74,11 @@ def _load(target: Path, overrides: list[str]):
     if target.is_dir():
         if not (target / "recipe.toml").is_file():
             raise UserError(f"{target}: not a run folder (no recipe.toml) — pass a recipe file or a run folder")
-        recipe = load_recipe(target / "recipe.toml", overrides)
+        recipe = load_recipe(target / "recipe.toml", overrides, FLAGS)
         # A run folder is its own location, wherever it has been moved to.
         return recipe.model_copy(update={"run": recipe.run.model_copy(
             update={"name": target.resolve().name, "runs_dir": str(target.resolve().parent)})})
-    return load_recipe(target, overrides)
+    return load_recipe(target, overrides, FLAGS)
 
 
 def _finish(run) -> None:
@@ -123,7 +127,7 @@ def demo(tiny: Annotated[bool, typer.Option("--tiny", help="A tiny configuration
     from edgedistill.pipeline import run_recipe
     from edgedistill.recipe import bundled_recipe
 
-    _finish(run_recipe(bundled_recipe("demo_tiny" if tiny else "demo", _overrides(set_, name, runs_dir))))
+    _finish(run_recipe(bundled_recipe("demo_tiny" if tiny else "demo", _overrides(set_, name, runs_dir), FLAGS)))
 
 
 def _stage_command(stage: str, summary: str) -> None:

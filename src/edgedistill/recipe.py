@@ -11,11 +11,11 @@ import hashlib
 import json
 from importlib import resources
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import tomli_w
 import tomllib
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 from edgedistill.errors import UserError
 
@@ -25,6 +25,11 @@ OBJECTIVES = ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_revers
 GGUF_TYPES = ("f32", "f16", "bf16", "q8_0", "q6_k", "q5_k_m", "q5_0", "q4_k_m", "q4_1", "q4_0")
 # OpenAI's cap on top_logprobs, which vLLM and llama.cpp follow by default (and our server too).
 TOP_LOGPROBS_CAP = 20
+
+
+def _lower_names(value: Any) -> Any:
+    """Type names as users write them ('Q8_0', 'Q4_K_M') are the same names."""
+    return [v.lower() if isinstance(v, str) else v for v in value] if isinstance(value, list) else value
 
 
 class _Section(BaseModel):
@@ -227,7 +232,7 @@ class EvalCfg(_Section):
 
 
 class ExportCfg(_Section):
-    types: list[Literal[GGUF_TYPES]] = Field(
+    types: Annotated[list[Literal[GGUF_TYPES]], BeforeValidator(_lower_names)] = Field(
         default_factory=lambda: ["f16", "q8_0", "q4_k_m"], min_length=1,
         description="GGUF files to write for llama.cpp / Ollama. K-quant mixes (q4_k_m, q5_k_m) follow "
         "llama-quantize's per-tensor policy; rows that do not split into 256-value blocks fall back "
@@ -273,13 +278,32 @@ def _transport(section: BaseModel) -> set[str]:
     return set(getattr(section, "TRANSPORT_FIELDS", ()))
 
 
-def _describe_validation_error(err: ValidationError, source: str) -> str:
+# What a pattern-checked field accepts, in words (pydantic would print the regular expression).
+PATTERN_WORDS = {
+    "run.name": "letters, digits, '.', '_' and '-' only, starting with a letter or digit, at most 64 "
+                "characters (it names a folder under runs_dir)",
+    "teacher.api_key_env": "the NAME of an environment variable (letters, digits and '_')",
+    "name": "letters, digits, '.', '_' and '-' only (a row label in the report)",
+}
+
+
+def _describe_validation_error(err: ValidationError, source: str, flags: dict[str, str] | None = None) -> str:
+    """One line naming where the bad value came from: the recipe file, or the CLI flag that set it."""
     first = err.errors()[0]
     where = ".".join(str(p) for p in first["loc"])
+    for key, flag in (flags or {}).items():
+        if where == key or where.startswith(key + "."):
+            source = flag
+            break
     if first["type"] == "extra_forbidden":
         return f"{source}: unknown field '{where}' — see `edgedistill recipe` for every field"
     got = first.get("input")
     got_txt = "" if isinstance(got, dict) else f" (got {got!r})"
+    if first["type"] == "string_pattern_mismatch":
+        words = PATTERN_WORDS.get(where) or PATTERN_WORDS.get(str(first["loc"][-1]), first["msg"])
+        return f"{source}: {where}: use {words}{got_txt}"
+    if first["type"] == "literal_error" and where.startswith("export.types"):
+        return f"{source}: {got!r} is not a GGUF type we write — choose from {', '.join(GGUF_TYPES)}"
     return f"{source}: {where}: {first['msg']}{got_txt}"
 
 
@@ -316,22 +340,28 @@ def read_recipe_data(path: Path) -> dict[str, Any]:
         raise UserError(f"{path}: not valid TOML ({exc})") from None
 
 
-def build_recipe(data: dict[str, Any], source: str, overrides: list[str] | None = None) -> Recipe:
-    data = apply_overrides(data, overrides or [])
+def build_recipe(data: dict[str, Any], source: str, overrides: list[str] | None = None,
+                 flags: dict[str, str] | None = None) -> Recipe:
+    """Validate recipe data with `--set` style overrides on top. An invalid value names the flag
+    that set it (`flags`: dotted field -> flag, e.g. {"export.types": "--quant"}; other
+    overrides are named `--set field`), else the recipe file."""
+    overrides = overrides or []
+    data = apply_overrides(data, overrides)
+    named = {".".join(_parse_override(item)[0]): f"--set {item.split('=', 1)[0].strip()}" for item in overrides}
     try:
         return Recipe.model_validate(data)
     except ValidationError as err:
-        raise UserError(_describe_validation_error(err, source)) from None
+        raise UserError(_describe_validation_error(err, source, named | (flags or {}))) from None
 
 
-def load_recipe(path: Path, overrides: list[str] | None = None) -> Recipe:
-    return build_recipe(read_recipe_data(path), str(path), overrides)
+def load_recipe(path: Path, overrides: list[str] | None = None, flags: dict[str, str] | None = None) -> Recipe:
+    return build_recipe(read_recipe_data(path), str(path), overrides, flags)
 
 
 BUNDLED_RECIPES = ("demo", "demo_tiny", "self_instruct", "remote_teacher")
 
 
-def bundled_recipe(name: str, overrides: list[str] | None = None) -> Recipe:
+def bundled_recipe(name: str, overrides: list[str] | None = None, flags: dict[str, str] | None = None) -> Recipe:
     """A recipe shipped inside the package (recipes/<name>.toml)."""
     text = resources.files("edgedistill.recipes").joinpath(f"{name}.toml").read_text(encoding="utf-8")
-    return build_recipe(tomllib.loads(text), f"<bundled {name}.toml>", overrides)
+    return build_recipe(tomllib.loads(text), f"<bundled {name}.toml>", overrides, flags)

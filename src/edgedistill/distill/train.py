@@ -62,7 +62,7 @@ from edgedistill.errors import UserError
 from edgedistill.models.hf import save_model
 from edgedistill.models.vocab import vocab_matches
 from edgedistill.recipe import Recipe, TrainCfg
-from edgedistill.run import Ledger, RunDir
+from edgedistill.run import Ledger, RunDir, atomic_write_text
 
 
 @dataclass
@@ -188,6 +188,18 @@ def _save_checkpoint(accelerator, folder: Path, totals: Totals) -> None:
             if old.name != name:
                 shutil.rmtree(old)
     accelerator.wait_for_everyone()
+
+
+def _open_log(path: Path, resumed_at_step: int):
+    """The loss log of this training: a fresh start begins a fresh log (a retrain with another
+    student must not mix its steps into the old curve); a resume keeps the steps up to its
+    checkpoint and drops any logged after it, which are about to be redone."""
+    kept = []
+    if resumed_at_step and path.is_file():
+        kept = [line for line in path.read_text(encoding="utf-8").splitlines()
+                if line.strip() and json.loads(line)["step"] <= resumed_at_step]
+    atomic_write_text(path, "".join(line + "\n" for line in kept))
+    return path.open("a", encoding="utf-8")
 
 
 def make_optimizer(model, cfg: TrainCfg) -> torch.optim.Optimizer:
@@ -354,7 +366,7 @@ def train_student(recipe: Recipe, run: RunDir, ledger: Ledger, examples: list[Ex
     started, capped, stopped = time.perf_counter(), False, False
     deadline = started + cfg.max_minutes * 60 - totals.seconds if cfg.max_minutes and max_steps is None else None
     remaining = (cfg.epochs - totals.epoch) * batches_per_epoch - totals.batches_in_epoch
-    log = log_path.open("a", encoding="utf-8") if accelerator.is_main_process else None
+    log = _open_log(log_path, totals.steps) if accelerator.is_main_process else None
     window: list[dict[str, float]] = []  # loss parts of the micro-batches of one optimizer step
     try:
         with stage_progress(disable=not accelerator.is_main_process) as progress:
