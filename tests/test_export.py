@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from conftest import (
@@ -17,7 +17,7 @@ from conftest import (
 )
 
 from edgedistill.errors import UserError
-from edgedistill.export.gguf import export_gguf, permute_qk
+from edgedistill.export.gguf import export_gguf
 from edgedistill.export.ollama import modelfile
 from edgedistill.export.verify import (
     LlamaCppClient,
@@ -182,24 +182,23 @@ def test_quality_of_a_quantised_file_is_measured_against_the_reference(tmp_path)
     assert 0 < q8["kl_vs_reference"] < q4["kl_vs_reference"]
 
 
-def test_permutation_interleaves_the_rotary_halves_per_head():
-    heads, dim = 2, 4
-    rows = np.arange(heads * dim)[:, None].repeat(3, axis=1)  # row i holds the value i
-    assert permute_qk(rows, heads)[:, 0].tolist() == [0, 2, 1, 3, 4, 6, 5, 7]
-    assert permute_qk(np.arange(8.0), heads).tolist() == [0, 2, 1, 3, 4, 6, 5, 7]
-
-
 def test_bad_inputs_fail_in_one_line_and_leave_nothing(tmp_path):
-    from transformers import GPT2Config, GPT2LMHeadModel
+    import json
 
-    gpt2 = tmp_path / "gpt2"
-    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64)).save_pretrained(gpt2)
-    out = tmp_path / "out"
-    with pytest.raises(UserError, match="architecture 'GPT2LMHeadModel' has no GGUF writer"):
-        export_gguf(gpt2, out / "x.gguf", "f16", name="x")
     folder = tiny_folder(tmp_path, "llama")
+    unknown = tmp_path / "unknown"
+    shutil.copytree(folder, unknown)
+    config = json.loads((unknown / "config.json").read_text())
+    (unknown / "config.json").write_text(json.dumps(config | {"architectures": ["FooForCausalLM"]}))
+    out = tmp_path / "out"
+    with pytest.raises(UserError, match=r"architecture 'FooForCausalLM' cannot be written as GGUF by llama.cpp's "):
+        export_gguf(unknown, out / "x.gguf", "f16", name="x")
+    no_weights = tmp_path / "no-weights"
+    shutil.copytree(folder, no_weights, ignore=shutil.ignore_patterns("*.safetensors"))
+    with pytest.raises(UserError, match="no .safetensors weights to export"):  # the converter would write 9 KB
+        export_gguf(no_weights, out / "w.gguf", "f16", name="w")
     (folder / "tokenizer.json").unlink()
-    with pytest.raises(UserError, match="tokenizer.json: missing"):
+    with pytest.raises(UserError, match="llama.cpp's converter refused this model"):
         export_gguf(folder, out / "y.gguf", "q8_0", name="y")
     assert not out.exists() or list(out.iterdir()) == []  # no half-written file, no temp file
     with pytest.raises(UserError, match="not one of"):
@@ -214,7 +213,8 @@ def test_cli_export_before_training_is_one_line_exit_2(tmp_path, tiny_teacher_di
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert [line for line in done.stderr.splitlines() if line.startswith("error:")][0].endswith(
-        "is not done for this recipe — run it first (`edgedistill generate ...` or `edgedistill run ...`)")
+        "runs/x: no such run yet — start it with `edgedistill run RECIPE` (stage 'export' needs the stages before it)")
+    assert not (tmp_path / "runs").exists()
 
 
 SMOLLM2_TEMPLATE = ("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
@@ -246,3 +246,10 @@ def test_published_files_are_readable_by_other_local_users(tmp_path):
     finally:
         os.umask(old)
     assert stat.S_IMODE(path.stat().st_mode) == 0o644
+
+
+def test_every_gguf_type_the_recipe_accepts_has_a_quantisation():
+    from edgedistill.export.quantize import EXPORT_TYPES
+    from edgedistill.recipe import GGUF_TYPES
+
+    assert list(EXPORT_TYPES) and set(EXPORT_TYPES) == set(GGUF_TYPES)

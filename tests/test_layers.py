@@ -12,7 +12,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "edgedistill"
 # Lowest first. Core modules share rank 0; a stage may import any lower rank.
 RANKS = {
-    "errors": 0, "console": 0, "net": 0, "recipe": 0, "recipes": 0, "run": 0,
+    "errors": 0, "console": 0, "net": 0, "recipe": 0, "recipe_reference": 0, "recipes": 0, "run": 0,
     "models": 1,
     "teachers": 2,
     "data": 3,

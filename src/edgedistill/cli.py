@@ -150,18 +150,34 @@ _stage_command("evaluate", "Compare teacher, student before and after KD (and th
 
 @app.command()
 @user_errors
-def export(target: Annotated[Path, typer.Argument(help="Recipe TOML file or run folder.")],
+def export(target: Annotated[Path, typer.Argument(help="Recipe TOML file, run folder, or any Hugging Face model "
+                                                  "folder (safetensors).")],
            quant: Annotated[Optional[str], typer.Option("--quant", help="GGUF types, comma separated, e.g. "
-                                                        "f16,q8_0,q4_0,q4_k_m (overrides export.types).")] = None,
+                                                        "f16,q8_0,q4_k_m (overrides export.types).")] = None,
+           out: Annotated[Optional[Path], typer.Option("--out", help="Where the files go, for a model folder "
+                                                       "(default: FOLDER-gguf beside it).")] = None,
            set_: SetOpt = None, name: NameOpt = None, runs_dir: RunsDirOpt = None) -> None:
-    """Write the student as GGUF files (llama.cpp / Ollama) with a Modelfile and a model card, each file
-    checked in llama.cpp. Earlier stages must be done."""
+    """Write a run's student — or any Hugging Face model folder — as GGUF files (llama.cpp / Ollama) with
+    an export.json, a Modelfile and (for a run) a model card; each file is checked in llama.cpp."""
+    types = [q.strip().lower() for q in quant.split(",") if q.strip()] if quant else None
+    if target.is_dir() and (target / "config.json").is_file() and not (target / "recipe.toml").is_file():
+        from edgedistill.export.stage import export_folder
+        from edgedistill.recipe import ExportCfg, build_recipe
+
+        data = ({"export": {"types": types}} if types else {}) | ({"run": {"name": name}} if name else {})
+        chosen = build_recipe(data, "<export>", flags=FLAGS)
+        export_folder(target, out or target.with_name(target.name + "-gguf"), chosen.export.types or ExportCfg().types,
+                      name=chosen.run.name if name else None)
+        return
+    if out is not None:
+        raise UserError("--out is for exporting a model folder; a run writes into its export/ folder")
     from edgedistill.pipeline import run_recipe
 
     overrides = _overrides(set_, name, runs_dir)
-    if quant:
-        overrides.append(f"export.types={json.dumps([q.strip() for q in quant.split(',') if q.strip()])}")
+    if types:
+        overrides.append(f"export.types={json.dumps(types)}")
     _finish(run_recipe(_load(target, overrides), only="export"))
+
 
 _stage_command("report", "Write report.html and report.md from the run's ledger.")
 

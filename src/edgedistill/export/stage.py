@@ -1,17 +1,23 @@
-"""The export stage: the trained student as GGUF files for llama.cpp / Ollama, each checked.
+"""The export stage: the trained student (or any Hugging Face model folder) as GGUF files for
+llama.cpp / Ollama, each checked in llama.cpp.
 
-For every type in the recipe: write the file (atomic), load it in llama.cpp, measure prefill
-and decode speed, and — against the highest-precision file — KL and top-1 agreement on
-held-out text, and ROUGE-L/chrF of its greedy answers to the held-out prompts against the
-teacher's (the evaluate stage's columns, so GGUF rows join the same table). The highest-precision file is also checked against transformers (tokenizer,
-chat template, greedy tokens, log-probs). Results go to the ledger (subjects `gguf:<type>`
-and `parity`), to `export/export.md`; an Ollama Modelfile points at the best small file and
-a model card (README.md) goes with the files.
+The folder is converted once to F32 by llama.cpp's converter (export/gguf.py) and every type of
+the recipe is written from that file. Each file is then loaded in llama.cpp and checked
+against transformers — tokenizer ids on mixed English/Japanese/emoji text, the chat template,
+greedy tokens and log-probabilities (near-ties counted apart) — and measured: size, bits per
+weight, prefill/decode speed, KL and top-1 agreement against the highest-precision file on
+held-out text, and (in a run) ROUGE-L/chrF of its greedy answers against the teacher's, so GGUF
+rows join the evaluate table. Results go to the ledger (subjects `gguf:<type>` and `parity`),
+`export.md` and `export.json` (each file with its architecture and parity figures); an Ollama
+Modelfile points at the best small file and a model card (README.md) goes with the files.
 """
 
 from __future__ import annotations
 
 import json
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
 
 from edgedistill.console import console, stage_progress
 from edgedistill.data.store import load_distill_set
@@ -19,7 +25,7 @@ from edgedistill.errors import UserError
 from edgedistill.evaluate.metrics import peak_rss_bytes, rouge_by_lang
 from edgedistill.evaluate.report import greedy_summary
 from edgedistill.export.card import write_model_card
-from edgedistill.export.gguf import export_gguf
+from edgedistill.export.gguf import convert_folder, write_type
 from edgedistill.export.ollama import write_modelfile
 from edgedistill.export.verify import (
     LlamaCppClient,
@@ -51,77 +57,173 @@ def _markdown(rows: list[dict], parity: dict[str, float], reference: str) -> str
     return "\n".join(lines) + "\n"
 
 
+@dataclass
+class Checks:
+    """What each file is checked and measured on."""
+
+    conversations: list[list[dict[str, str]]]  # parity prompts (chat)
+    sequences: list[list[int]]  # token ids of held-out text, for KL / top-1 against the reference file
+    quality: list  # held-out Samples whose teacher answers the file's greedy answers are scored against
+    parity_tokens: int
+    eval_positions: int
+    speed_prompt_tokens: int
+    speed_tokens: int
+    answer_tokens: int
+
+
+def write_and_check(source: Path, out_dir: Path, name: str, types: list[str], metadata: dict[str, str],
+                    embeddings_type: str, checks: Checks, model, tokenizer) -> tuple[list[dict], dict[str, float]]:
+    """Every GGUF type of the model folder `source`, written into `out_dir` and checked: one row
+    per file (the first type is the reference) and the reference file's parity figures."""
+    from edgedistill.models.hf import encode_prompts
+
+    rows: list[dict] = []
+    reference_parity: dict[str, float] = {}
+    reference_dist = None
+    greedy_cache: dict = {}
+    with tempfile.TemporaryDirectory(dir=out_dir, prefix=".convert-") as tmp, stage_progress() as progress:
+        task = progress.add_task("export", total=len(types) + 1, rate="converting (llama.cpp's converter)")
+        f32 = Path(tmp) / "f32.gguf"
+        architecture = convert_folder(source, f32, name=name, metadata=metadata)
+        progress.update(task, advance=1, rate=f"{architecture}")
+        for export_type in types:
+            path = out_dir / f"{name}-{export_type}.gguf"
+            result = write_type(f32, path, export_type, architecture, embeddings_type)
+            row: dict = {"file": path.name, "type": export_type, "architecture": architecture,
+                         "size_bytes": result.size_bytes, "bits_per_weight": result.bits_per_weight,
+                         "parameters": result.parameters, "tensor_types": result.tensor_types}
+            with serve(path) as server:
+                client = LlamaCppClient(server)
+                try:
+                    if checks.conversations:
+                        check = check_parity(client, model, tokenizer, checks.conversations, checks.parity_tokens,
+                                             greedy_cache=greedy_cache)
+                        row["parity"] = check.as_metrics()
+                        if export_type == types[0]:
+                            reference_parity = row["parity"]
+                            if check.first_difference:
+                                console.print(f"[yellow]parity note ({export_type}): {check.first_difference}[/]")
+                    if checks.eval_positions and checks.sequences:
+                        dist = teacher_forced(client, checks.sequences, checks.eval_positions)
+                        if export_type == types[0]:
+                            reference_dist = dist
+                        else:
+                            row |= sparse_kl_top1(reference_dist, dist)
+                    prompt = (sum(checks.sequences, []) * 8)[:checks.speed_prompt_tokens] or encode_prompts(
+                        tokenizer, [[{"role": "user", "content": "Hello"}]])[0]
+                    row |= speed(client, prompt, checks.speed_tokens)
+                    if checks.quality:  # the same comparison as the evaluate stage, in llama.cpp
+                        answers, ttft = greedy_answers(client, [s.prompt_ids.tolist() for s in checks.quality],
+                                                       checks.answer_tokens)
+                        row |= rouge_by_lang(answers, checks.quality) | {"time_to_first_token_s": ttft}
+                    if (peak := peak_rss_bytes(server.process.pid)) is not None:
+                        row["peak_rss_bytes"] = peak
+                finally:
+                    client.close()
+            rows.append(row)
+            progress.update(task, advance=1, rate=f"{export_type}: {row['decode_tokens_per_s']:.0f} tok/s decode")
+    return rows, reference_parity
+
+
+def _numbers(row: dict) -> dict[str, float]:
+    """A file's row as ledger metrics (its parity figures prefixed)."""
+    flat = {k: v for k, v in row.items() if isinstance(v, (int, float))}
+    return flat | {f"parity_{k}": v for k, v in (row.get("parity") or {}).items()}
+
+
+def _write_tables(out_dir: Path, title: str, rows: list[dict], parity: dict[str, float], reference: str) -> str:
+    table = _markdown(rows, parity, reference)
+    atomic_write_text(out_dir / "export.md", f"# GGUF export — {title}\n\n{table}")
+    atomic_write_text(out_dir / "export.json", json.dumps({"reference": reference, "files": rows, "parity": parity},
+                                                          indent=2))
+    return table
+
+
+def _modelfile(out_dir: Path, name: str, types: list[str], tokenizer) -> None:
+    small = next((t for t in ("q8_0", "q4_k_m", "q5_k_m", "q6_k", "q4_0") if t in types), types[-1])
+    template = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else None
+    write_modelfile(out_dir, f"{name}-{small}.gguf", template, [tokenizer.eos_token] if tokenizer.eos_token else [])
+
+
 def run_export(recipe: Recipe, run: RunDir, ledger: Ledger) -> dict[str, float]:
-    from edgedistill.models.hf import encode_prompts, load_causal_lm
+    from edgedistill.models.hf import load_causal_lm
 
     cfg = recipe.export
     source = run.student_dir
     if not (source / "config.json").is_file():
         raise UserError(f"{source}: no trained student — run the train stage first")
     types = sorted(dict.fromkeys(cfg.types), key=GGUF_TYPES.index)
-    reference = types[0]
     heldout = load_distill_set(run, split="heldout")
-    sequences = [s.prompt_ids.tolist() + s.answer_ids.tolist() for s in heldout]
     meta = ledger.meta()
     metadata = {"general.license": cfg.license or "", "edgedistill.run": recipe.run.name,
                 "edgedistill.teacher": meta.get("teacher", recipe.teacher.model),
-                "edgedistill.distill_set": json.loads(run.distill_set_path.read_text(encoding="utf-8"))["settings"],
-                "edgedistill.kept_layers": meta.get("student_kept_layers", "")}
+                "edgedistill.student": meta.get("student_init", ""),
+                "edgedistill.tokenizer": meta.get("student_tokenizer", ""),
+                "edgedistill.training": meta.get("kd_mode", ""),
+                "edgedistill.distill_set": json.loads(run.distill_set_path.read_text(encoding="utf-8"))["settings"]}
     model, tokenizer, _ = load_causal_lm(str(source))
-    max_new = recipe.evaluate.max_new_tokens or recipe.generate.max_new_tokens
-    rows: list[dict] = []
-    parity: dict[str, float] = {}
-    reference_dist = None
-    with stage_progress() as progress:
-        task = progress.add_task("export", total=len(types), rate="")
-        for export_type in types:
-            path = run.export_dir / f"{recipe.run.name}-{export_type}.gguf"
-            result = export_gguf(source, path, export_type, name=recipe.run.name, metadata=metadata,
-                                 embeddings_type=cfg.embeddings_type)
-            row = {"file": path.name, "type": export_type, "size_bytes": result.size_bytes,
-                   "bits_per_weight": result.bits_per_weight, "parameters": result.parameters,
-                   "tensor_types": result.tensor_types}
-            with serve(path) as server:
-                client = LlamaCppClient(server)
-                try:
-                    if export_type == reference and cfg.parity_prompts:
-                        conversations = [s.prompt_messages for s in heldout[:cfg.parity_prompts]]
-                        check = check_parity(client, model, tokenizer, conversations, cfg.parity_tokens)
-                        parity = check.as_metrics()
-                        if check.first_difference:
-                            console.print(f"[yellow]parity note ({export_type}): {check.first_difference}[/]")
-                    if cfg.eval_positions:
-                        dist = teacher_forced(client, sequences, cfg.eval_positions)
-                        if export_type == reference:
-                            reference_dist = dist
-                        else:
-                            row |= sparse_kl_top1(reference_dist, dist)
-                    prompt = (sum(sequences, []) * 8)[:cfg.speed_prompt_tokens] or encode_prompts(
-                        tokenizer, [[{"role": "user", "content": "Hello"}]])[0]
-                    row |= speed(client, prompt, cfg.speed_tokens)
-                    if cfg.quality_prompts:  # the same comparison as the evaluate stage, in llama.cpp
-                        asked = heldout[:cfg.quality_prompts]
-                        answers, ttft = greedy_answers(client, [s.prompt_ids.tolist() for s in asked], max_new)
-                        row |= rouge_by_lang(answers, asked) | {"time_to_first_token_s": ttft}
-                    if (peak := peak_rss_bytes(server.process.pid)) is not None:
-                        row["peak_rss_bytes"] = peak
-                finally:
-                    client.close()
-            rows.append(row)
-            ledger.log_metrics("export", f"gguf:{export_type}", {k: v for k, v in row.items()
-                                                                if isinstance(v, (int, float))})
-            progress.update(task, advance=1, rate=f"{export_type}: {row['decode_tokens_per_s']:.0f} tok/s decode")
+    checks = Checks(conversations=[s.prompt_messages for s in heldout[:cfg.parity_prompts]],
+                    sequences=[s.prompt_ids.tolist() + s.answer_ids.tolist() for s in heldout],
+                    quality=heldout[:cfg.quality_prompts], parity_tokens=cfg.parity_tokens,
+                    eval_positions=cfg.eval_positions, speed_prompt_tokens=cfg.speed_prompt_tokens,
+                    speed_tokens=cfg.speed_tokens,
+                    answer_tokens=recipe.evaluate.max_new_tokens or recipe.generate.max_new_tokens)
+    run.export_dir.mkdir(parents=True, exist_ok=True)
+    rows, parity = write_and_check(source, run.export_dir, recipe.run.name, types, metadata, cfg.embeddings_type,
+                                   checks, model, tokenizer)
+    for row in rows:
+        ledger.log_metrics("export", f"gguf:{row['type']}", _numbers(row))
     if parity:
         ledger.log_metrics("export", "parity", parity)
-    small = next((t for t in ("q8_0", "q4_k_m", "q5_k_m", "q6_k", "q4_0") if t in types), types[-1])
-    template = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else None
-    write_modelfile(run.export_dir, f"{recipe.run.name}-{small}.gguf", template,
-                    [tokenizer.eos_token] if tokenizer.eos_token else [])
-    table = _markdown(rows, parity, reference)
-    atomic_write_text(run.export_dir / "export.md", f"# GGUF export — run `{recipe.run.name}`\n\n{table}")
+    ledger.set_meta("export_architecture", rows[0]["architecture"])
+    _modelfile(run.export_dir, recipe.run.name, types, tokenizer)
+    table = _write_tables(run.export_dir, f"run `{recipe.run.name}`", rows, parity, types[0])
     write_model_card(recipe, run, ledger, table)
-    atomic_write_text(run.export_dir / "export.json", json.dumps({"reference": reference, "files": rows,
-                                                                  "parity": parity}, indent=2))
     console.print(table)
     return {"files": len(rows), "reference_bits": rows[0]["bits_per_weight"]} | \
         {f"parity_{k}": v for k, v in parity.items()}
+
+
+def export_folder(folder: Path, out_dir: Path, types: list[str], *, name: str | None = None,
+                  embeddings_type: str = "q8_0", parity_prompts: int = 4, parity_tokens: int = 24,
+                  eval_positions: int = 512) -> list[dict]:
+    """Any Hugging Face model folder (trained anywhere) as checked GGUF files in `out_dir`:
+    `edgedistill export FOLDER --out DIR`. Parity and KL run on held-out prompts of the bundled
+    English/Japanese seeds and on the model's own greedy answers to them."""
+    from edgedistill.data.prompts import load_prompts
+    from edgedistill.models.hf import generate_batch, load_causal_lm, resolve_source
+
+    resolve_source(str(folder))  # config.json, safetensors, an architecture transformers knows
+    name = name or folder.resolve().name
+    types = sorted(dict.fromkeys(types), key=GGUF_TYPES.index)
+    model, tokenizer, _ = load_causal_lm(str(folder))
+    prompts = [p for p in load_prompts(["bundled:en", "bundled:ja"], 0.2) if p.split == "heldout"]
+    prompts = prompts[:max(parity_prompts, 8)]
+    answers = generate_batch(model, tokenizer, [p.messages for p in prompts], max_new_tokens=48, temperature=0.0,
+                             top_k_logprobs=None)
+    checks = Checks(conversations=[p.messages for p in prompts[:parity_prompts]],
+                    sequences=[a.prompt_ids + a.token_ids for a in answers], quality=[],
+                    parity_tokens=parity_tokens, eval_positions=eval_positions, speed_prompt_tokens=128,
+                    speed_tokens=64, answer_tokens=48)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    metadata = {"general.license": _folder_licence(folder), "edgedistill.source": str(folder.resolve())}
+    rows, parity = write_and_check(folder, out_dir, name, types, metadata, embeddings_type, checks, model, tokenizer)
+    _modelfile(out_dir, name, types, tokenizer)
+    console.print(_write_tables(out_dir, f"`{folder}`", rows, parity, types[0]))
+    return rows
+
+
+def _folder_licence(folder: Path) -> str:
+    """The licence a model folder's card declares in its front matter (`license: ...`), if any."""
+    card = folder / "README.md"
+    if not card.is_file():
+        return ""
+    lines = card.read_text(encoding="utf-8", errors="replace").splitlines()
+    if not lines or lines[0].strip() != "---":
+        return ""
+    for line in lines[1:]:
+        if line.strip() == "---":
+            break
+        if line.startswith("license:"):
+            return line.split(":", 1)[1].strip().strip("'\"")
+    return ""

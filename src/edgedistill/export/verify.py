@@ -46,8 +46,8 @@ class LlamaCppClient:
         response.raise_for_status()
         return response.json()
 
-    def tokenize(self, text: str) -> list[int]:
-        return self._post("/tokenize", {"content": text, "add_special": False, "parse_special": False})["tokens"]
+    def tokenize(self, text: str, add_special: bool = False) -> list[int]:
+        return self._post("/tokenize", {"content": text, "add_special": add_special, "parse_special": False})["tokens"]
 
     def apply_template(self, messages: list[dict[str, str]]) -> str:
         return self._post("/apply-template", {"messages": messages})["prompt"]
@@ -103,8 +103,9 @@ def _position_of(tokens: list[int], entries: list[dict], id_bytes: dict[int, byt
 
 
 def check_parity(client: LlamaCppClient, model, tokenizer, conversations: list[list[dict[str, str]]],
-                 max_new_tokens: int = 16, n_probs: int = 5) -> Parity:
-    """Tokenizer, chat template, greedy tokens and log-probs of the GGUF vs transformers."""
+                 max_new_tokens: int = 16, n_probs: int = 5, greedy_cache: dict | None = None) -> Parity:
+    """Tokenizer, chat template, greedy tokens and log-probs of the GGUF vs transformers.
+    `greedy_cache` keeps transformers' greedy answers between files of the same model."""
     import torch
 
     from edgedistill.models.hf import encode_prompts
@@ -115,8 +116,7 @@ def check_parity(client: LlamaCppClient, model, tokenizer, conversations: list[l
     if hf_ids != gguf_ids:
         at = next(i for i, (a, b) in enumerate(zip(hf_ids + [-1], gguf_ids + [-1])) if a != b)
         notes.append(f"tokenizer differs at token {at}: transformers {hf_ids[at:at + 3]} vs llama.cpp {gguf_ids[at:at + 3]}")
-    template_match = all(client.apply_template(m) == tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=True)
-                         for m in conversations)
+    template_match = all(_same_prompt(client, tokenizer, m) for m in conversations)
     if not template_match:
         notes.append("chat template renders differently")
     greedy_match, compared, max_diff, split_gaps = 0, 0, 0.0, []
@@ -125,9 +125,14 @@ def check_parity(client: LlamaCppClient, model, tokenizer, conversations: list[l
     for prompt in encode_prompts(tokenizer, conversations):
         answer = client.complete(prompt, max_new_tokens, n_probs)
         tokens = answer.get("tokens") or []
+        key = (tuple(prompt), max_new_tokens)
         with torch.inference_mode():
-            out = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-                                 max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+            if greedy_cache is None or key not in greedy_cache:
+                out = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                                     max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+                if greedy_cache is not None:
+                    greedy_cache[key] = out
+            out = greedy_cache[key] if greedy_cache is not None else out
             # transformers' log-probs along llama.cpp's own tokens, plus the position after the last one
             logprobs = torch.log_softmax(model(torch.tensor([prompt + tokens])).logits[0, len(prompt) - 1:].float(), -1)
         reference = out[0, len(prompt):].tolist()
@@ -146,6 +151,18 @@ def check_parity(client: LlamaCppClient, model, tokenizer, conversations: list[l
     near_ties = sum(gap <= 2 * max_diff for gap in split_gaps)
     return Parity(hf_ids == gguf_ids, template_match, greedy_match, near_ties, len(conversations), compared,
                   max_diff, notes[0] if notes else "")
+
+
+def _same_prompt(client: LlamaCppClient, tokenizer, messages: list[dict[str, str]]) -> bool:
+    """The chat template renders the same prompt in both runtimes. A template that starts with
+    the BOS token (Gemma's) is rendered without it by llama.cpp when the model adds BOS itself
+    at tokenisation: the same tokens, so the same prompt."""
+    ours = client.apply_template(messages)
+    theirs = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    if ours == theirs:
+        return True
+    bos = tokenizer.bos_token
+    return bool(bos) and theirs == bos + ours and client.tokenize("", add_special=True) == [tokenizer.bos_token_id]
 
 
 def _greedy_split(reference: list[int], tokens: list[int], logprobs: torch.Tensor, eos: int) -> tuple[int, float]:

@@ -14,11 +14,39 @@ possible rather than from a list of names.
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 
 import torch
 
 from edgedistill.errors import UserError
-from edgedistill.models.hf import EXPERT_FIELDS, ModelShape
+
+# Config fields that give a model experts (transformers' names across families).
+EXPERT_FIELDS = ("num_local_experts", "num_experts", "n_routed_experts")
+
+# Gemma's published turn format (ai.google.dev/gemma/docs/core/prompt-structure): base Gemma 3
+# checkpoints ship the turn tokens but no template. System text goes in as a user turn, as
+# Gemma's own template folds it into the first user turn.
+GEMMA_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{% set role = 'model' if m['role'] == 'assistant' else 'user' %}"
+                  "<start_of_turn>{{ role }}\n{{ m['content'] | trim }}<end_of_turn>\n{% endfor %}"
+                  "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}")
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What the preflight needs to know of a model before loading it."""
+
+    model_type: str
+    n_layers: int
+    experts: int  # 0 for a dense model
+
+
+def fallback_chat_template(tokenizer) -> str | None:
+    """The published chat template of a base model's family, when its tokenizer has the turn
+    tokens but no template (Gemma 3 270M base); None when there is no such family fact."""
+    vocab = tokenizer.get_vocab()
+    if "<start_of_turn>" in vocab and "<end_of_turn>" in vocab:
+        return GEMMA_TEMPLATE
+    return None
 
 
 def shape_of(config) -> ModelShape:

@@ -28,6 +28,11 @@ from safetensors import SafetensorError
 
 from edgedistill.console import console
 from edgedistill.errors import UserError
+from edgedistill.models.families import (
+    EXPERT_FIELDS,
+    ModelShape,
+    fallback_chat_template,
+)
 from edgedistill.run import publish_mode
 
 Messages = list[dict[str, str]]
@@ -166,19 +171,6 @@ def gguf_as_safetensors(source: ModelSource) -> Path:
     return target
 
 
-# Config fields that give a model experts (transformers' names across families).
-EXPERT_FIELDS = ("num_local_experts", "num_experts", "n_routed_experts")
-
-
-@dataclass(frozen=True)
-class ModelShape:
-    """What the preflight needs to know of a model before loading it."""
-
-    model_type: str
-    n_layers: int
-    experts: int  # 0 for a dense model
-
-
 def model_shape(source: ModelSource) -> ModelShape:
     """The shape from config.json or GGUF metadata, without loading weights. A GGUF the reader
     cannot parse (truncated, not a GGUF) is one clear line, not the reader's traceback."""
@@ -252,18 +244,31 @@ def load_tokenizer(spec: str):
 
 
 def prepare_tokenizer(tokenizer) -> None:
+    """Pad on the left with a known pad token; a base model with no chat template gets its
+    family's published one (models/families.py), else the model cannot be a chat teacher."""
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
     if not tokenizer.chat_template:
+        tokenizer.chat_template = fallback_chat_template(tokenizer)
+    if not tokenizer.chat_template:
         raise UserError("the model's tokenizer has no chat template — pick an instruct/chat model")
 
 
+# Tokens that close an assistant turn in the common chat formats (Gemma, ChatML, Llama 3).
+_TURN_ENDS = ("<end_of_turn>", "<|im_end|>", "<|eot_id|>")
+
+
 def end_of_turn_ids(model, tokenizer) -> set[int]:
+    """The generation config's and tokenizer's EOS, and the turn-closing token the chat template
+    uses (a base Gemma's EOS is <eos>, but its template ends a turn with <end_of_turn>)."""
     eos = model.generation_config.eos_token_id
     ids = set(eos if isinstance(eos, list) else [eos]) if eos is not None else set()
     if tokenizer.eos_token_id is not None:
         ids.add(tokenizer.eos_token_id)
+    template = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else ""
+    vocab = tokenizer.get_vocab()
+    ids |= {vocab[token] for token in _TURN_ENDS if token in template and token in vocab}
     return ids
 
 
