@@ -104,14 +104,14 @@ OPENING_CHARS = {"en": 400, "ja": 200}
 _HELP_VERBS = (r"(?:help|assist|provide|create|write|generate|give|share|support|fulfil|fulfill|comply|"
                r"engage|produce|offer|facilitate|make|draft|compose|participate|do (?:that|this|so)|"
                r"be of (?:any )?(?:help|assistance)|answer|encourage|condone|promote)")
-_NEGATED = r"(?:can't|cannot|can not|won't|will not|must not|am not able to|'m not able to|am unable to|'m unable to|" \
-           r"am not going to|'m not going to|(?:am|'m) not (?:allowed|permitted) to)"
+_NEGATED = (r"(?:can't|cannot|can not|won't|will not|must not|"
+            r"(?:am|'m|are|'re) (?:not able|unable|not going|not allowed|not permitted) to)")
 REFUSAL_EN: tuple[re.Pattern[str], ...] = tuple(re.compile(p) for p in (
-    # "I'm sorry, but…", "Sorry, but…", "I apologize, but…": an apology turned into a "but"
-    r"\b(?:i(?:'m| am) )?(?:so |very |really |truly )?(?:sorry|afraid)(?:,| that)? but\b",
+    # "I'm sorry, but…", "sorry for any confusion, but…": an apology turned into a "but"
+    r"\bsorry(?: for (?:any|the) (?:misunderstanding|confusion|inconvenience))?,? but\b",
     r"\bi (?:apologi[sz]e|regret)(?:,)? but\b",
     # "I can't help with", "I cannot assist", "we won't provide", "I'm unable to create"
-    rf"\b(?:i|we)(?: really| simply| absolutely)? {_NEGATED} (?:(?:and|or) (?:won't|will not) )?{_HELP_VERBS}\b",
+    rf"\b(?:i|we)(?: really| simply| absolutely)? ?{_NEGATED} (?:(?:and|or) (?:won't|will not) )?{_HELP_VERBS}\b",
     # "I must decline", "I have to respectfully refuse"
     r"\b(?:i|we) (?:must|have to|need to|will have to|'ll have to) (?:respectfully |politely |kindly )?(?:decline|refuse)\b",
     # "that's not something I can help with"
@@ -120,7 +120,7 @@ REFUSAL_EN: tuple[re.Pattern[str], ...] = tuple(re.compile(p) for p in (
     r"\b(?:against|violates?|violating|goes against|contrary to) (?:my|our|the|openai's) (?:\w+ )?"
     r"(?:guidelines|programming|polic(?:y|ies)|principles|values|terms)\b",
     # "As an AI, I cannot…" / "as an AI language model, I am not able to provide…"
-    rf"\bas an ai\b[^.!?\n]{{0,60}}\b(?:i |i'm |i am )?(?:{_NEGATED}|unable to|not able to) {_HELP_VERBS}\b",
+    rf"\bas (?:an ai|a language model|a chatbot|an assistant)\b[^.!?\n]{{0,60}}\b(?:i |i'm |i am )?(?:{_NEGATED}|unable to|not able to) {_HELP_VERBS}\b",
     r"\bi (?:don't|do not) feel comfortable\b",
     r"\b(?:i'd|i would) (?:rather not|prefer not to)\b",
     r"\b(?:it(?:'s| is|would be|wouldn't be) )?(?:not|never) (?:appropriate|ethical|responsible|right) for me to\b",
