@@ -11,7 +11,7 @@ import copy
 
 import pytest
 
-from edgedistill.data.privacy import PII_TYPES, ScrubResult, scrub, scrub_messages
+from edgedistill.data.privacy import PII_TYPES, PiiSpan, ScrubResult, find_pii, scrub, scrub_messages
 
 CUSTOMER_MAIL_JA = (
     "件名: 注文番号 A-2024-000123 の配送先変更について\n"
@@ -229,3 +229,33 @@ def test_types_and_order():
 def test_empty_and_clean_text():
     assert scrub("") == ScrubResult("", {})
     assert scrub("PII のない普通の文章です。") == ScrubResult("PII のない普通の文章です。", {})
+
+
+# Every text this file scrubs, for find_pii's agreement with scrub.
+FULL_WIDTH = ["お電話は０３－１２３４－５６７８まで", "ＴＥＬ：０９０－１２３４－５６７８／ＦＡＸ：（０３）１２３４－５６７９",
+              "０３　１２３４　５６７８", "〒１５０－０００１ 東京都", "個人番号１２３４５６７８９０１８です",
+              "カード４１１１　１１１１　１１１１　１１１１"]
+ALL_TEXTS = ([doc for doc, _, _ in DOCUMENTS] + FULL_WIDTH + FALSE_POSITIVES
+             + ["03-1234-5678 1234 5678 9018", "連絡は 090-1234-5678 か a@b.jp へ", "", "⑴⑵ 03-1234-5678"])
+
+
+@pytest.mark.parametrize("text", ALL_TEXTS)
+def test_find_pii_finds_what_scrub_replaces(text):
+    pieces, copied_to, counts = [], 0, {}
+    for span in find_pii(text):
+        pieces += [text[copied_to:span.start], f"[{span.kind.upper()}]"]
+        copied_to = span.end
+        counts[span.kind] = counts.get(span.kind, 0) + 1
+    pieces.append(text[copied_to:])
+    assert ScrubResult("".join(pieces), {k: counts[k] for k in PII_TYPES if k in counts}) == scrub(text)
+
+
+def test_find_pii_spans_are_offsets_into_the_original_text():
+    spans = find_pii(CUSTOMER_MAIL_JA)
+    assert [(s.kind, CUSTOMER_MAIL_JA[s.start:s.end]) for s in spans] == [
+        ("postal_code", "〒150-0001"), ("phone", "090-1234-5678"), ("phone", "03-1234-5678"),
+        ("email", "yamada.taro@example.co.jp")]
+    # Full-width items keep their original characters; the neighbour found on the second pass
+    # (the phone's digits guarded it) is still an offset into the original text.
+    assert find_pii("ＴＥＬ：０９０－１２３４－５６７８") == [PiiSpan("phone", 4, 17)]
+    assert find_pii("03-1234-5678 1234 5678 9018") == [PiiSpan("phone", 0, 12), PiiSpan("my_number", 13, 27)]

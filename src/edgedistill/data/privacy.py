@@ -24,6 +24,13 @@ from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
+class PiiSpan:
+    kind: str  # one of PII_TYPES
+    start: int  # text[start:end] is the item, in the original (not NFKC-folded) text
+    end: int
+
+
+@dataclass(frozen=True)
 class ScrubResult:
     text: str
     counts: dict[str, int]  # only the types found, e.g. {"email": 1, "phone": 2}
@@ -180,23 +187,30 @@ def _nfkc_with_origin(text: str) -> tuple[str, list[int]]:
     return "".join(pieces), origin
 
 
-def _apply(rule: _Rule, text: str) -> tuple[str, int]:
-    """Replace every accepted match of one rule; return the new text and how many."""
+def _spans(rule: _Rule, text: str) -> list[tuple[int, int]]:
+    """(start, end) in `text` of every accepted match of one rule, left to right, not overlapping."""
     normalised, origin = _nfkc_with_origin(text)
-    pieces: list[str] = []
-    copied_to = 0  # text[:copied_to] has been emitted
-    found = 0
+    spans: list[tuple[int, int]] = []
     for match in rule.pattern.finditer(normalised):
         if not rule.accept(match.group()):
             continue
         start, end = origin[match.start()], origin[match.end() - 1] + 1
-        if start < copied_to:  # two matches inside one expanded character (e.g. ⑴): keep one
+        if spans and start < spans[-1][1]:  # two matches inside one expanded character (e.g. ⑴): keep one
             continue
+        spans.append((start, end))
+    return spans
+
+
+def _apply(rule: _Rule, text: str) -> tuple[str, int]:
+    """Replace every accepted match of one rule; return the new text and how many."""
+    pieces: list[str] = []
+    copied_to = 0  # text[:copied_to] has been emitted
+    spans = _spans(rule, text)
+    for start, end in spans:
         pieces += [text[copied_to:start], _PLACEHOLDER[rule.kind]]
         copied_to = end
-        found += 1
     pieces.append(text[copied_to:])
-    return "".join(pieces), found
+    return "".join(pieces), len(spans)
 
 
 def scrub(text: str) -> ScrubResult:
@@ -235,3 +249,26 @@ def scrub_messages(messages: list[dict[str, str]]) -> tuple[list[dict[str, str]]
         for kind, n in result.counts.items():
             totals[kind] = totals.get(kind, 0) + n
     return scrubbed, {kind: totals[kind] for kind in PII_TYPES if kind in totals}
+
+
+def find_pii(text: str) -> list[PiiSpan]:
+    """The items `scrub` replaces, as spans of the original text, in text order.
+
+    Same rules, same order, same fixpoint as `scrub`, but a found item is masked instead of
+    replaced: "[" then "]"s over its own length, so every later span is still an offset into the
+    original text. The mask looks to every pattern as the placeholder does: the patterns look at
+    most two characters past a match's edge, and both start with "[" and end in "]", which no
+    pattern's character classes hold (tests/test_privacy.py checks this against scrub on every
+    document it tests).
+    """
+    found: list[PiiSpan] = []
+    masked = text
+    changed = True
+    while changed:
+        changed = False
+        for rule in _RULES:
+            for start, end in _spans(rule, masked):
+                found.append(PiiSpan(rule.kind, start, end))
+                masked = masked[:start] + "[" + "]" * (end - start - 1) + masked[end:]
+                changed = True
+    return sorted(found, key=lambda span: span.start)
