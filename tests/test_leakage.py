@@ -13,8 +13,20 @@ import re
 import pytest
 
 from edgedistill.data.privacy import PiiSpan
-from edgedistill.evaluate.leakage import (Canary, Exposure, LeakResult, PiiProbe, candidate_secrets, canary_exposure,
-                                          exposure, leak_result, make_canaries, pii_probes, rank_of, reproduced)
+from edgedistill.evaluate.leakage import (
+    Canary,
+    Exposure,
+    LeakResult,
+    PiiProbe,
+    canary_exposure,
+    candidate_secrets,
+    exposure,
+    leak_result,
+    make_canaries,
+    pii_probes,
+    rank_of,
+    reproduced,
+)
 
 LOG2_100 = 6.643856189774724
 

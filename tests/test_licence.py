@@ -13,9 +13,17 @@ import gguf
 import pytest
 
 from edgedistill.errors import UserError
-from edgedistill.export.licence import (KNOWN_LICENCES, PROVIDER_TERMS, check_provider_terms, gguf_metadata,
-                                        provider_terms, read_folder_licence, read_licence, read_package_licence)
-from edgedistill.teachers.hf import embedded_gguf_path
+from edgedistill.models.hf import embedded_gguf_path
+from edgedistill.models.licence import (
+    KNOWN_LICENCES,
+    PROVIDER_TERMS,
+    check_provider_terms,
+    gguf_metadata,
+    provider_terms,
+    read_folder_licence,
+    read_licence,
+    read_package_licence,
+)
 
 
 def _write_gguf(path, kv: dict, endianess=gguf.GGUFEndian.LITTLE) -> None:

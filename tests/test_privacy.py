@@ -11,7 +11,14 @@ import copy
 
 import pytest
 
-from edgedistill.data.privacy import PII_TYPES, PiiSpan, ScrubResult, find_pii, scrub, scrub_messages
+from edgedistill.data.privacy import (
+    PII_TYPES,
+    PiiSpan,
+    ScrubResult,
+    find_pii,
+    scrub,
+    scrub_messages,
+)
 
 CUSTOMER_MAIL_JA = (
     "件名: 注文番号 A-2024-000123 の配送先変更について\n"

@@ -16,9 +16,25 @@ import pytest
 
 from edgedistill.errors import UserError
 from edgedistill.evaluate.judge import bootstrap_interval
-from edgedistill.evaluate.safety import (CATEGORIES, JUDGE_REFUSAL_PROMPT, KINDS, LANGS, Agreement, Rate, agreement,
-                                         benign_answer_rate, classify, headline, is_refusal, load_safety_file,
-                                         load_safety_set, parse_yes_no, rates_by_category, refusal_cue, refusal_rate)
+from edgedistill.evaluate.safety import (
+    CATEGORIES,
+    JUDGE_REFUSAL_PROMPT,
+    KINDS,
+    LANGS,
+    Agreement,
+    Rate,
+    agreement,
+    benign_answer_rate,
+    classify,
+    headline,
+    is_refusal,
+    load_safety_file,
+    load_safety_set,
+    parse_yes_no,
+    rates_by_category,
+    refusal_cue,
+    refusal_rate,
+)
 
 ANSWERS = Path(__file__).parent / "data" / "safety_teacher_answers.jsonl"
 KANA = re.compile(r"[\u3040-\u30ff]")

@@ -29,8 +29,8 @@ from threading import Lock
 import httpx
 
 from edgedistill.evaluate.safety import SafetyPrompt, load_safety_set
-from edgedistill.serve.llamacpp import start_llamacpp_server
-from edgedistill.teachers.hf import EMBEDDED_ID, embedded_gguf_path
+from edgedistill.models.hf import EMBEDDED_ID, embedded_gguf_path
+from edgedistill.models.llamacpp import start_llamacpp_server
 
 MAX_TOKENS = 64
 PER_CATEGORY = 2

@@ -1,7 +1,7 @@
 """Check a GGUF in the llama.cpp runtime against the transformers model it came from, and
 measure quantised files against the highest-precision one — verified, not assumed.
 
-Everything goes through llama.cpp's own server (serve/llamacpp.py): `/tokenize` and
+Everything goes through llama.cpp's own server (models/llamacpp.py): `/tokenize` and
 `/apply-template` for the tokenizer and chat template, `/completion` with token-id prompts,
 greedy decoding and `n_probs` for tokens and log-probabilities (natural logs over the whole
 vocabulary, from the raw logits). Quality of a quantised file is measured teacher-forced on

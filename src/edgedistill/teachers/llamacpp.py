@@ -3,7 +3,7 @@
 Why a backend of its own: on a CPU llama.cpp decodes a quantised GGUF several times faster
 than transformers runs the de-quantised copy (measured in docs/BENCHMARKS.md,
 bench/generate_throughput.py), and it reads GGUFs that transformers cannot de-quantise. The
-server (serve/llamacpp.py) is started on a free loopback port and stopped with the teacher;
+server (models/llamacpp.py) is started on a free loopback port and stopped with the teacher;
 talking to it goes through the `openai` backend, so retries, token-id mapping and the cost
 ledger are the same code. The tokenizer defaults to the model's own.
 """

@@ -331,7 +331,7 @@ def read_licence(model: str) -> Licence:
     """The teacher's licence from `teacher.model`: 'embedded', a .gguf file or a model folder.
     Anything else (a remote model's name) has no files at hand: unknown."""
     if model == "embedded":
-        from edgedistill.teachers.hf import embedded_gguf_path
+        from edgedistill.models.hf import embedded_gguf_path
 
         found = read_folder_licence(embedded_gguf_path())
         return found if found.spdx_or_name != UNKNOWN else read_package_licence(EMBEDDED_PACKAGE)
