@@ -103,7 +103,7 @@ def write_and_check(source: Path, out_dir: Path, name: str, types: list[str], me
                             reference_parity = row["parity"]
                             if check.first_difference:
                                 console.print(f"[yellow]parity note ({export_type}): {check.first_difference}[/]")
-                    if checks.eval_positions and checks.sequences:
+                    if checks.eval_positions and checks.sequences and len(types) > 1:
                         dist = teacher_forced(client, checks.sequences, checks.eval_positions)
                         if export_type == types[0]:
                             reference_dist = dist
