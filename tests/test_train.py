@@ -228,3 +228,25 @@ def test_on_policy_answers_are_sampled_in_one_batch_as_each_prompt_alone(tiny_te
         assert got == prompt + alone[:end], (row, got[len(prompt):], alone[:end])
         answers += end
     assert len(batch.labels) == answers  # the loss is taken on the sampled answers only
+
+
+def test_layers_around_the_cut_are_found_from_the_kept_layers():
+    from edgedistill.distill.train import layers_around_cut
+
+    assert layers_around_cut(list(range(13)) + list(range(19, 30)), 2) == [11, 12, 13, 14]
+    assert layers_around_cut([0, 2, 4], 1) == [0, 1, 2]  # even spacing: a junction at every layer
+    assert layers_around_cut([0, 1, 2, 3], 2) == []  # nothing was cut
+
+
+def test_training_around_the_cut_changes_only_those_layers_and_the_final_norm(base):
+    from safetensors.torch import load_file
+
+    recipe = copy_run(base, "around-cut", trainable="around_cut", around_cut_layers=1, epochs=1, lr=1e-3)
+    run = run_recipe(recipe, only="train")
+    kept = json.loads((run.student_init_dir / "edgedistill.json").read_text())["kept_layers"]
+    before, after = load_file(run.student_init_dir / "model.safetensors"), load_file(run.student_dir / "model.safetensors")
+    changed = {name for name in before if not torch.equal(before[name], after[name])}
+    junction = next(j for j in range(1, len(kept)) if kept[j] != kept[j - 1] + 1)
+    trained = {f"model.layers.{i}." for i in (junction - 1, junction)}
+    assert changed and all(name.startswith(tuple(trained)) or name == "model.norm.weight" for name in changed), changed
+    assert "model.embed_tokens.weight" not in changed and any(n.startswith(tuple(trained)) for n in changed)

@@ -194,6 +194,13 @@ class TrainCfg(_Section):
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward (less memory).")
     checkpoint_every_steps: int | None = Field(None, ge=1, description="Also checkpoint every N optimizer steps "
                                                "(always at each epoch end); a killed run resumes there.")
+    trainable: Literal["all", "around_cut"] = Field(
+        "all", description="Which weights train: 'all', or 'around_cut': only the decoder layers within "
+        "around_cut_layers of each place where the cut joined two teacher layers, and the final norm — embeddings, "
+        "head and the other layers stay as the teacher had them, their weight gradients are never formed and the "
+        "backward pass stops at the lowest trainable layer (a cut student only).")
+    around_cut_layers: int = Field(2, ge=1, le=64, description="trainable = 'around_cut': layers trained on each "
+                                   "side of a cut.")
     lora: bool = Field(False, description="Train LoRA adapters (peft) instead of all weights; merged on save.")
     lora_r: int = Field(16, ge=1, le=1024, description="LoRA rank.")
     lora_alpha: int = Field(32, ge=1, description="LoRA scaling numerator.")

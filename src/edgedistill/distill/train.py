@@ -300,6 +300,8 @@ def _prepare_student(cfg: TrainCfg, source: Path):
 
     model = AutoModelForCausalLM.from_pretrained(source, local_files_only=True, use_safetensors=True)
     model.config.use_cache = False
+    if cfg.trainable == "around_cut":
+        freeze_all_but_the_cut(model, source, cfg.around_cut_layers)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if cfg.lora:  # frozen embeddings: checkpointed blocks still need an input that requires grad
@@ -311,6 +313,31 @@ def _prepare_student(cfg: TrainCfg, source: Path):
                                                  target_modules=cfg.lora_target_modules, task_type="CAUSAL_LM"))
     model.train()
     return model
+
+
+def layers_around_cut(kept: list[int], width: int) -> list[int]:
+    """Student layers within `width` of each junction, where the cut joined teacher layers that
+    were not neighbours: kept [0..12, 19..29] with width 2 -> student layers 11..14."""
+    junctions = [j for j in range(1, len(kept)) if kept[j] != kept[j - 1] + 1]
+    return sorted({i for j in junctions for i in range(max(0, j - width), min(len(kept), j + width))})
+
+
+def freeze_all_but_the_cut(model, student_init: Path, width: int) -> list[int]:
+    """Leave trainable only the layers around the cut and the final norm (train.trainable)."""
+    from edgedistill.models.families import decoder_layers
+
+    made = json.loads((student_init / "edgedistill.json").read_text(encoding="utf-8")) \
+        if (student_init / "edgedistill.json").is_file() else {}
+    if "kept_layers" not in made:
+        raise UserError(f"train.trainable = 'around_cut': {student_init} was not cut from the teacher (student.init "
+                        f"is '{made.get('init', 'unknown')}') — train 'all' weights")
+    trained = layers_around_cut(made["kept_layers"], width)
+    prefix, _ = decoder_layers(model)
+    inside = tuple(f"{prefix}.{i}." for i in trained)
+    for name, parameter in model.named_parameters():
+        top_level = not name.startswith(prefix + ".") and "embed" not in name and "lm_head" not in name
+        parameter.requires_grad_(name.startswith(inside) or top_level)  # top level: the final norm
+    return trained
 
 
 def _merged(model):
