@@ -1,6 +1,7 @@
 """The whole path on a tiny random Llama: generate -> student -> train -> evaluate -> report."""
 
 import sqlite3
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -82,7 +83,11 @@ def test_generation_resumes_after_the_last_stored_row(tiny_recipe):
 
 
 def test_a_stage_alone_needs_its_upstream(tiny_recipe):
-    with pytest.raises(UserError, match="stage 'generate' is not done"):
+    with pytest.raises(UserError, match=r"no such run yet .*\(stage 'train' needs the stages before it\)"):
+        run_recipe(tiny_recipe, only="train")
+    assert not (Path(tiny_recipe.run.runs_dir) / tiny_recipe.run.name).exists()  # nothing half-made
+    run_recipe(tiny_recipe, only="generate")
+    with pytest.raises(UserError, match="stage 'student' is not done"):
         run_recipe(tiny_recipe, only="train")
 
 

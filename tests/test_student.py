@@ -35,10 +35,14 @@ def test_cut_keeps_exactly_the_chosen_layers_bit_for_bit(tokenizer, model_type):
     assert torch.isfinite(student(ids).logits).all()
 
 
-def test_cut_refuses_unknown_architectures(tokenizer):
+def test_cut_refuses_experts_and_models_without_a_layer_list(tokenizer):
     teacher = build_tiny_model(tokenizer, "llama", layers=2)
-    teacher.config.model_type = "gpt_bigcode"
-    with pytest.raises(UserError, match="cannot be cut"):
+    teacher.config.num_local_experts = 4
+    with pytest.raises(UserError, match="mixture of experts"):
+        cut_student(teacher, [0])
+    teacher.config.num_local_experts = 0
+    teacher.config.num_hidden_layers = 5  # no ModuleList of 5 blocks anywhere in the model
+    with pytest.raises(UserError, match="no list of 5 decoder layers"):
         cut_student(teacher, [0])
 
 

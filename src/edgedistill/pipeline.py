@@ -131,11 +131,12 @@ def preflight(recipe: Recipe) -> str:
     if recipe.generate.sparse_target == "sampled" and recipe.teacher.backend != "hf":
         raise UserError(f"generate.sparse_target = 'sampled' needs the teacher's full distribution — use "
                         f"teacher.backend = 'hf' (the {recipe.teacher.backend} backend gives top-k only)")
-    if recipe.teacher.backend in ("hf", "llamacpp", "openai") and local and recipe.student.init == "cut":
+    built_in = recipe.teacher.backend in ("hf", "llamacpp", "openai")  # a registered backend brings its own model
+    if built_in and local and recipe.student.init == "cut":
         check_cuttable(model_shape(resolve_source(local)), recipe.student.keep_layers)
     if recipe.student.init == "checkpoint":
         resolve_source(recipe.student.model or "")  # the folder exists, is safetensors, a known architecture
-    if local:
+    if built_in and local:
         check_prompts_fit(prompts, load_tokenizer(local), teacher_context(recipe), recipe.generate.max_new_tokens)
     return hashlib.sha256("".join(sorted(f"{p.id}:{p.split}" for p in prompts)).encode()).hexdigest()[:16]
 
