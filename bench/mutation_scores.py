@@ -4,7 +4,7 @@ tests pin down, then killed/total per module.
 mutmut (3.8.1, configured in pyproject.toml [tool.mutmut]) copies src/ and tests/ into
 mutants/, changes one thing in a function (an operator, a constant, a condition, a string),
 and runs the selected tests that call that function; a mutant the tests still pass on
-"survived". Timeouts count as killed (mutmut's own score does the same).
+"survived". Timeouts count as killed (mutmut's own score does the same) and are shown apart.
 
     .venv/bin/python bench/mutation_scores.py             # fresh run, then the table
     .venv/bin/python bench/mutation_scores.py --report    # the table of the last run only
@@ -37,7 +37,8 @@ TARGETS: dict[str, list[str]] = {
     "evaluate/tasks.py (scoring)": [f"edgedistill.evaluate.tasks.x_{name}__mutmut_*" for name in (
         "_normalise", "exact_match", "chosen_by_text", "choice_logliks", "_argmax", "score_task")],
 }
-KILLED, SURVIVED, NO_TESTS = {1, 3, 24, -24, 152, 255, 36}, {0}, {5, 33}  # mutmut's exit codes
+TIMEOUT = {24, -24, 152, 255, 36}  # mutmut's exit codes
+KILLED, SURVIVED, NO_TESTS = {1, 3} | TIMEOUT, {0}, {5, 33}
 
 
 def mutmut_binary() -> str:
@@ -65,15 +66,18 @@ def results() -> dict[str, int | None]:
 
 
 def table(codes: dict[str, int | None], survivors: bool) -> None:
-    print(f"{'module':<30} {'killed':>7} {'total':>6} {'score':>7} {'survived':>9} {'no tests':>9} {'not run':>8}")
+    print(f"{'module':<30} {'killed':>7} {'total':>6} {'score':>7} {'survived':>9} {'no tests':>9} {'not run':>8} "
+          f"{'(timeouts)':>10}")
     for module, patterns in TARGETS.items():
         mine = {name: code for name, code in codes.items() if any(fnmatch.fnmatch(name, p) for p in patterns)}
         killed = sum(code in KILLED for code in mine.values())
         alive = sorted(name for name, code in mine.items() if code in SURVIVED)
         no_tests = sum(code in NO_TESTS for code in mine.values())
         not_run = sum(code is None for code in mine.values())
+        timeouts = sum(code in TIMEOUT for code in mine.values())
         score = f"{killed / len(mine):.1%}" if mine else "–"
-        print(f"{module:<30} {killed:>7} {len(mine):>6} {score:>7} {len(alive):>9} {no_tests:>9} {not_run:>8}")
+        print(f"{module:<30} {killed:>7} {len(mine):>6} {score:>7} {len(alive):>9} {no_tests:>9} {not_run:>8} "
+              f"{timeouts:>10}")
         if survivors:
             print("".join(f"    {name}\n" for name in alive), end="")
 
