@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip -q --disable-pip-version-check
 STAMP := $(VENV)/.edgedistill-installed
 
-.PHONY: setup browser demo demo-tiny test bench clean
+.PHONY: setup browser demo demo-tiny test bench mutation clean
 
 setup: $(STAMP)
 
@@ -47,5 +47,13 @@ test: setup $(GEMMA_STAMP)
 bench: setup
 	$(PY) bench/demo_timings.py
 
+# Mutation testing of the losses, the Self-Instruct filters and parser, the store, privacy and
+# the task scoring (modules and tests: pyproject.toml [tool.mutmut]; scores: docs/BENCHMARKS.md).
+# mutmut is installed on first use, for this target only: `make test` does not need it.
+mutation: setup
+	@$(PY) -c "import importlib.metadata as m; assert m.version('mutmut') == '3.8.1'" 2>/dev/null \
+	  || $(PIP) install mutmut==3.8.1
+	nice -n 10 $(PY) bench/mutation_scores.py --survivors
+
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) runs .pytest_cache mutants

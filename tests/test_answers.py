@@ -73,3 +73,31 @@ def test_every_gsm8k_solution_reads_as_its_gold():
     wrong = [r["answer"][-60:] for r in rows
              if extract_number(r["answer"]) != float(r["answer"].rsplit("####", 1)[1].strip().replace(",", ""))]
     assert len(rows) == 7473 and wrong == []
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("3千5百円", 3_500), ("1千万円", 10_000_000), ("十万円", 100_000), ("三千万人", 30_000_000),
+    ("一億二千万", 120_000_000),
+    # big multipliers must fall from left to right and follow something: these are no numbers
+    ("1万2億", None), ("1万2万", None), ("1億万", None),
+])
+def test_multipliers_combine_the_japanese_way(text, expected):
+    assert extract_number(text) == expected
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("予算は万単位で、3万円", 30_000),  # a multiplier alone is skipped, the scan goes on
+    ("CO2の排出量は5トン", 5),  # a number glued to a word is skipped, the scan goes on
+    ("1万2億の3倍", 3),  # so is one that is no number
+    # the sign is looked for in the 8 characters before the number: マイナス and up to 4 spaces
+    ("気温はマイナス    5度", -5), ("気温はマイナス     5度", 5),
+])
+def test_skipped_pieces_do_not_end_the_scan(text, expected):
+    assert extract_number(text) == expected
+
+
+def test_a_leading_multiplier_is_not_part_of_the_number():
+    from edgedistill.data.answers import _fold, _numbers
+
+    # 万 starts the run of kanji but multiplies nothing: the number is 二千 at 1..3
+    assert _numbers(_fold("万二千円")) == [(1, 3, 2000.0)]

@@ -87,9 +87,140 @@ def test_choice_loglik_equals_a_direct_forward_and_scores_are_accuracies(tiny_te
         logprobs = torch.log_softmax(model(torch.tensor([prompt + choice])).logits[0].float(), -1)
     direct = sum(float(logprobs[len(prompt) - 1 + i, t]) for i, t in enumerate(choice))
     assert scores[1] == pytest.approx(direct, abs=1e-3) and len(scores) == len(item.choices)
-    result = score_task(model, tokenizer, load_task("bundled:mc_ja", limit=4) + load_task("bundled:arith_en", limit=4),
-                        max_new_tokens=4, batch_size=4)
-    assert result["items"] == 8 and all(0 <= result[k] <= 1 for k in ("exact_match", "mc_loglik_acc", "mc_generate_acc"))
+
+    # score_task against the same rules applied by hand: each item answered alone by
+    # model.generate (greedy, no padding), each choice scored by a forward of its own.
+    mc, arith = load_task("bundled:mc_ja", limit=4), load_task("bundled:arith_en", limit=4)
+    end_ids = {tokenizer.eos_token_id, *([model.generation_config.eos_token_id] if model.generation_config.eos_token_id
+                                         is not None else [])}
+
+    def answer_alone(item) -> str:
+        ids = torch.tensor([encode_prompts(tokenizer, [item.messages])[0]])
+        with torch.no_grad():
+            new = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False,
+                                 pad_token_id=tokenizer.pad_token_id)[0, ids.shape[1]:].tolist()
+        new = new[:next((i + 1 for i, t in enumerate(new) if t in end_ids), len(new))]
+        return tokenizer.decode(new, skip_special_tokens=True).strip()
+
+    def loglik_alone(item, choice: str) -> float:
+        prompt = encode_prompts(tokenizer, [item.messages])[0]
+        tokens = tokenizer(choice, add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            lp = torch.log_softmax(model(torch.tensor([prompt + tokens])).logits[0].float(), -1)
+        return sum(float(lp[len(prompt) - 1 + i, t]) for i, t in enumerate(tokens))
+
+    answers = [answer_alone(i) for i in mc + arith]
+    # Golds chosen so that no accuracy is 0 or 1 by accident (the random model knows nothing):
+    # two arithmetic golds are the model's own answers (text golds), the others stay numbers;
+    # the last MC item gets its answer's text as choice 1 and that as its label (a generate
+    # hit); the first two MC labels are the log-likelihood argmax, the third is not.
+    assert answers[4] and answers[5] and answers[3]
+    arith[0].answer, arith[1].answer = answers[4], answers[5]
+    mc[3].choices[1], mc[3].label = answers[3], 1
+    best = [max(range(len(i.choices)), key=lambda c, i=i: loglik_alone(i, i.choices[c])) for i in mc]
+    mc[0].label, mc[1].label, mc[2].label = best[0], best[1], (best[2] + 1) % len(mc[2].choices)
+    expected = {"items": 8,
+                "exact_match": sum(exact_match(a, i.answer) for a, i in zip(answers[4:], arith)) / 4,
+                "mc_loglik_acc": sum(b == i.label for b, i in zip(best, mc)) / 4,
+                "mc_generate_acc": sum(chosen_by_text(a, i.choices) == i.label for a, i in zip(answers, mc)) / 4}
+    assert 0 < expected["exact_match"] < 1 and 0 < expected["mc_loglik_acc"] < 1 and expected["mc_generate_acc"] > 0
+    # batch_size 3: batches mix MC and arithmetic items, and the last one is short
+    assert score_task(model, tokenizer, mc + arith, max_new_tokens=4, batch_size=3) == expected
+
+
+def _sample(prompt_ids, answer_ids, answer: str = "", lang: str = "en", topk_ids=None):
+    import numpy as np
+
+    from edgedistill.data.store import Sample
+
+    k = None if topk_ids is None else topk_ids.shape[1]
+    return Sample(id=answer or str(len(prompt_ids)), split="heldout", lang=lang, source="s", teacher="t",
+                  messages=[{"role": "user", "content": "q"}, {"role": "assistant", "content": answer}],
+                  prompt_ids=np.asarray(prompt_ids, dtype=np.int32), answer_ids=np.asarray(answer_ids, dtype=np.int32),
+                  finished=True, topk_ids=topk_ids,
+                  topk_logprobs=None if k is None else np.full((len(answer_ids), k), -1.0, dtype=np.float16),
+                  tail_logprobs=None if k is None else np.full(len(answer_ids), -1.0, dtype=np.float32))
+
+
+def test_perplexity_and_top1_agreement_equal_a_direct_forward(tiny_teacher_dir):
+    import math
+
+    import numpy as np
+
+    from edgedistill.evaluate.metrics import teacher_forced_metrics
+    from edgedistill.models.hf import load_causal_lm
+
+    model, tokenizer, _ = load_causal_lm(str(tiny_teacher_dir))
+    V = model.config.vocab_size
+    rng = np.random.default_rng(0)
+    pairs = [(rng.integers(3, V, p), rng.integers(3, V, a)) for p, a in ((5, 4), (9, 2), (3, 6))]  # 12 answer tokens
+    nll, argmaxes = 0.0, []
+    for prompt, answer in pairs:  # each sequence alone, no padding
+        with torch.no_grad():
+            logits = model(torch.tensor(np.concatenate([prompt, answer]))[None]).logits[0].float()
+        logprobs = torch.log_softmax(logits[len(prompt) - 1:-1], -1)  # (A, V): the positions that predict the answer
+        nll -= float(logprobs[torch.arange(len(answer)), torch.from_numpy(answer)].sum())
+        argmaxes.append(logprobs.argmax(-1).numpy())
+    # The cached top-1 is the model's own argmax on the first and last sample and another id on
+    # the second: agreement 4 + 0 + 6 of 12 tokens.
+    tops = [a if agrees else (a + 1) % V for a, agrees in zip(argmaxes, (True, False, True))]
+    samples = [_sample(p, a, topk_ids=np.stack([t, np.zeros_like(t)], 1).astype(np.int32))
+               for (p, a), t in zip(pairs, tops)]
+    got = teacher_forced_metrics(model, samples, tokenizer.pad_token_id, batch_size=2)  # a padded pair, then one alone
+    assert got == pytest.approx({"perplexity": math.exp(nll / 12), "top1_agreement": 10 / 12, "answer_tokens": 12},
+                                rel=1e-5)
+    # By hand: a head of zeros gives every token the same logit, so the model is uniform over V
+    # tokens, its perplexity is V, and its argmax is token 0 (the first of equal values).
+    with torch.no_grad():
+        model.get_output_embeddings().weight.zero_()
+    zeros = [_sample(p, a, topk_ids=np.zeros((len(a), 2), dtype=np.int32)) for p, a in pairs]
+    assert teacher_forced_metrics(model, zeros, tokenizer.pad_token_id, batch_size=2) == pytest.approx(
+        {"perplexity": V, "top1_agreement": 1.0, "answer_tokens": 12}, rel=1e-5)
+
+
+def chrf_reference(hypothesis: str, reference: str, max_order: int = 6, beta: float = 2.0) -> float:
+    """chrF as sacrebleu 2.x computes it (sacrebleu/metrics/chrf.py; Popović 2015), written out,
+    on the 0-1 scale: character n-grams of orders 1-6 with whitespace removed; per order the
+    clipped matches over the hypothesis's and the reference's n-grams (precision, recall); both
+    averaged over the orders that both sides have; then F-beta with beta = 2 (recall weighs 4×)."""
+    from collections import Counter
+
+    hyp, ref = "".join(hypothesis.split()), "".join(reference.split())
+    precisions, recalls = [], []
+    for n in range(1, max_order + 1):
+        h = Counter(hyp[i:i + n] for i in range(len(hyp) - n + 1))
+        r = Counter(ref[i:i + n] for i in range(len(ref) - n + 1))
+        if h and r:
+            matches = sum((h & r).values())
+            precisions.append(matches / sum(h.values()))
+            recalls.append(matches / sum(r.values()))
+    if not precisions:
+        return 0.0
+    p, r = sum(precisions) / len(precisions), sum(recalls) / len(recalls)
+    return (1 + beta ** 2) * p * r / (beta ** 2 * p + r) if p + r else 0.0
+
+
+def test_chrf_follows_sacrebleus_definition_with_hand_computed_values():
+    from edgedistill.evaluate.metrics import rouge_by_lang
+
+    # "ab" vs "abc": order 1 P 2/2 R 2/3, order 2 P 1/1 R 1/2, no trigram in "ab":
+    # P = 1, R = 7/12, F2 = 5PR / (4P + R) = (35/12) / (55/12) = 7/11.
+    assert chrf_reference("ab", "abc") == pytest.approx(7 / 11)
+    # "aaaa" vs "aa": matches are clipped to the reference's counts: order 1 P 2/4 R 1, order 2
+    # P 1/3 R 1, no trigram in "aa": P = 5/12, R = 1, F2 = (25/12) / (32/12) = 25/32.
+    assert chrf_reference("aaaa", "aa") == pytest.approx(25 / 32)
+    # 東京です vs 東京都です: order 1 P 4/4 R 4/5; order 2 (東京, です) P 2/3 R 2/4; orders 3 and 4
+    # match nothing; order 5 is missing from the hypothesis: P = (1 + 2/3)/4 = 5/12,
+    # R = (4/5 + 1/2)/4 = 13/40, F2 = 5PR / (4P + R) = (325/480) / (239/120) = 325/956.
+    assert chrf_reference("東京です", "東京都です") == pytest.approx(325 / 956)
+    pairs = [("ab", "abc", "en"), ("aaaa", "aa", "en"), ("the cat sat", "thecat sat", "en"),  # spaces ignored: 1
+             ("", "empty answer", "en"), ("東京です", "東京都です", "ja"), ("今日は晴れです。", "明日は雨でしょう。", "ja")]
+    samples = [_sample([1], [2], answer=ref, lang=lang) for _, ref, lang in pairs]
+    got = rouge_by_lang([hyp for hyp, _, _ in pairs], samples)
+    by_hand = [chrf_reference(hyp, ref) for hyp, ref, _ in pairs]
+    assert by_hand[2] == 1.0 and by_hand[3] == 0.0
+    expected = {"chrf": sum(by_hand) / 6, "chrf_en": sum(by_hand[:4]) / 4, "chrf_ja": sum(by_hand[4:]) / 2}
+    assert {k: got[k] for k in expected} == pytest.approx(expected, abs=1e-12)
 
 
 class FixedJudge:
@@ -160,22 +291,38 @@ def tiny_run(tiny_teacher_dir, tmp_path_factory):
 
 
 def test_report_md_and_model_card_hold_the_ledgers_numbers(tiny_run):
+    from pathlib import Path
+
+    from sacrebleu.metrics import CHRF
+    from safetensors.torch import load_file
+
     from edgedistill.run import open_ledger
 
-    _, run = tiny_run
+    recipe, run = tiny_run
     with open_ledger(run) as ledger:
         evaluate = ledger.metrics("evaluate")
         gguf = ledger.metrics("export")["gguf:q8_0"]
         train = ledger.metrics("train")
     assert train["sft"]["steps"] == train["stage"]["steps"]  # the baseline gets exactly the KD run's steps
     report, card = run.report_path.read_text(), (run.export_dir / "README.md").read_text()
-    for row in ("teacher", "student_before", "student_after", "student_sft"):
+    stored = [json.loads(line) for line in (run.eval_dir / "answers.jsonl").read_text(encoding="utf-8").splitlines()]
+    folders = {"teacher": Path(recipe.teacher.local_model), "student_before": run.student_init_dir,
+               "student_after": run.student_dir, "student_sft": run.student_sft_dir}
+    for row, folder in folders.items():
         m = evaluate[row]
         assert f"{m['perplexity']:.2f}" in report and f"{m['chrf']:.3f}" in report
-        assert m["peak_rss_bytes"] > 0 and m["size_bytes"] > 0 and m["time_to_first_token_s"] > 0
-        assert 0 <= m["task_mc_ja_mc_loglik_acc"] <= 1 and m["task_arith_en_items"] == 3
+        weights = sorted(folder.glob("*.safetensors"))
+        assert weights and m["size_bytes"] == sum(f.stat().st_size for f in weights)
+        parameter_bytes = sum(t.numel() * t.element_size() for f in weights for t in load_file(f).values())
+        assert m["peak_rss_bytes"] >= parameter_bytes and m["time_to_first_token_s"] > 0  # the weights were in memory
+        # chrF recounted from the answers stored in eval/answers.jsonl (sacrebleu's sentence chrF, mean)
+        chrf = [CHRF().sentence_score(r[f"{row}_answer"], [r["teacher_answer"]]).score / 100 for r in stored]
+        assert len(stored) == evaluate["stage"]["heldout_samples"] and m["chrf"] == pytest.approx(sum(chrf) / len(chrf))
+        assert m["task_arith_en_items"] == 3  # (per-item task answers are not stored: no recount of the accuracies)
     assert "SFT baseline (text only)" in report and "GGUF q8_0 (llama.cpp)" in report
-    assert f"{gguf['chrf']:.3f}" in report and f"{gguf['chrf']:.3f}" in card and gguf["peak_rss_bytes"] > 0
+    assert f"{gguf['chrf']:.3f}" in report and f"{gguf['chrf']:.3f}" in card
+    gguf_bytes = (run.export_dir / f"{recipe.run.name}-q8_0.gguf").stat().st_size
+    assert gguf["size_bytes"] == gguf_bytes and gguf["peak_rss_bytes"] >= gguf_bytes
     judge = evaluate["judge"]
     assert judge["wins"] + judge["ties"] + judge["losses"] == evaluate["stage"]["heldout_samples"]
     assert f"{int(judge['wins'])} wins, {int(judge['ties'])} ties" in report

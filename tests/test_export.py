@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import (
@@ -180,6 +181,24 @@ def test_quality_of_a_quantised_file_is_measured_against_the_reference(tmp_path)
     q8, q4 = sparse_kl_top1(measured["f32"], measured["q8_0"]), sparse_kl_top1(measured["f32"], measured["q4_0"])
     assert q8["kl_positions"] >= 20
     assert 0 < q8["kl_vs_reference"] < q4["kl_vs_reference"]
+
+
+def test_sparse_kl_and_top1_on_hand_built_distributions():
+    from edgedistill.export.verify import Distributions
+
+    row = lambda ids, probs: (np.array(ids), np.log(np.array(probs, dtype=np.float64)))
+    reference = Distributions([row([5, 7, 9], [0.5, 0.3, 0.1]), row([3, 4], [0.6, 0.3]), None, row([1], [0.9])])
+    quant = Distributions([row([7, 5, 2], [0.4, 0.4, 0.1]), row([3, 8], [0.7, 0.1]), row([1], [0.5]), None])
+    got = sparse_kl_top1(reference, quant, k=2)
+    # Position 1, k = 2: reference (0.5, 0.3 | tail 0.2), quant on ids 5, 7: (0.4, 0.4 | tail 0.2); argmax 5 vs 7.
+    kl_1 = 0.5 * np.log(0.5 / 0.4) + 0.3 * np.log(0.3 / 0.4) + 0.2 * np.log(0.2 / 0.2)  # 0.11157 - 0.08630 = 0.02527
+    # Position 2: id 4 is not in the quant's list, so it gets the quant's smallest listed
+    # probability, 0.1: quant (0.7, 0.1 | tail 0.2) against reference (0.6, 0.3 | tail 0.1); argmax 3 = 3.
+    kl_2 = 0.6 * np.log(0.6 / 0.7) + 0.3 * np.log(0.3 / 0.1) + 0.1 * np.log(0.1 / 0.2)  # -0.09249 + 0.32958 - 0.06931
+    # Positions 3 and 4: one side listed nothing, skipped.
+    assert got == pytest.approx({"kl_vs_reference": (kl_1 + kl_2) / 2, "top1_vs_reference": 0.5, "kl_positions": 2,
+                                 "kl_positions_skipped": 2, "kl_ids_outside_quant_list": 1}, rel=1e-12)
+    assert (kl_1, kl_2) == pytest.approx((0.02527, 0.16778), abs=1e-5)  # the arithmetic above
 
 
 def test_bad_inputs_fail_in_one_line_and_leave_nothing(tmp_path):

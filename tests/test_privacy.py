@@ -266,3 +266,61 @@ def test_find_pii_spans_are_offsets_into_the_original_text():
     # (the phone's digits guarded it) is still an offset into the original text.
     assert find_pii("ＴＥＬ：０９０－１２３４－５６７８") == [PiiSpan("phone", 4, 17)]
     assert find_pii("03-1234-5678 1234 5678 9018") == [PiiSpan("phone", 0, 12), PiiSpan("my_number", 13, 27)]
+
+
+@pytest.mark.parametrize("phone,found", [
+    ("+1 234 5678", True), ("+1 234 567", False),  # E.164 with its country code: 8 digits at least ...
+    ("+123 4567 8901 2345", True), ("+123 4567 8901 2345 6", False),  # ... and 15 at most
+])
+def test_international_phone_digit_bounds(phone, found):
+    text = f"call {phone} now"
+    assert scrub(text) == (ScrubResult("call [PHONE] now", {"phone": 1}) if found else ScrubResult(text, {}))
+
+
+def test_my_number_whose_remainder_is_2_has_check_digit_9():
+    # 12345678906: the sum of 12345678901 (212) less 2·1 plus 2·6 = 222, 222 mod 11 = 2, check 11 - 2 = 9.
+    assert scrub("番号 123456789069 です") == ScrubResult("番号 [MY_NUMBER] です", {"my_number": 1})
+    assert scrub("番号 123456789060 です") == ScrubResult("番号 123456789060 です", {})
+
+
+def test_messages_without_content_are_copied_and_the_rest_still_scrubbed():
+    messages = [{"role": "tool", "name": "lookup"}, {"role": "user", "content": "a@example.com"}]
+    scrubbed, counts = scrub_messages(messages)
+    assert scrubbed == [{"role": "tool", "name": "lookup"}, {"role": "user", "content": "[EMAIL]"}]
+    assert scrubbed[0] is not messages[0] and counts == {"email": 1}
+
+
+def test_the_number_pattern_builder_matches_whole_numbers_in_one_layout():
+    # _number and _grouped build the card and My Number patterns when the module is imported, so
+    # they are called here directly too.
+    import re
+
+    from edgedistill.data.privacy import _DASH, _grouped, _number
+
+    assert _grouped((3, 4)) == [r"\d{3}" + _DASH + r"\d{4}", r"(?<!\d )\d{3} \d{4}(?! \d)"]
+    pattern = _number(r"\d{12}", ((4, 4, 4),))
+    assert pattern.flags & re.ASCII
+    found = lambda text: [m.group() for m in pattern.finditer(text)]  # noqa: E731
+    assert found("番号123456789018です") == ["123456789018"]  # Japanese may touch a number
+    assert found("1234-5678-9018 / 1234 5678 9018") == ["1234-5678-9018", "1234 5678 9018"]
+    assert found("1234 5678-9018") == [] and found("9 1234 5678 9018") == [] and found("1234 5678 9018 7") == []
+    assert found("v1.123456789018") == [] and found("1234567890189") == []
+
+
+def test_a_rejected_match_does_not_stop_the_scan():
+    # The first number fails Luhn and stays; the card after it is still found.
+    assert scrub("cards 4111111111111112 and 4111111111111111") == ScrubResult(
+        "cards 4111111111111112 and [CREDIT_CARD]", {"credit_card": 1})
+
+
+def test_one_character_holding_the_end_of_one_match_and_the_start_of_the_next():
+    # ⅓ is 1⁄3 after NFKC: "123-4561" ends and "345-6789" starts inside it. The first is
+    # replaced (with the whole ⅓), the second skipped, and the scan goes on to the next one.
+    assert scrub("123-456⅓45-6789 と 〒100-0001") == ScrubResult("[POSTAL_CODE]45-6789 と [POSTAL_CODE]",
+                                                               {"postal_code": 2})
+
+
+def test_counts_add_up_over_the_rescans():
+    # The second phone is guarded by the first one's digits until the first is replaced: one
+    # phone in each pass, two in all.
+    assert scrub("03-1234-5678 03 1234 5678") == ScrubResult("[PHONE] [PHONE]", {"phone": 2})

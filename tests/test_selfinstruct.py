@@ -347,3 +347,159 @@ def test_a_shared_japanese_clause_does_not_make_different_requests_duplicates():
     assert flt.check(Task(clause_ja + "3時間20分は何秒ですか。", lang="ja")) == "near_duplicate"
     assert flt.check(Task(clause_en + "how many seconds are 3 hours and 20 minutes?")) == "near_duplicate"
     assert (flt.counts["kept_en"], flt.counts["kept_ja"]) == (3, 3)
+
+
+def test_parser_rules_for_blank_lines_next_numbers_and_lists_inside_inputs():
+    text = ("1. Instruction: Translate the greeting into French.\n"
+            "\n"
+            "Input: Good morning.\n"           # an input after a blank line still belongs to item 1
+            "\n"
+            "2. Instruction: Name three colours.\n"
+            "3. Write a haiku about rain.\n"    # unlabelled, but the next number right after an instruction
+            "4) Instruction: Sort the list.\n"
+            "Input:\n"
+            "3. pears\n"                        # inside an input: list lines, even the next number (5)
+            "5. apples\n"
+            "5. Instruction: Count the words.\n"
+            "Output:\n"
+            "6. one\n"                          # inside an output: skipped, even as the next number
+            "7. Instruction: Explain tides.\n"
+            "\n"
+            "This is chatter after a blank line.\n"
+            "9. Summarise the paragraph.\n"    # unlabelled and not the next number: not a task
+            "10. Instruction: Fix the code.\n"
+            "Input:\n"
+            "def f(x):\n"
+            "    return x  \n"                 # indentation kept, trailing spaces not
+            "11. Instruction: Define erosion.\n"
+            "\n"
+            "12. Name two rivers.\n")          # the next number after a blank line: a task
+    assert parse_tasks(text) == [Task("Translate the greeting into French.", "Good morning."),
+                                 Task("Name three colours."), Task("Write a haiku about rain."),
+                                 Task("Sort the list.", "3. pears\n5. apples"), Task("Count the words."),
+                                 Task("Explain tides."), Task("Fix the code.", "def f(x):\n    return x"),
+                                 Task("Define erosion."), Task("Name two rivers.")]
+    # Without labels a new task needs a higher number; a lower or the same one continues the instruction.
+    assert parse_tasks("1) Name a fruit.\n3) Name a tree.\n2) Name a bird.\n3) Name a fish.\n") == [
+        Task("Name a fruit."), Task("Name a tree. 2) Name a bird. 3) Name a fish.")]
+
+
+def test_near_duplicate_threshold_is_inclusive_at_exactly_0_7():
+    # 10 words each, 7 in common in order (Write a … about the … for … children): ROUGE-L F1 =
+    # 2·(7/10)·(7/10) / (7/10 + 7/10) = 0.7 exactly, which Self-Instruct drops (>= 0.7).
+    pool = [Task("Write a short poem about the sea for young children")]
+    at_threshold = Task("Write a long story about the sea for sleepy children")
+    assert rouge_l(at_threshold.instruction, pool[0].instruction, units=dedup_units) == 0.7
+    assert TaskFilter(pool, FilterConfig()).check(at_threshold) == "near_duplicate"
+    assert TaskFilter(pool, FilterConfig(max_rouge_l=0.71)).check(at_threshold) is None
+    # one more word changed: 6 in common, F1 0.6, kept
+    assert TaskFilter(pool, FilterConfig()).check(Task("Write a long story about the lake for sleepy children")) is None
+
+
+def test_bad_settings_are_named_with_their_value():
+    for kwargs, message in [({"max_rouge_l": 0}, r"^max_rouge_l must be in \(0, 1\], got 0$"),
+                            ({"max_rouge_l": 1.5}, r"^max_rouge_l must be in \(0, 1\], got 1.5$"),
+                            ({"min_units": 10, "max_units": 5}, r"^need 0 <= min_units <= max_units, got 10, 5$"),
+                            ({"min_units": -1}, r"^need 0 <= min_units <= max_units, got -1, 150$"),
+                            ({"ja_chars_per_word": 0}, r"^ja_chars_per_word must be > 0, got 0$")]:
+        with pytest.raises(ValueError, match=message):
+            FilterConfig(**kwargs)
+    FilterConfig(max_rouge_l=1.0, min_units=0, max_units=0)  # the bounds themselves are allowed
+    with pytest.raises(ValueError, match=r"^n_new must be >= 1, got 0$"):
+        bootstrap_prompt([Task("Summarise this memo.")], 0, "en")
+
+
+def test_bootstrap_prompt_golden_text():
+    examples = [Task("Summarise this memo."), Task("Translate to French.", "Good morning.\nSee you."),
+                Task("Fix the typo.", "Teh cat.")]
+    assert bootstrap_prompt(examples, 1, "en") == [{"role": "user", "content": (
+        "Come up with 1 new, diverse tasks for a text-only AI assistant. The numbered tasks below are examples; "
+        "continue the list with tasks 4 to 4.\n\nRequirements:\n"
+        "- Do not repeat the examples, and try not to repeat the same verb twice.\n"
+        "- Mix kinds of task: open questions, explanation, summarising, rewriting, classification, extraction, "
+        "reasoning, planning, writing, coding.\n"
+        "- Each instruction is one or two sentences and can be done by a model that only reads and writes text: "
+        "nothing that needs images, audio, files, maps or the internet.\n"
+        "- Give an input (a concrete text, list or data the instruction works on) only when the task needs one; "
+        'otherwise write "<noinput>".\n'
+        "- Write every task in English.\n"
+        '- Use exactly the format of the examples: "N. Instruction: ..." then "Input: ..." on the next line. '
+        "Write only the list, nothing before or after it.\n\n"
+        "1. Instruction: Summarise this memo.\nInput: <noinput>\n\n"
+        "2. Instruction: Translate to French.\nInput:\nGood morning.\nSee you.\n\n"  # multi-line: below its label
+        "3. Instruction: Fix the typo.\nInput: Teh cat.\n")}]  # one line: on the label's line
+    other = bootstrap_prompt(examples, 2, "zh")[0]["content"]
+    assert "- Write every task in the language of the examples.\n" in other and "in English" not in other
+    ja = [Task("要約してください。", "", "ja"), Task("敬語に直してください。", "行けないです。", "ja")]
+    assert bootstrap_prompt(ja, 2, "ja") == [{"role": "user", "content": (
+        "テキストだけを扱うAIアシスタント向けに、新しく多様なタスクを2個作ってください。下の番号付きのタスクは例です。"
+        "続けて3番から4番までを書いてください。\n\n条件：\n"
+        "- 例と同じタスクを繰り返さず、同じ動詞もなるべく繰り返さないこと。\n"
+        "- 質問、説明、要約、書き換え、分類、抽出、推論、計画、作文、プログラミングなど、種類を混ぜること。\n"
+        "- 指示は1〜2文で、文章を読み書きするだけのモデルが実行できるものにすること。画像・音声・ファイル・地図・"
+        "インターネットが必要なタスクは不可。\n"
+        "- 入力（指示の対象となる具体的な文章・リスト・データ）はタスクに必要な場合だけ書き、不要なら「なし」と書くこと。\n"
+        "- すべて日本語で書くこと。\n"
+        "- 例と同じ形式（「N. 指示：…」、次の行に「入力：…」）で、リストだけを出力すること。前置きや補足は不要です。\n\n"
+        "1. 指示：要約してください。\n入力：なし\n\n2. 指示：敬語に直してください。\n入力：行けないです。\n")}]
+    ja_multiline = bootstrap_prompt([Task("要約してください。", "一行目\n二行目", "ja")], 1, "ja")[0]["content"]
+    assert ja_multiline.endswith("1. 指示：要約してください。\n入力：\n一行目\n二行目\n")
+
+
+def test_wrapped_instruction_lines_join_with_a_space_except_between_wide_characters():
+    text = ("1. 指示：次のPython\n関数を説明してください。\n\n"  # ASCII then CJK: a space
+            "2. 指示：次の変数A\nを説明してください。\n\n"       # ends in ASCII after CJK: a space
+            "3. 指示：次の変数\nAを説明してください。\n\n"        # starts with ASCII then CJK: a space
+            "4. 指示：次の文を要約してください\n（三行以内）。\n\n"  # full-width bracket: wide, no space
+            "5. 指示：\n二つの文を比べて\nください。\n入力：なし。\n\n"  # text below an empty label; なし。 is no input
+            "6. Instruction: Describe the sea.\nInput: None.\n")
+    assert [(t.instruction, t.input) for t in parse_tasks(text)] == [
+        ("次のPython 関数を説明してください。", ""), ("次の変数A を説明してください。", ""),
+        ("次の変数 Aを説明してください。", ""), ("次の文を要約してください（三行以内）。", ""),
+        ("二つの文を比べてください。", ""), ("Describe the sea.", "")]
+
+
+def test_letter_loops_in_an_instruction_are_broken_but_number_signs_and_rules_are_not():
+    flt = TaskFilter([], FilterConfig())
+    for broken in ("Explain ABABABABAB to me.",  # capitals, two letters
+                   "Explain ßßßßß to me.",       # one letter, but not ASCII (its capital is SS)
+                   "Explain ǅǅǅǅǅ to me."):       # a titlecase letter
+        assert flt.check(Task(broken)) == "broken_text", broken
+    for fine in ("来訪者の欄に〇〇〇〇〇様と書いてください。",  # 〇 is a number sign (Nl), not a letter
+                 "見出しの下にーーーーーの線を引いてください。",  # the prolonged-sound mark alone is a rule
+                 "Explain the Roman numerals ⅫⅪⅫⅪⅫⅪⅫⅪⅫⅪ."):  # letter-numbers (Nl), not letters
+        assert flt.check(Task(fine, lang=detect_lang(fine))) is None, fine
+
+
+def test_near_duplicate_edge_cases_empty_units_and_one_word():
+    loose = FilterConfig(min_units=0)
+    # "()" has no units (brackets are punctuation): against texts with units it is nothing alike,
+    # against another text without units it is a copy (rouge_l scores two empty texts 1.0).
+    assert TaskFilter([Task("Write a poem about the sea.")], loose).check(Task("()")) is None
+    assert TaskFilter([Task("[]")], loose).check(Task("()")) == "near_duplicate"
+    # An empty pool item is skipped, not the end of the search.
+    pool = [Task("[]"), Task("Write a short poem about the sea for young children")]
+    assert TaskFilter(pool, loose).check(Task("Write a long story about the sea for sleepy children")) == "near_duplicate"
+    # One word each, the same word: F1 = 1.
+    assert TaskFilter([Task("Summarise")], FilterConfig(min_units=1)).check(Task("Summarise!")) == "near_duplicate"
+
+
+def test_filter_settings_reach_the_checks():
+    # ja_chars_per_word from the settings, not the default 2.3: 21 characters are 21 words at 1.0.
+    text = "あいうえおかきくけこさしすせそたちつてとな"
+    assert TaskFilter([], FilterConfig(max_units=20, ja_chars_per_word=1.0)).check(Task(text, lang="ja")) == "too_long"
+    assert TaskFilter([], FilterConfig(max_units=20)).check(Task(text, lang="ja")) is None
+    assert TaskFilter([], FilterConfig(blacklist=())).check(Task("Draw a picture of a cat.")) is None  # no list, no drop
+    FilterConfig(ja_chars_per_word=0.5)  # any positive ratio
+    # an opening or initial quote may start an instruction; other punctuation may not
+    flt = TaskFilter([], FilterConfig())
+    assert flt.check(Task("“Hello” means what in French?")) is None and flt.check(Task("«Bonjour» means what?")) is None
+    assert flt.check(Task("” Hello means what in French?")) == "bad_start"  # a final quote (Pf)
+
+
+def test_kept_tasks_join_the_pool_and_no_input_is_read_in_its_spelled_out_forms():
+    flt = TaskFilter([Task("Summarise this memo in one line.")], FilterConfig())
+    assert flt.add(Task("List three ways to save energy at home.", "no input"))
+    assert flt.pool == [Task("Summarise this memo in one line."), Task("List three ways to save energy at home.", "no input")]
+    tasks = parse_tasks("1. Instruction: Name a colour.\nInput: No input\n2. Instruction: Name a fruit.\nInput: 入力なし\n")
+    assert [t.input for t in tasks] == ["", ""]
