@@ -118,6 +118,15 @@ def tiny_teacher_dir(tmp_path_factory) -> Path:
     return folder
 
 
+@pytest.fixture(scope="session")
+def tiny_f32_gguf(tiny_teacher_dir, tmp_path_factory) -> Path:
+    """The tiny teacher as an F32 GGUF: with `serve --exact` llama.cpp scores it as transformers
+    does (the export tests assert 1e-4 per log-probability)."""
+    from edgedistill.export.gguf import export_gguf
+
+    return export_gguf(tiny_teacher_dir, tmp_path_factory.mktemp("gguf") / "tiny-f32.gguf", "f32", name="tiny").path
+
+
 def tiny_recipe_for(teacher_dir: Path, runs_dir: Path):
     """The whole path on the tiny model: 8 prompts, 8-token answers, 2-layer student, the SFT
     baseline, two bundled eval sets, the judge, two GGUF files."""

@@ -80,7 +80,8 @@ def api_key(env_name: str | None, host: str) -> str | None:
 
 def run_server(target: str, *, host: str = "127.0.0.1", port: int = 8000, api_key_env: str | None = None,
                engine: str = "auto", parallel: int = 2, queue_size: int = 16, max_tokens: int = 2048,
-               context_per_slot: int = 4096, threads: int = 2, log_content: bool = False) -> None:
+               context_per_slot: int = 4096, threads: int = 2, log_content: bool = False,
+               exact: bool = False) -> None:
     import uvicorn
 
     from edgedistill.serve.app import ServeSettings, create_app
@@ -88,11 +89,12 @@ def run_server(target: str, *, host: str = "127.0.0.1", port: int = 8000, api_ke
     key = api_key(api_key_env, host)
     served = resolve_model(target, engine)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per engine call: echo makes one per token
     if served.engine == "llamacpp":
         from edgedistill.models.llamacpp import start_llamacpp_server
 
         runtime = start_llamacpp_server(served.path, parallel=parallel, ctx_per_slot=context_per_slot,
-                                        threads=threads, alias=served.model_id)
+                                        threads=threads, alias=served.model_id, exact=exact)
     else:  # one request computes at a time in the transformers engine; the rest wait in the front's queue
         from edgedistill.serve.hf_engine import start_hf_engine
 
@@ -100,8 +102,8 @@ def run_server(target: str, *, host: str = "127.0.0.1", port: int = 8000, api_ke
         queue_size, parallel = queue_size + parallel - 1, 1
     with runtime:
         settings = ServeSettings(model_id=served.model_id, upstream=f"http://{runtime.host}:{runtime.port}",
-                                 api_key=key, max_tokens_cap=max_tokens, parallel=parallel, queue_size=queue_size,
-                                 log_content=log_content)
+                                 api_key=key, engine=served.engine, max_tokens_cap=max_tokens, parallel=parallel,
+                                 queue_size=queue_size, log_content=log_content)
         logging.getLogger("edgedistill.serve").info("serving %s (%s, %s) on http://%s:%d", served.model_id,
                                                     served.path.name, served.engine, host, port)
         uvicorn.run(create_app(settings), host=host, port=port, log_level="warning", access_log=False)
