@@ -1,14 +1,19 @@
 """The OpenAI wire format of `edgedistill serve` on both engines, on the tiny model: legacy
 `/v1/completions` (echo, token-id prompts, batches) scored against a transformers forward pass
-computed here, and bad requests answered with a 400 that names the field (issues #20 and #22)."""
+computed here, bad requests answered with a 400 that names the field, and engines that answer
+only the front (issues #20 and #22)."""
 
 from __future__ import annotations
+
+import subprocess
+import sys
+import time
 
 import httpx
 import openai
 import pytest
 import torch
-from conftest import ServeProcess
+from conftest import ServeProcess, subprocess_env
 from openai.types import Completion
 
 # Per-token log-probability agreement with transformers: the transformers engine runs the same
@@ -164,6 +169,21 @@ def test_what_an_engine_cannot_do_is_refused_by_name_and_routes_answer_openai_er
     assert unknown.status_code == 404 and unknown.json()["error"]["type"] == "invalid_request_error"
 
 
+def test_the_engine_answers_only_the_front(served):
+    """Issue #20: the engine on its random loopback port took requests from anyone, past the
+    front's key and limits. It now wants a key of its own that only the front knows."""
+    engine = f"http://127.0.0.1:{served.engine_port()}"
+    question = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    for key in (None, "wrong"):
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        assert httpx.post(engine + "/v1/chat/completions", json=question, headers=headers).status_code == 401
+        assert httpx.post(engine + "/v1/completions", json={"prompt": "x", "max_tokens": 2},
+                          headers=headers).status_code == 401
+        for path in ("/props", "/slots", "/v1/models"):
+            assert httpx.get(engine + path, headers=headers).status_code == 401
+    assert httpx.post(served.base + "/v1/chat/completions", json=question, timeout=60).status_code == 200
+
+
 def test_a_question_shared_by_several_choices_is_scored_once(llamacpp_server, reference):
     _, tokenizer = reference
     question = tokenizer("Which ocean is the largest? Answer:", add_special_tokens=False)["input_ids"]
@@ -198,3 +218,22 @@ def test_an_end_token_that_ends_the_answer_gets_its_entry(reference):
     assert [(s.token_id, s.end, s.delta) for s in steps] == [(first, True, "")]
     assert steps[0].logprob == pytest.approx(float(logprobs_of(model, prompt)[-1, first]), abs=1e-5)
     assert isinstance(items[-1], Finish) and items[-1].reason == "stop" and items[-1].completion_tokens == 0
+
+
+def test_serve_takes_its_port_before_loading_and_listens_on_ipv6_loopback(tiny_f32_gguf):
+    """Issue #20: `--host ::1` was refused as reachable from other machines, and a port in use
+    was found by uvicorn only after the model had loaded (exit 3)."""
+    server = ServeProcess(str(tiny_f32_gguf), host="::1")
+    try:
+        assert server.base.startswith("http://[::1]:")
+        assert httpx.get(server.base + "/health").json()["status"] == "ok"
+        started = time.monotonic()
+        busy = subprocess.run([sys.executable, "-m", "edgedistill", "serve", str(tiny_f32_gguf), "--host", "::1",
+                               "--port", str(server.port)], env=subprocess_env(), capture_output=True, text=True,
+                              timeout=120)
+        assert busy.returncode == 2, busy.stderr
+        errors = [line for line in (busy.stdout + busy.stderr).splitlines() if line.strip()]
+        assert len(errors) == 1 and "already in use" in errors[0] and f"[::1]:{server.port}" in errors[0]
+        assert time.monotonic() - started < 60
+    finally:
+        server.stop()

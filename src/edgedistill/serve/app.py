@@ -11,6 +11,10 @@ llama.cpp's: the front forwards bodies and streams, and closing a client's strea
 upstream request, which frees the slot. The exception is the legacy `/v1/completions` on
 llama.cpp, which the front assembles (echo, prompt log-probabilities, batches of prompts;
 serve/llamacpp_completions.py).
+
+The engine listens on a random loopback port with a random key of its own, known only to the
+front (issue #20: without it any local user could reach the engine past the front's key and
+limits).
 """
 
 from __future__ import annotations
@@ -55,6 +59,7 @@ class ServeSettings:
     upstream: str  # the engine's server, e.g. http://127.0.0.1:PORT
     api_key: str | None = None
     engine: str = "llamacpp"  # or "transformers"
+    upstream_key: str | None = None  # the engine's own key, sent as a bearer token
     max_body_bytes: int = 1 << 20
     max_tokens_cap: int = 2048
     parallel: int = 2  # requests generating at once (llama.cpp slots)
@@ -123,7 +128,9 @@ def create_app(settings: ServeSettings) -> FastAPI:
     metrics = Metrics()
     admission = Admission(settings.parallel, settings.queue_size, metrics)
     state = {"ready": False}
-    client = httpx.AsyncClient(base_url=settings.upstream, timeout=httpx.Timeout(600.0, connect=5.0), trust_env=False)
+    headers = {"Authorization": f"Bearer {settings.upstream_key}"} if settings.upstream_key else None
+    client = httpx.AsyncClient(base_url=settings.upstream, timeout=httpx.Timeout(600.0, connect=5.0), trust_env=False,
+                               headers=headers)
     legacy = None  # the front assembles legacy completions on llama.cpp (serve/llamacpp_completions.py)
     if settings.engine == "llamacpp":
         legacy = LlamaCppCompletions(client, settings.parallel, metrics.echo_positions)

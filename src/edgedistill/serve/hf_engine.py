@@ -10,7 +10,9 @@ temperature/top-p applied only to the draw. One request computes at a time (two 
 do not gain from interleaving); the front's queue holds the rest.
 
 Why a child process, like llama.cpp: the front stays responsive (health, metrics, 503s)
-while torch holds the cores, and the engine dies with its parent.
+while torch holds the cores, and the engine dies with its parent. It answers only requests
+carrying the bearer token the front gave it through the environment (never the command line,
+which `ps` shows to every user).
 
 Legacy completions follow OpenAI's `/v1/completions`: a prompt may be token ids or a batch
 (one choice per prompt), `echo` returns the prompt's tokens with their log-probabilities from
@@ -23,6 +25,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
+import secrets
 import sys
 import threading
 import time
@@ -296,8 +300,16 @@ def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
-def create_engine_app(engine: Engine) -> FastAPI:
+def create_engine_app(engine: Engine, key: str | None = None) -> FastAPI:
+    """The engine's HTTP API; with `key`, every route but /health wants `Bearer <key>`."""
     app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next):
+        given = request.headers.get("authorization", "").encode()
+        if key and request.url.path != "/health" and not secrets.compare_digest(given, f"Bearer {key}".encode()):
+            return openai_error(401, "Invalid API key.", kind="authentication_error", code="invalid_api_key")
+        return await call_next(request)
 
     @app.get("/health")
     async def health() -> dict:
@@ -421,17 +433,16 @@ def create_engine_app(engine: Engine) -> FastAPI:
 
 
 def start_hf_engine(folder: Path, *, alias: str, threads: int = 2, host: str = "127.0.0.1",
-                    ready_timeout_s: float = 300.0):
-    """Start the engine in a child process; returns once the model is loaded (/health 200)."""
-    import os
-
+                    ready_timeout_s: float = 300.0, api_key: str | None = None):
+    """Start the engine in a child process; returns once the model is loaded (/health 200).
+    With `api_key` (passed through the environment) it answers only `Bearer <api_key>`."""
     from edgedistill.models.llamacpp import spawn_server
     from edgedistill.net import free_port
 
     port = free_port()
     command = [sys.executable, "-m", "edgedistill.serve.hf_engine", str(folder), "--host", host, "--port", str(port),
                "--threads", str(threads), "--alias", alias, "--parent", str(os.getpid())]
-    return spawn_server(command, host, port, f"{folder}: transformers", ready_timeout_s)
+    return spawn_server(command, host, port, f"{folder}: transformers", ready_timeout_s, api_key)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -439,7 +450,7 @@ def main(argv: list[str] | None = None) -> int:
     import uvicorn
 
     from edgedistill.errors import UserError
-    from edgedistill.models.llamacpp import exit_with_parent
+    from edgedistill.models.llamacpp import ENGINE_KEY_ENV, exit_with_parent
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("folder", type=Path)
@@ -456,7 +467,8 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    uvicorn.run(create_engine_app(engine), host=args.host, port=args.port, log_level="warning", access_log=False)
+    key = os.environ.pop(ENGINE_KEY_ENV, None)
+    uvicorn.run(create_engine_app(engine, key), host=args.host, port=args.port, log_level="warning", access_log=False)
     return 0
 
 
