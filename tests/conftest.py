@@ -118,6 +118,15 @@ def tiny_teacher_dir(tmp_path_factory) -> Path:
     return folder
 
 
+@pytest.fixture(scope="session")
+def tiny_f32_gguf(tiny_teacher_dir, tmp_path_factory) -> Path:
+    """The tiny teacher as an F32 GGUF: with `serve --exact` llama.cpp scores it as transformers
+    does (the export tests assert 1e-4 per log-probability)."""
+    from edgedistill.export.gguf import export_gguf
+
+    return export_gguf(tiny_teacher_dir, tmp_path_factory.mktemp("gguf") / "tiny-f32.gguf", "f32", name="tiny").path
+
+
 def tiny_recipe_for(teacher_dir: Path, runs_dir: Path):
     """The whole path on the tiny model: 8 prompts, 8-token answers, 2-layer student, the SFT
     baseline, two bundled eval sets, the judge, two GGUF files."""
@@ -225,14 +234,14 @@ def chromium_page():
 class ServeProcess:
     """`edgedistill serve TARGET` on a free loopback port, ready when /health answers 200."""
 
-    def __init__(self, target: str, *args: str, env: dict[str, str] | None = None):
+    def __init__(self, target: str, *args: str, env: dict[str, str] | None = None, host: str = "127.0.0.1"):
         from edgedistill.net import free_port
 
         self.port = free_port()
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "edgedistill", "serve", target, "--port", str(self.port), *args],
+            [sys.executable, "-m", "edgedistill", "serve", target, "--host", host, "--port", str(self.port), *args],
             env=subprocess_env() | (env or {}), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        self.base = f"http://127.0.0.1:{self.port}"
+        self.base = f"http://[{host}]:{self.port}" if ":" in host else f"http://{host}:{self.port}"
         deadline = time.monotonic() + 120
         while True:
             assert self.process.poll() is None, self.process.stderr.read()
@@ -243,6 +252,14 @@ class ServeProcess:
                 pass
             assert time.monotonic() < deadline, "server not ready"
             time.sleep(0.2)
+
+    def engine_port(self) -> int:
+        """The loopback port of the engine `serve` started (its child process's --port)."""
+        for child in Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children").read_text().split():
+            command = Path(f"/proc/{child}/cmdline").read_bytes().decode().split("\0")
+            if "--port" in command:
+                return int(command[command.index("--port") + 1])
+        raise AssertionError("serve started no engine process")
 
     def client(self, key: str = "none"):
         import openai

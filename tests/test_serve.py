@@ -170,6 +170,7 @@ def test_a_run_folder_serves_its_best_exported_file(tmp_path):
     with pytest.raises(UserError, match="API key"):
         api_key(None, "0.0.0.0")
     assert api_key(None, "127.0.0.1") is None and api_key(None, "localhost") is None
+    assert api_key(None, "::1") is None  # IPv6 loopback (was refused: "http://::1" has no host)
 
 
 @pytest.mark.browser

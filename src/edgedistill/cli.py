@@ -214,13 +214,19 @@ def serve(target: Annotated[str, typer.Argument(help="A run folder (its exported
           max_tokens: Annotated[int, typer.Option(help="Largest max_tokens a request may ask for.", min=1)] = 2048,
           context: Annotated[int, typer.Option(help="Context tokens per request slot.", min=256)] = 4096,
           log_content: Annotated[bool, typer.Option("--log-content", help="Log prompts and completions "
-                                                    "(off: request ids and token counts only).")] = False) -> None:
+                                                    "(off: request ids and token counts only).")] = False,
+          threads: Annotated[int, typer.Option(help="CPU threads the engine computes with (1 for a tiny model "
+                                               "on a busy machine).", min=1)] = 2,
+          exact: Annotated[bool, typer.Option("--exact", help="llama.cpp: float32 attention (F32 KV cache, no "
+                                              "flash attention), so an F32 GGUF scores as transformers does; "
+                                              "slower.")] = False) -> None:
     """A private OpenAI-compatible server (chat, completions, streaming, logprobs) on llama.cpp or
     transformers, with a chat page at /."""
     from edgedistill.serve.server import run_server
 
     run_server(target, host=host, port=port, api_key_env=api_key_env, engine=engine, parallel=parallel, queue_size=queue,
-               max_tokens=max_tokens, context_per_slot=context, log_content=log_content)
+               max_tokens=max_tokens, context_per_slot=context, log_content=log_content, threads=threads,
+               exact=exact)
 
 
 @app.command()

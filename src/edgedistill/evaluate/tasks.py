@@ -16,7 +16,9 @@ Scoring:
 
 Why our own and not lm-evaluation-harness: its tasks download their data from the Hub at run
 time (impossible offline) and know nothing of our chat-templated students or custom sets. It
-stays an option for users who have it (`edgedistill evaluate --lm-eval`), not a dependency.
+stays an option for users who have it: `edgedistill serve` the model and point lm-eval's
+`local-completions` at it (README); tests/test_lm_eval.py checks that it then gives this
+module's per-choice log-likelihoods and accuracy.
 """
 
 from __future__ import annotations

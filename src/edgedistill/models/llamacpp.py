@@ -11,6 +11,10 @@ Why a child process: the server runs on C++ threads inside the interpreter and h
 call; dropping it waits for every open request, and a client in the same process can
 deadlock it. A process is stopped with a signal, whatever is in flight, and it exits by
 itself when its parent is gone (a `kill -9` of the stage leaves no server behind).
+
+A server may be given an API key (llama.cpp's `api_keys`: every route but /health then wants
+`Authorization: Bearer <key>`). The key reaches the child through its environment, never its
+command line, which `ps` shows to every user of the machine.
 """
 
 from __future__ import annotations
@@ -28,6 +32,8 @@ import httpx
 
 from edgedistill.errors import UserError
 from edgedistill.net import free_port
+
+ENGINE_KEY_ENV = "EDGEDISTILL_ENGINE_KEY"  # the child server's key, read and removed at its start
 
 
 def exit_with_parent(parent: int) -> None:
@@ -62,6 +68,9 @@ def _serve(gguf: str, host: str, port: int, parallel: int, ctx_per_slot: int, th
     params.port = port
     params.model_alias = {alias}
     params.verbosity = 0  # no request text in logs
+    key = os.environ.pop(ENGINE_KEY_ENV, None)
+    if key:
+        params.api_keys = [key]
     if exact:  # F32 KV cache, no flash attention (which rounds through F16 on CPU)
         params.cache_type_k = params.cache_type_v = xllamacpp.ggml_type.GGML_TYPE_F32
         params.flash_attn_type = xllamacpp.llama_flash_attn_type.LLAMA_FLASH_ATTN_TYPE_DISABLED
@@ -76,6 +85,7 @@ class LlamaCppServer:
     process: subprocess.Popen
     host: str
     port: int
+    api_key: str | None = None
 
     @property
     def base_url(self) -> str:
@@ -99,13 +109,14 @@ class LlamaCppServer:
 
 def start_llamacpp_server(gguf: Path, *, port: int | None = None, host: str = "127.0.0.1", parallel: int = 4,
                           ctx_per_slot: int = 2048, threads: int = 2, alias: str = "model",
-                          ready_timeout_s: float = 120.0, exact: bool = False) -> LlamaCppServer:
+                          ready_timeout_s: float = 120.0, exact: bool = False,
+                          api_key: str | None = None) -> LlamaCppServer:
     """Start the server in a child process and return once /health answers 200.
 
     `exact` keeps attention in float32 (F32 KV cache, no flash attention): an F32 GGUF then
     agrees with transformers within the 1e-4 log-prob that tests/test_export.py asserts (the
     defaults drift up to ~0.01), for checking a conversion; slower and twice the KV memory, so
-    never the default."""
+    never the default. With `api_key` the server answers only requests that carry it."""
     if not gguf.is_file():
         raise UserError(f"{gguf}: GGUF file not found")
     if importlib.util.find_spec("xllamacpp") is None:
@@ -114,13 +125,18 @@ def start_llamacpp_server(gguf: Path, *, port: int | None = None, host: str = "1
     command = [sys.executable, "-m", "edgedistill.models.llamacpp", str(gguf), "--host", host, "--port", str(port),
                "--parallel", str(parallel), "--ctx-per-slot", str(ctx_per_slot), "--threads", str(threads),
                "--alias", alias, "--parent", str(os.getpid())] + (["--exact"] if exact else [])
-    return spawn_server(command, host, port, f"{gguf}: llama.cpp", ready_timeout_s)
+    return spawn_server(command, host, port, f"{gguf}: llama.cpp", ready_timeout_s, api_key)
 
 
-def spawn_server(command: list[str], host: str, port: int, what: str, ready_timeout_s: float) -> LlamaCppServer:
+def spawn_server(command: list[str], host: str, port: int, what: str, ready_timeout_s: float,
+                 api_key: str | None = None) -> LlamaCppServer:
     """Start a server process and return once its /health answers 200; `what` names it in errors."""
-    process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    server = LlamaCppServer(process, host, port)
+    env = {name: value for name, value in os.environ.items() if name != ENGINE_KEY_ENV}
+    if api_key:
+        env[ENGINE_KEY_ENV] = api_key
+    process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                               env=env)
+    server = LlamaCppServer(process, host, port, api_key)
     deadline = time.monotonic() + ready_timeout_s
     while time.monotonic() < deadline:
         try:

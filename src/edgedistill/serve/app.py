@@ -1,4 +1,5 @@
-"""The private OpenAI-compatible server: FastAPI in front of llama.cpp's own server.
+"""The private OpenAI-compatible server: FastAPI in front of llama.cpp's own server (or the
+transformers engine, serve/hf_engine.py).
 
 Why a front at all, when llama.cpp already speaks OpenAI: it is what makes the server safe to
 leave running — an API key whenever it listens beyond loopback, request limits answered with
@@ -7,7 +8,13 @@ Retry-After instead of piling up, no prompt or completion text in the logs, Prom
 metrics, the run's name as the model id, and a chat page for people who do not use curl.
 Generation itself (chat template, sampling, stop strings, logprobs, SSE streaming) is
 llama.cpp's: the front forwards bodies and streams, and closing a client's stream closes the
-upstream request, which frees the slot.
+upstream request, which frees the slot. The exception is the legacy `/v1/completions` on
+llama.cpp, which the front assembles (echo, prompt log-probabilities, batches of prompts;
+serve/llamacpp_completions.py).
+
+The engine listens on a random loopback port with a random key of its own, known only to the
+front (issue #20: without it any local user could reach the engine past the front's key and
+limits).
 """
 
 from __future__ import annotations
@@ -34,8 +41,14 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from edgedistill.recipe import TOP_LOGPROBS_CAP
+from edgedistill.serve.llamacpp_completions import (
+    LlamaCppCompletions,
+    UpstreamError,
+    legacy_chunk,
+)
+from edgedistill.serve.wire import RequestError, check_request, openai_error
 
 log = logging.getLogger("edgedistill.serve")
 
@@ -43,19 +56,15 @@ log = logging.getLogger("edgedistill.serve")
 @dataclass
 class ServeSettings:
     model_id: str
-    upstream: str  # llama.cpp's server, e.g. http://127.0.0.1:PORT
+    upstream: str  # the engine's server, e.g. http://127.0.0.1:PORT
     api_key: str | None = None
+    engine: str = "llamacpp"  # or "transformers"
+    upstream_key: str | None = None  # the engine's own key, sent as a bearer token
     max_body_bytes: int = 1 << 20
     max_tokens_cap: int = 2048
     parallel: int = 2  # requests generating at once (llama.cpp slots)
     queue_size: int = 16  # requests waiting beyond those; more → 503
     log_content: bool = False
-
-
-def openai_error(status: int, message: str, kind: str = "invalid_request_error", code: str | None = None,
-                 headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": kind, "param": None, "code": code}},
-                        status_code=status, headers=headers)
 
 
 class Metrics:
@@ -68,6 +77,9 @@ class Metrics:
                                  registry=self.registry, buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120))
         self.queue_depth = Gauge("edgedistill_queue_depth", "Requests waiting for a slot", registry=self.registry)
         self.in_flight = Gauge("edgedistill_in_flight", "Requests generating", registry=self.registry)
+        self.echo_positions = Counter("edgedistill_echo_positions", "Prompt positions scored for echo on llama.cpp, "
+                                      "by source (engine, cache; fallback: read from a list)", ["source"],
+                                      registry=self.registry)
 
 
 class Admission:
@@ -100,23 +112,15 @@ class Admission:
         self.admitted -= 1
 
 
-def _validate(body: dict, settings: ServeSettings) -> JSONResponse | None:
+def _validate(body: dict, settings: ServeSettings, endpoint: str) -> JSONResponse | None:
     model = body.get("model")
     if model not in (None, "", settings.model_id):
         return openai_error(404, f"The model '{model}' does not exist; this server has '{settings.model_id}'.",
-                            code="model_not_found")
-    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
-    if max_tokens is not None and (not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1):
-        return openai_error(400, "max_tokens must be a positive integer.")
-    if isinstance(max_tokens, int) and max_tokens > settings.max_tokens_cap:
-        return openai_error(400, f"max_tokens {max_tokens} is above this server's limit of {settings.max_tokens_cap}.")
-    if body.get("n", 1) != 1:
-        return openai_error(400, "Only n = 1 is supported.")
-    # chat: top_logprobs = k; completions: logprobs = k (in chat, logprobs is a boolean)
-    for field in ("top_logprobs", "logprobs"):
-        k = body.get(field)
-        if isinstance(k, int) and not isinstance(k, bool) and not 0 <= k <= TOP_LOGPROBS_CAP:
-            return openai_error(400, f"{field} must be between 0 and {TOP_LOGPROBS_CAP}.")
+                            code="model_not_found", param="model")
+    try:
+        check_request(body, endpoint, settings.engine, settings.max_tokens_cap)
+    except RequestError as exc:
+        return openai_error(400, str(exc), param=exc.param)
     return None
 
 
@@ -124,7 +128,12 @@ def create_app(settings: ServeSettings) -> FastAPI:
     metrics = Metrics()
     admission = Admission(settings.parallel, settings.queue_size, metrics)
     state = {"ready": False}
-    client = httpx.AsyncClient(base_url=settings.upstream, timeout=httpx.Timeout(600.0, connect=5.0), trust_env=False)
+    headers = {"Authorization": f"Bearer {settings.upstream_key}"} if settings.upstream_key else None
+    client = httpx.AsyncClient(base_url=settings.upstream, timeout=httpx.Timeout(600.0, connect=5.0), trust_env=False,
+                               headers=headers)
+    legacy = None  # the front assembles legacy completions on llama.cpp (serve/llamacpp_completions.py)
+    if settings.engine == "llamacpp":
+        legacy = LlamaCppCompletions(client, settings.parallel, metrics.echo_positions)
 
     async def wait_for_model() -> None:
         while not state["ready"]:
@@ -142,6 +151,17 @@ def create_app(settings: ServeSettings) -> FastAPI:
         await client.aclose()
 
     app = FastAPI(title="edgedistill", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        """Unknown routes and wrong methods in the OpenAI error shape, not FastAPI's {"detail"}."""
+        if exc.status_code == 405:
+            message = f"{request.method} {request.url.path}: method not allowed (this endpoint takes POST)."
+        elif exc.status_code == 404:
+            message = f"{request.url.path}: no such endpoint on this server."
+        else:
+            message = str(exc.detail)
+        return openai_error(exc.status_code, message, headers=getattr(exc, "headers", None))
 
     @app.middleware("http")
     async def guard(request: Request, call_next):
@@ -198,7 +218,7 @@ def create_app(settings: ServeSettings) -> FastAPI:
         if isinstance(body, JSONResponse):
             metrics.requests.labels(endpoint, str(body.status_code)).inc()
             return body
-        if (error := _validate(body, settings)) is not None:
+        if (error := _validate(body, settings, endpoint)) is not None:
             metrics.requests.labels(endpoint, str(error.status_code)).inc()
             return error
         if not state["ready"]:
@@ -217,7 +237,12 @@ def create_app(settings: ServeSettings) -> FastAPI:
         try:
             await admission.acquire()
             acquired = True
+            if legacy is not None and endpoint == "completions":
+                return _answer(endpoint, await legacy.complete(body, settings.model_id), request_id, started)
             upstream = await client.post(f"/v1/{endpoint}", json=body)
+        except UpstreamError as exc:
+            metrics.requests.labels(endpoint, str(exc.status)).inc()
+            return openai_error(exc.status, str(exc), kind="server_error" if exc.status >= 500 else "invalid_request_error")
         except httpx.HTTPError as exc:
             metrics.requests.labels(endpoint, "502").inc()
             log.warning("%s %s upstream error %s", request_id, endpoint, type(exc).__name__)
@@ -233,10 +258,14 @@ def create_app(settings: ServeSettings) -> FastAPI:
             metrics.requests.labels(endpoint, "502").inc()
             return openai_error(502, "The model runtime sent a broken answer.", kind="server_error")
         if upstream.status_code >= 400:  # llama.cpp's own validation, e.g. the prompt is too long
-            message = (data.get("error") or {}).get("message", "Request rejected.") if isinstance(data, dict) else "Request rejected."
+            error = data.get("error") if isinstance(data, dict) else None
+            message = error.get("message", "Request rejected.") if isinstance(error, dict) else "Request rejected."
             status = 400 if upstream.status_code < 500 else 502
             metrics.requests.labels(endpoint, str(status)).inc()
-            return openai_error(status, message)
+            return openai_error(status, message, param=error.get("param") if isinstance(error, dict) else None)
+        return _answer(endpoint, data, request_id, started)
+
+    def _answer(endpoint: str, data: dict, request_id: str, started: float) -> Response:
         data["model"] = settings.model_id
         data.pop("timings", None)
         usage = data.get("usage") or {}
@@ -255,6 +284,9 @@ def create_app(settings: ServeSettings) -> FastAPI:
         acquired = False
         usage: dict = {}
         status = "200"
+        # llama.cpp streams completions with the chat layout of logprobs: turned into the legacy one
+        legacy_k = body.get("logprobs") if legacy is not None and endpoint == "completions" else None
+        offsets: dict[int, int] = {}
         try:
             await admission.acquire()
             acquired = True
@@ -277,6 +309,8 @@ def create_app(settings: ServeSettings) -> FastAPI:
                             chunk = json.loads(payload)
                             chunk["model"] = settings.model_id
                             chunk.pop("timings", None)
+                            if legacy_k is not None:
+                                chunk = legacy_chunk(chunk, legacy_k, offsets)
                             usage = chunk.get("usage") or usage
                             payload = json.dumps(chunk, ensure_ascii=False)
                         except json.JSONDecodeError:

@@ -10,7 +10,14 @@ temperature/top-p applied only to the draw. One request computes at a time (two 
 do not gain from interleaving); the front's queue holds the rest.
 
 Why a child process, like llama.cpp: the front stays responsive (health, metrics, 503s)
-while torch holds the cores, and the engine dies with its parent.
+while torch holds the cores, and the engine dies with its parent. It answers only requests
+carrying the bearer token the front gave it through the environment (never the command line,
+which `ps` shows to every user).
+
+Legacy completions follow OpenAI's `/v1/completions`: a prompt may be token ids or a batch
+(one choice per prompt), `echo` returns the prompt's tokens with their log-probabilities from
+the same forward pass that starts decoding, and an end-of-turn token that ends the answer gets
+its own entry (lm-evaluation-harness drops the last entry as the generated one).
 """
 
 from __future__ import annotations
@@ -18,6 +25,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
+import secrets
 import sys
 import threading
 import time
@@ -30,7 +39,17 @@ import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from edgedistill.serve.wire import (
+    RequestError,
+    Scored,
+    legacy_logprobs,
+    openai_error,
+    prompt_list,
+    spelled,
+)
+
 TEXT_ONLY = -1
+SCORE_CHUNK = 256  # prompt positions per log-softmax in echo: (256, V) floats at a time
 
 
 @dataclass
@@ -42,6 +61,7 @@ class DecodeRequest:
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     top_logprobs: int | None = None  # None: no logprobs; 0..20: the chosen token (+ that many alternatives)
+    echo: bool = False  # score the prompt's tokens first (legacy completions)
 
 
 @dataclass
@@ -53,6 +73,17 @@ class Step:
     delta: str
     logprob: float
     top: list[tuple[int, float]]
+    end: bool = False  # the end-of-turn token that ended the answer (no text)
+
+
+@dataclass
+class Echo:
+    """The prompt's tokens, each with its log-probability given the ones before it (None for
+    the first) and the top alternatives at its position."""
+
+    token_ids: list[int]
+    logprobs: list[float | None]
+    top: list[list[tuple[int, float]]]
 
 
 @dataclass
@@ -113,15 +144,38 @@ class Detokenizer:
         return self.settled + self._text(self.tokens[self._prefix:])[len(before):]
 
 
+def _top(logprobs: torch.Tensor, k: int | None) -> list[tuple[int, float]]:
+    if not k:
+        return []
+    values, ids = logprobs.topk(k)
+    return list(zip(ids.tolist(), values.tolist()))
+
+
+def prompt_scores(logits: torch.Tensor, ids: list[int], k: int | None) -> Echo:
+    """logits (T, V) of one forward over `ids`; row t predicts ids[t + 1]. The chosen and the
+    top values come from the same log-softmax, so the top-1 is the same float where it is the
+    chosen token (lm-evaluation-harness compares them exactly)."""
+    logprobs: list[float | None] = [None]
+    top: list[list[tuple[int, float]]] = [[]]
+    targets = torch.tensor(ids[1:])
+    for start in range(0, len(ids) - 1, SCORE_CHUNK):
+        rows = torch.log_softmax(logits[start:start + SCORE_CHUNK].float(), dim=-1)[:len(targets) - start]  # (C, V)
+        logprobs += rows.gather(-1, targets[start:start + len(rows), None])[:, 0].tolist()
+        top += [_top(row, k) for row in rows]
+    return Echo(list(ids), logprobs, top)
+
+
 @torch.inference_mode()
 def decode(model, tokenizer, request: DecodeRequest, end_ids: set[int],
-           cancelled: threading.Event | None = None) -> Iterator[Step | Finish]:
-    """Generate token by token; yields Steps, then one Finish. Text is released only once it
-    is whole UTF-8 and cannot be the start of a stop string; a stop string ends the answer
-    and is not part of it."""
+           cancelled: threading.Event | None = None) -> Iterator[Echo | Step | Finish]:
+    """Generate token by token; yields the prompt's Echo when asked, Steps, then one Finish.
+    Text is released only once it is whole UTF-8 and cannot be the start of a stop string; a
+    stop string ends the answer and is not part of it."""
     generator = torch.Generator().manual_seed(request.seed if request.seed is not None else
                                               int.from_bytes(uuid.uuid4().bytes[:6], "little"))
     out = model(input_ids=torch.tensor([request.prompt_ids]), use_cache=True)
+    if request.echo:
+        yield prompt_scores(out.logits[0], request.prompt_ids, request.top_logprobs)
     cache, logits = out.past_key_values, out.logits[0, -1]
     text = Detokenizer(tokenizer)
     released = 0
@@ -129,14 +183,12 @@ def decode(model, tokenizer, request: DecodeRequest, end_ids: set[int],
     while len(text.tokens) < request.max_tokens and not (cancelled and cancelled.is_set()):
         logprobs = torch.log_softmax(logits.float(), dim=-1)
         token = _draw(logits, request, generator)
+        top = _top(logprobs, request.top_logprobs)
         if token in end_ids:
             reason = "stop"
+            yield Step(token, "", float(logprobs[token]), top, end=True)
             break
         text.add(token)
-        top: list[tuple[int, float]] = []
-        if request.top_logprobs:
-            values, ids = logprobs.topk(request.top_logprobs)
-            top = list(zip(ids.tolist(), values.tolist()))
         settled = text.settled
         hit = min((i for i in (settled.find(s, max(0, released - len(s))) for s in request.stop) if i >= 0),
                   default=-1)
@@ -169,38 +221,47 @@ class Engine:
         self.end_ids = end_of_turn_ids(self.model, self.tokenizer)
         self.id_bytes = VocabMap(self.tokenizer).id_bytes
         self.context = int(getattr(self.model.config, "max_position_embeddings", 2048))
+        self.vocab_size = self.model.get_input_embeddings().num_embeddings
         self.lock = threading.Lock()
 
     # ---- requests -> DecodeRequest ---------------------------------------------------------
-    def request(self, body: dict, chat: bool) -> DecodeRequest:
-        """Raises ValueError with a client-facing message for what the engine cannot do."""
+    def _prompt_ids(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            return self.tokenizer(prompt)["input_ids"]
+        if max(prompt) >= self.vocab_size:  # token ids are used as they are: no BOS added
+            raise RequestError(f"Token id {max(prompt)} is outside this model's vocabulary "
+                               f"(0-{self.vocab_size - 1}).", "prompt")
+        return prompt
+
+    def requests(self, body: dict, chat: bool) -> list[DecodeRequest]:
+        """One DecodeRequest per prompt (chat: one). Raises ValueError with a client-facing
+        message for what the engine cannot do."""
         if chat:
             messages = body.get("messages")
             if not isinstance(messages, list) or not messages:
-                raise ValueError("'messages' must be a non-empty list.")
+                raise RequestError("'messages' must be a non-empty list.", "messages")
             text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            prompts = [self.tokenizer(text, add_special_tokens=False)["input_ids"]]
             top = body.get("top_logprobs", 0) if body.get("logprobs") else None
         else:
-            prompt = body.get("prompt")
-            if isinstance(prompt, list) and len(prompt) == 1:
-                prompt = prompt[0]
-            if not isinstance(prompt, str):
-                raise ValueError("'prompt' must be a string.")
-            ids = self.tokenizer(prompt)["input_ids"]
+            prompts = [self._prompt_ids(p) for p in prompt_list(body.get("prompt"))]
             top = body.get("logprobs")
-        if len(ids) >= self.context:
-            raise ValueError(f"The prompt is {len(ids)} tokens; this model's context is {self.context}.")
         stop = body.get("stop") or []
         stop = [stop] if isinstance(stop, str) else [s for s in stop if isinstance(s, str) and s]
-        max_tokens = body.get("max_completion_tokens", body.get("max_tokens")) or 256
-        return DecodeRequest(
-            prompt_ids=ids, max_tokens=min(int(max_tokens), self.context - len(ids)),
-            temperature=1.0 if body.get("temperature") is None else float(body["temperature"]),
-            top_p=float(body.get("top_p") or 1.0), seed=body.get("seed"), stop=stop,
-            top_logprobs=None if top is None or top is False else int(top))
+        max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+        out = []
+        for ids in prompts:
+            if len(ids) >= self.context:
+                raise RequestError(f"The prompt is {len(ids)} tokens; this model's context is {self.context}.",
+                                   "prompt")
+            out.append(DecodeRequest(
+                prompt_ids=ids, max_tokens=min(256 if max_tokens is None else int(max_tokens), self.context - len(ids)),
+                temperature=1.0 if body.get("temperature") is None else float(body["temperature"]),
+                top_p=1.0 if body.get("top_p") is None else float(body["top_p"]), seed=body.get("seed"), stop=stop,
+                top_logprobs=None if top is None or top is False else int(top), echo=bool(body.get("echo"))))
+        return out
 
-    def run(self, request: DecodeRequest, cancelled: threading.Event | None = None) -> Iterator[Step | Finish]:
+    def run(self, request: DecodeRequest, cancelled: threading.Event | None = None) -> Iterator[Echo | Step | Finish]:
         with self.lock:
             yield from decode(self.model, self.tokenizer, request, self.end_ids, cancelled)
 
@@ -214,27 +275,41 @@ class Engine:
         entry["top_logprobs"] = [self._entry(i, lp) for i, lp in step.top]
         return entry
 
-    def completion_logprobs(self, steps: list[Step], offset: int) -> dict:
-        tokens = [self._entry(s.token_id, s.logprob) for s in steps]
-        offsets, at = [], offset
-        for s in steps:
-            offsets.append(at)
-            at += len(s.delta)
-        return {"tokens": [t["token"] for t in tokens], "token_logprobs": [t["logprob"] for t in tokens],
-                "top_logprobs": [{self._entry(i, lp)["token"]: lp for i, lp in s.top} for s in steps],
-                "text_offset": offsets}
+    def scored(self, token_id: int, logprob: float | None, top: list[tuple[int, float]]) -> Scored:
+        return Scored(self.id_bytes.get(token_id, b""), logprob, [(self.id_bytes.get(i, b""), lp) for i, lp in top])
+
+    def echoed(self, echo: Echo) -> list[Scored]:
+        return [self.scored(*entry) for entry in zip(echo.token_ids, echo.logprobs, echo.top)]
+
+    def legacy_choice(self, index: int, items: list, request: DecodeRequest) -> tuple[dict, int]:
+        """A legacy completion choice and its number of generated tokens (an end token counts)."""
+        echo = next((i for i in items if isinstance(i, Echo)), None)
+        steps = [i for i in items if isinstance(i, Step)]
+        echoed = self.echoed(echo) if echo else []
+        generated = [self.scored(s.token_id, s.logprob, s.top) for s in steps if s.token_id != TEXT_ONLY]
+        finish = next(i for i in items if isinstance(i, Finish))
+        k = request.top_logprobs
+        choice = {"index": index, "text": spelled(echoed)[0] + "".join(s.delta for s in steps),
+                  "finish_reason": finish.reason,
+                  "logprobs": None if k is None else legacy_logprobs(echoed + generated, k)}
+        return choice, len(generated)
 
 
-def _usage(finish: Finish) -> dict:
-    return {"prompt_tokens": finish.prompt_tokens, "completion_tokens": finish.completion_tokens,
-            "total_tokens": finish.prompt_tokens + finish.completion_tokens}
+def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
 
 
-def create_engine_app(engine: Engine) -> FastAPI:
+def create_engine_app(engine: Engine, key: str | None = None) -> FastAPI:
+    """The engine's HTTP API; with `key`, every route but /health wants `Bearer <key>`."""
     app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
 
-    def error(message: str, status: int = 400) -> JSONResponse:
-        return JSONResponse({"error": {"message": message, "type": "invalid_request_error"}}, status_code=status)
+    @app.middleware("http")
+    async def guard(request: Request, call_next):
+        given = request.headers.get("authorization", "").encode()
+        if key and request.url.path != "/health" and not secrets.compare_digest(given, f"Bearer {key}".encode()):
+            return openai_error(401, "Invalid API key.", kind="authentication_error", code="invalid_api_key")
+        return await call_next(request)
 
     @app.get("/health")
     async def health() -> dict:
@@ -258,38 +333,51 @@ def create_engine_app(engine: Engine) -> FastAPI:
         threading.Thread(target=work, daemon=True).start()
         return queue, cancelled
 
+    async def collect(request: DecodeRequest) -> list:
+        queue, _ = await steps_of(request)
+        items = []
+        while (item := await queue.get()) is not None:
+            if isinstance(item, Exception):
+                raise item
+            items.append(item)
+        return items
+
+    def chat_choice(items: list, request: DecodeRequest) -> tuple[dict, int]:
+        steps = [i for i in items if isinstance(i, Step) and not i.end]  # llama.cpp's chat lists no end token
+        finish = next(i for i in items if isinstance(i, Finish))
+        logprobs = None
+        if request.top_logprobs is not None:
+            logprobs = {"content": [engine.chat_logprobs(s) for s in steps if s.token_id != TEXT_ONLY]}
+        return {"index": 0, "message": {"role": "assistant", "content": "".join(s.delta for s in steps)},
+                "finish_reason": finish.reason, "logprobs": logprobs}, finish.completion_tokens
+
     async def answer(body: dict, chat: bool):
         try:
-            request = engine.request(body, chat)
+            requests = engine.requests(body, chat)
         except (ValueError, TypeError) as exc:
-            return error(str(exc))
-        queue, cancelled = await steps_of(request)
+            return openai_error(400, str(exc), param=getattr(exc, "param", None))
         ident = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         created = int(time.time())
         kind = "chat.completion" if chat else "text_completion"
         if body.get("stream"):
+            if len(requests) > 1 or requests[0].echo:
+                return openai_error(400, "Streaming takes one prompt, without echo.", param="stream")
             include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-            return StreamingResponse(_stream(queue, cancelled, chat, ident, created, include_usage, request),
+            queue, cancelled = await steps_of(requests[0])
+            return StreamingResponse(_stream(queue, cancelled, chat, ident, created, include_usage, requests[0]),
                                      media_type="text/event-stream")
-        steps: list[Step] = []
-        while (item := await queue.get()) is not None:
-            if isinstance(item, Exception):
-                return error(f"generation failed: {type(item).__name__}", 500)
-            if isinstance(item, Step):
-                steps.append(item)
-            else:
-                finish = item
-        text = "".join(s.delta for s in steps)
-        real = [s for s in steps if s.token_id != TEXT_ONLY]
-        if chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish.reason,
-                      "logprobs": {"content": [engine.chat_logprobs(s) for s in real]}
-                      if request.top_logprobs is not None else None}
-        else:
-            choice = {"index": 0, "text": text, "finish_reason": finish.reason,
-                      "logprobs": engine.completion_logprobs(real, 0) if request.top_logprobs is not None else None}
+        choices, completion_tokens = [], 0
+        for index, request in enumerate(requests):
+            try:
+                items = await collect(request)
+            except Exception as exc:  # noqa: BLE001 — reported to the client as a server error
+                return openai_error(500, f"generation failed: {type(exc).__name__}", kind="server_error")
+            choice, generated = chat_choice(items, request) if chat else engine.legacy_choice(index, items, request)
+            choices.append(choice)
+            completion_tokens += generated
+        usage = _usage(sum(len(r.prompt_ids) for r in requests), completion_tokens)
         return JSONResponse({"id": ident, "object": kind, "created": created, "model": engine.model_id,
-                             "choices": [choice], "usage": _usage(finish)})
+                             "choices": choices, "usage": usage})
 
     async def _stream(queue: asyncio.Queue, cancelled: threading.Event, chat: bool, ident: str, created: int, include_usage: bool,
                       request: DecodeRequest):
@@ -304,7 +392,7 @@ def create_engine_app(engine: Engine) -> FastAPI:
         try:
             if chat:
                 yield chunk([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
-            offset = 0
+            offset, ended = 0, 0
             while (item := await queue.get()) is not None:
                 if isinstance(item, Exception):
                     yield b'data: {"error": {"message": "generation failed", "type": "server_error"}}\n\n'
@@ -312,19 +400,23 @@ def create_engine_app(engine: Engine) -> FastAPI:
                 if isinstance(item, Step):
                     wants = request.top_logprobs is not None and item.token_id != TEXT_ONLY
                     if chat:
+                        if item.end:
+                            continue
                         logprobs = {"content": [engine.chat_logprobs(item)]} if wants else None
                         yield chunk([{"index": 0, "delta": {"content": item.delta}, "logprobs": logprobs,
                                       "finish_reason": None}])
                     else:
-                        logprobs = engine.completion_logprobs([item], offset) if wants else None
+                        ended += item.end
+                        scored = engine.scored(item.token_id, item.logprob, item.top)
+                        logprobs = legacy_logprobs([scored], request.top_logprobs, offset) if wants else None
                         yield chunk([{"index": 0, "text": item.delta, "logprobs": logprobs, "finish_reason": None}])
                     offset += len(item.delta)
-                else:
+                elif isinstance(item, Finish):
                     last = {"index": 0, "finish_reason": item.reason}
                     last.update({"delta": {}} if chat else {"text": ""})
                     yield chunk([last])
                     if include_usage:
-                        yield chunk([], _usage(item))
+                        yield chunk([], _usage(item.prompt_tokens, item.completion_tokens + ended))
             yield b"data: [DONE]\n\n"
         finally:  # the client went away (or we are done): stop decoding, free the engine
             cancelled.set()
@@ -341,17 +433,16 @@ def create_engine_app(engine: Engine) -> FastAPI:
 
 
 def start_hf_engine(folder: Path, *, alias: str, threads: int = 2, host: str = "127.0.0.1",
-                    ready_timeout_s: float = 300.0):
-    """Start the engine in a child process; returns once the model is loaded (/health 200)."""
-    import os
-
+                    ready_timeout_s: float = 300.0, api_key: str | None = None):
+    """Start the engine in a child process; returns once the model is loaded (/health 200).
+    With `api_key` (passed through the environment) it answers only `Bearer <api_key>`."""
     from edgedistill.models.llamacpp import spawn_server
     from edgedistill.net import free_port
 
     port = free_port()
     command = [sys.executable, "-m", "edgedistill.serve.hf_engine", str(folder), "--host", host, "--port", str(port),
                "--threads", str(threads), "--alias", alias, "--parent", str(os.getpid())]
-    return spawn_server(command, host, port, f"{folder}: transformers", ready_timeout_s)
+    return spawn_server(command, host, port, f"{folder}: transformers", ready_timeout_s, api_key)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -359,7 +450,7 @@ def main(argv: list[str] | None = None) -> int:
     import uvicorn
 
     from edgedistill.errors import UserError
-    from edgedistill.models.llamacpp import exit_with_parent
+    from edgedistill.models.llamacpp import ENGINE_KEY_ENV, exit_with_parent
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("folder", type=Path)
@@ -376,7 +467,8 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    uvicorn.run(create_engine_app(engine), host=args.host, port=args.port, log_level="warning", access_log=False)
+    key = os.environ.pop(ENGINE_KEY_ENV, None)
+    uvicorn.run(create_engine_app(engine, key), host=args.host, port=args.port, log_level="warning", access_log=False)
     return 0
 
 

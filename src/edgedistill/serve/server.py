@@ -1,15 +1,19 @@
-"""`edgedistill serve RUN|MODEL.gguf`: pick the model file, refuse unsafe settings, start
-llama.cpp and the front (uvicorn), and stop both together."""
+"""`edgedistill serve RUN|MODEL.gguf`: pick the model file, refuse unsafe settings, take the
+port, start the engine (llama.cpp or transformers, each with a random key of its own) and the
+front (uvicorn), and stop both together."""
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import secrets
+import socket
 from pathlib import Path
 from typing import NamedTuple
 
 from edgedistill.errors import UserError
-from edgedistill.net import is_loopback
+from edgedistill.net import bind_listener, host_url, is_loopback
 from edgedistill.recipe import GGUF_TYPES
 
 # The file a run serves by default: small, and near-lossless for small models (docs/BENCHMARKS.md).
@@ -72,36 +76,62 @@ def api_key(env_name: str | None, host: str) -> str | None:
     key = os.environ.get(env_name) if env_name else None
     if env_name and not key:
         raise UserError(f"--api-key-env: environment variable {env_name} is not set")
-    if not key and not is_loopback(f"http://{host}"):
+    if not key and not is_loopback(host_url(host)):
         raise UserError(f"--host {host}: the server would be reachable from other machines — set an API key "
                         "with --api-key-env NAME (or keep the default host 127.0.0.1)")
     return key
 
 
+def listen(host: str, port: int) -> socket.socket:
+    """The front's socket, taken before the model loads: a busy port is one line at once, not
+    uvicorn's `[Errno 98]` after the model has loaded (issue #20)."""
+    try:
+        return bind_listener(host, port)
+    except socket.gaierror:
+        raise UserError(f"--host {host}: not a host name or address this machine can resolve") from None
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            raise UserError(f"--port {port}: {host_url(host, port)} is already in use — stop what listens there "
+                            "or choose another --port") from None
+        if exc.errno == errno.EADDRNOTAVAIL:
+            raise UserError(f"--host {host}: not an address of this machine") from None
+        raise UserError(f"cannot listen on {host_url(host, port)}: {exc.strerror}") from None
+
+
 def run_server(target: str, *, host: str = "127.0.0.1", port: int = 8000, api_key_env: str | None = None,
                engine: str = "auto", parallel: int = 2, queue_size: int = 16, max_tokens: int = 2048,
-               context_per_slot: int = 4096, threads: int = 2, log_content: bool = False) -> None:
+               context_per_slot: int = 4096, threads: int = 2, log_content: bool = False,
+               exact: bool = False) -> None:
     import uvicorn
 
     from edgedistill.serve.app import ServeSettings, create_app
 
     key = api_key(api_key_env, host)
     served = resolve_model(target, engine)
+    listener = listen(host, port)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    if served.engine == "llamacpp":
-        from edgedistill.models.llamacpp import start_llamacpp_server
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per engine call: echo makes one per token
+    engine_key = secrets.token_urlsafe(32)  # the engine's own: only the front can reach it
+    try:
+        if served.engine == "llamacpp":
+            from edgedistill.models.llamacpp import start_llamacpp_server
 
-        runtime = start_llamacpp_server(served.path, parallel=parallel, ctx_per_slot=context_per_slot,
-                                        threads=threads, alias=served.model_id)
-    else:  # one request computes at a time in the transformers engine; the rest wait in the front's queue
-        from edgedistill.serve.hf_engine import start_hf_engine
+            runtime = start_llamacpp_server(served.path, parallel=parallel, ctx_per_slot=context_per_slot,
+                                            threads=threads, alias=served.model_id, exact=exact, api_key=engine_key)
+        else:  # one request computes at a time in the transformers engine; the rest wait in the front's queue
+            from edgedistill.serve.hf_engine import start_hf_engine
 
-        runtime = start_hf_engine(served.path, alias=served.model_id, threads=threads)
-        queue_size, parallel = queue_size + parallel - 1, 1
-    with runtime:
-        settings = ServeSettings(model_id=served.model_id, upstream=f"http://{runtime.host}:{runtime.port}",
-                                 api_key=key, max_tokens_cap=max_tokens, parallel=parallel, queue_size=queue_size,
+            runtime = start_hf_engine(served.path, alias=served.model_id, threads=threads, api_key=engine_key)
+            queue_size, parallel = queue_size + parallel - 1, 1
+    except BaseException:
+        listener.close()
+        raise
+    with runtime, listener:
+        settings = ServeSettings(model_id=served.model_id, upstream=host_url(runtime.host, runtime.port),
+                                 api_key=key, engine=served.engine, upstream_key=runtime.api_key,
+                                 max_tokens_cap=max_tokens, parallel=parallel, queue_size=queue_size,
                                  log_content=log_content)
-        logging.getLogger("edgedistill.serve").info("serving %s (%s, %s) on http://%s:%d", served.model_id,
-                                                    served.path.name, served.engine, host, port)
-        uvicorn.run(create_app(settings), host=host, port=port, log_level="warning", access_log=False)
+        logging.getLogger("edgedistill.serve").info("serving %s (%s, %s) on %s", served.model_id,
+                                                    served.path.name, served.engine, host_url(host, port))
+        config = uvicorn.Config(create_app(settings), log_level="warning", access_log=False)
+        uvicorn.Server(config).run(sockets=[listener])
