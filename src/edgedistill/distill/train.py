@@ -170,6 +170,13 @@ def _checkpoints(folder: Path) -> list[Path]:
     return sorted(done, key=lambda p: int(p.name.split("-")[1]))
 
 
+def _remove_unfinished_checkpoints(folder: Path) -> None:
+    """A process killed while saving (kill -9, power loss) leaves a `.step-N.tmp` folder: never
+    a checkpoint (only a finished one is renamed into place), so it goes before training starts."""
+    for unfinished in folder.glob(".step-*.tmp") if folder.is_dir() else []:
+        shutil.rmtree(unfinished, ignore_errors=True)
+
+
 def _save_checkpoint(accelerator, folder: Path, totals: Totals) -> None:
     """accelerate state into a temp folder, renamed into place; older checkpoints removed."""
     name = f"step-{totals.steps}"
@@ -178,10 +185,16 @@ def _save_checkpoint(accelerator, folder: Path, totals: Totals) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp), safe_serialization=True)
-    accelerator.wait_for_everyone()
+    try:
+        accelerator.save_state(str(tmp), safe_serialization=True)
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            (tmp / "totals.json").write_text(json.dumps(asdict(totals)), encoding="utf-8")
+    except BaseException:  # a signal or a full disk mid-save: the unfinished folder goes
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if accelerator.is_main_process:
-        (tmp / "totals.json").write_text(json.dumps(asdict(totals)), encoding="utf-8")
         shutil.rmtree(folder / name, ignore_errors=True)
         os.replace(tmp, folder / name)
         for old in _checkpoints(folder):
@@ -381,6 +394,8 @@ def train_student(recipe: Recipe, run: RunDir, ledger: Ledger, examples: list[Ex
     end_ids = end_of_turn_ids(accelerator.unwrap_model(model), tokenizer)
 
     totals = Totals()
+    if accelerator.is_main_process:
+        _remove_unfinished_checkpoints(checkpoints)
     if done := _checkpoints(checkpoints):
         accelerator.load_state(str(done[-1]))
         totals = Totals(**json.loads((done[-1] / "totals.json").read_text(encoding="utf-8")))
