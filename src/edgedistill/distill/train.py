@@ -170,10 +170,11 @@ def _checkpoints(folder: Path) -> list[Path]:
     return sorted(done, key=lambda p: int(p.name.split("-")[1]))
 
 
-def _remove_unfinished_checkpoints(folder: Path) -> None:
+def _remove_unfinished_checkpoints(root: Path) -> None:
     """A process killed while saving (kill -9, power loss) leaves a `.step-N.tmp` folder: never
-    a checkpoint (only a finished one is renamed into place), so it goes before training starts."""
-    for unfinished in folder.glob(".step-*.tmp") if folder.is_dir() else []:
+    a checkpoint (only a finished one is renamed into place), so any under the run's checkpoint
+    folders (one per training settings) goes before training starts."""
+    for unfinished in root.glob("*/.step-*.tmp") if root.is_dir() else []:
         shutil.rmtree(unfinished, ignore_errors=True)
 
 
@@ -395,7 +396,7 @@ def train_student(recipe: Recipe, run: RunDir, ledger: Ledger, examples: list[Ex
 
     totals = Totals()
     if accelerator.is_main_process:
-        _remove_unfinished_checkpoints(checkpoints)
+        _remove_unfinished_checkpoints(checkpoints.parent)
     if done := _checkpoints(checkpoints):
         accelerator.load_state(str(done[-1]))
         totals = Totals(**json.loads((done[-1] / "totals.json").read_text(encoding="utf-8")))
