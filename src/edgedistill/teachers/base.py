@@ -29,6 +29,8 @@ class Usage:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     text_only: int = 0  # answers whose tokens did not map onto the local vocabulary
+    reasoning_tokens: int = 0  # trace tokens, part of completion_tokens (the server's count when it gives one)
+    forced_rows: int = 0  # trace/answer tokens a thinking budget forced: stored with CE targets
 
 
 @dataclass(frozen=True)
