@@ -105,15 +105,18 @@ def preflight(recipe: Recipe) -> str:
     """Check the cheap things (seed files, teacher path, architecture, student size) before
     any stage starts, so a typo costs a second and one line, not a half-run. Returns a hash of
     the prompts, so that edited seed files make the stages rerun."""
-    from edgedistill.data.prompts import load_prompts
+    from edgedistill.data.verify import generation_prompts
     from edgedistill.models.families import check_cuttable
     from edgedistill.models.hf import model_shape, resolve_source
 
-    prompts = load_prompts(recipe.generate.seeds, recipe.generate.heldout_fraction, recipe.generate.limit_per_source)
+    prompts = generation_prompts(recipe.generate)
     local = recipe.teacher.local_model
     if recipe.teacher.backend == "openai" and not local:
         raise UserError("teacher.tokenizer: the openai backend needs the local model the student is cut from "
                         "('embedded', a model folder or a .gguf) — its tokenizer also maps the server's tokens")
+    if recipe.teacher.reasoning_budget is not None and recipe.teacher.backend != "llamacpp":
+        raise UserError(f"teacher.reasoning_budget: the {recipe.teacher.backend} backend has no thinking budget of "
+                        "ours — use backend = 'llamacpp', or vLLM's `thinking_token_budget` in teacher.extra_body")
     if recipe.generate.sparse_target == "sampled" and recipe.teacher.backend != "hf":
         raise UserError(f"generate.sparse_target = 'sampled' needs the teacher's full distribution — use "
                         f"teacher.backend = 'hf' (the {recipe.teacher.backend} backend gives top-k only)")
@@ -121,7 +124,9 @@ def preflight(recipe: Recipe) -> str:
         check_cuttable(model_shape(resolve_source(local)), recipe.student.keep_layers)
     if recipe.student.init == "checkpoint":
         resolve_source(recipe.student.model or "")  # the folder exists, is safetensors, a known architecture
-    return hashlib.sha256("".join(sorted(f"{p.id}:{p.split}" for p in prompts)).encode()).hexdigest()[:16]
+    # A reference edited in a task file reselects the verified answers (plain prompts hash as before).
+    keys = (f"{p.id}:{p.split}" + (f":{p.reference}" if p.reference is not None else "") for p in prompts)
+    return hashlib.sha256("".join(sorted(keys)).encode()).hexdigest()[:16]
 
 
 def _run_stage(stage: Stage, recipe: Recipe, run: RunDir, ledger: Ledger, fingerprint: str) -> None:
