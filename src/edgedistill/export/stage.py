@@ -30,6 +30,7 @@ from edgedistill.export.verify import (
     speed,
     teacher_forced,
 )
+from edgedistill.models.reasoning import model_style
 from edgedistill.recipe import GGUF_TYPES, Recipe
 from edgedistill.run import Ledger, RunDir, atomic_write_text
 
@@ -116,7 +117,7 @@ def run_export(recipe: Recipe, run: RunDir, ledger: Ledger) -> dict[str, float]:
     small = next((t for t in ("q8_0", "q4_k_m", "q5_k_m", "q6_k", "q4_0") if t in types), types[-1])
     template = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else None
     write_modelfile(run.export_dir, f"{recipe.run.name}-{small}.gguf", template,
-                    [tokenizer.eos_token] if tokenizer.eos_token else [])
+                    [tokenizer.eos_token] if tokenizer.eos_token else [], style=model_style(source, tokenizer))
     table = _markdown(rows, parity, reference)
     atomic_write_text(run.export_dir / "export.md", f"# GGUF export — run `{recipe.run.name}`\n\n{table}")
     write_model_card(recipe, run, ledger, table)

@@ -89,10 +89,11 @@ def run_server(target: str, *, host: str = "127.0.0.1", port: int = 8000, api_ke
     served = resolve_model(target, engine)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if served.engine == "llamacpp":
-        from edgedistill.models.llamacpp import start_llamacpp_server
+        from edgedistill.models.llamacpp import ReasoningOptions, start_llamacpp_server
 
+        # A thinking template's trace comes back in `reasoning_content`, apart from the answer.
         runtime = start_llamacpp_server(served.path, parallel=parallel, ctx_per_slot=context_per_slot,
-                                        threads=threads, alias=served.model_id)
+                                        threads=threads, alias=served.model_id, reasoning=ReasoningOptions("deepseek"))
     else:  # one request computes at a time in the transformers engine; the rest wait in the front's queue
         from edgedistill.serve.hf_engine import start_hf_engine
 
