@@ -278,7 +278,9 @@ def _piece(entry: dict) -> str:
 def _forced(entry: dict) -> bool:
     """A token the sampler did not choose: the server lists alternatives and the token is not
     among them. A thinking budget forces its message and `</think>`; llama.cpp reports the
-    model's own log-prob for them (-7.24 for a forced `</think>`, measured), vLLM e.g. -20.6."""
+    model's own log-prob for them (-7.24 for a forced `</think>`, measured), vLLM e.g. -20.6. A
+    grammar forces tokens the same way; a token sampled from beyond the listed top-k (temperature
+    > 0, rare at k = 20) is treated alike."""
     alternatives = entry.get("top_logprobs") or []
     key = "id" if isinstance(entry.get("id"), int) else "token"
     return bool(alternatives) and all(alt.get(key) != entry.get(key) for alt in alternatives)
@@ -292,11 +294,11 @@ def _masked(entry: dict) -> dict:
 def _cut_by_text(pieces: list[str], reasoning: str, answer: str) -> int | None:
     """The entry index where the trace ends when the entries spell the trace, then the answer,
     with no delimiter between (Ollama's parser drops the tags from its text)."""
-    spelt = "".join(pieces).replace(STAND_IN, "")
     joined = ""
     for i, piece in enumerate(pieces):
         joined += piece
-        if joined.strip() == reasoning.strip() and spelt[len(joined):].strip() == answer.strip():
+        if joined.strip() == reasoning.strip() and \
+                "".join(pieces[i + 1:]).replace(STAND_IN, "").strip() == answer.strip():
             return i + 1
     return None
 
