@@ -68,6 +68,22 @@ def test_the_hf_teacher_splits_its_trace_with_both_targets(chain_dir, tmp_path):
     assert row["reasoning_ids"] == trace and len(row["reasoning_topk_ids"]) == len(trace)
 
 
+def test_thinking_off_is_all_answer_even_when_the_template_opens_the_trace(reasoning_dirs):
+    from edgedistill.models.hf import generate_batch, load_causal_lm
+    from edgedistill.models.reasoning import template_style
+
+    model, tok, _ = load_causal_lm(str(reasoning_dirs["r1"]))
+    assert template_style(tok).opened
+    [on] = generate_batch(model, tok, [QUESTION], max_new_tokens=6, temperature=0.0, top_k_logprobs=None)
+    [off] = generate_batch(model, tok, [QUESTION], max_new_tokens=6, temperature=0.0, top_k_logprobs=None,
+                           thinking=False)
+    # A random model never closes the trace it was opened in: with thinking on all of it is trace;
+    # off, the prompt ends with the empty block and what follows is the answer.
+    assert on.text == "" and len(on.reasoning_ids) > 0 and not on.finished
+    assert off.reasoning is None and off.reasoning_ids == [] and off.text and off.generated_tokens == 6
+    assert tok.decode(off.prompt_ids).endswith("<think>\n\n</think>\n\n")
+
+
 def test_the_transformers_server_returns_the_trace_in_reasoning_content(chain_dir):
     folder, _, _ = chain_dir
     server = ServeProcess(str(folder), "--engine", "transformers")

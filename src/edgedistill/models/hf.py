@@ -394,7 +394,7 @@ def generate_batch(model, tokenizer, batch: list[Messages], *, max_new_tokens: i
             completion.topk_ids = torch.stack([s[0][row] for s in steps[:end]]).numpy().astype(np.int32)
             completion.topk_logprobs = torch.stack([s[1][row] for s in steps[:end]]).numpy().astype(np.float16)
             completion.tail_logprobs = torch.stack([s[2][row] for s in steps[:end]]).numpy().astype(np.float32)
-        if style is not None:
+        if style is not None and thinking:  # thinking off: the prompt closed the trace, all of it is answer
             _split_reasoning(completion, tokens, tokenizer, style)
         completions.append(completion)
     return completions
