@@ -168,7 +168,8 @@ def print_usage(ledger: Ledger) -> None:
         if stage != "generate":
             continue
         counts = [int(values.get(name, 0)) for name in ("requests", "retries", "failures")]
-        tokens = [f"{int(values.get(name, 0)):,}" for name in ("prompt_tokens", "completion_tokens", "reasoning_tokens")]
+        tokens = [f"{int(values.get(name, 0)):,}"
+                  for name in ("prompt_tokens", "completion_tokens", "reasoning_tokens")]
         table.add_row(teacher_id, *map(str, counts), *tokens, f"{values.get('cost_usd', 0.0):.4f}")
     console.print(table)
 

@@ -220,7 +220,8 @@ def _load_teacher(recipe: Recipe):
     return model, tokenizer
 
 
-def _examples(recipe: Recipe, run: RunDir, student_tokenizer, same_vocab: bool) -> tuple[list[Example], ReasoningTargets]:
+def _examples(recipe: Recipe, run: RunDir, student_tokenizer, same_vocab: bool
+              ) -> tuple[list[Example], ReasoningTargets]:
     """Stored ids and targets with the same vocabulary, else the teacher's text through the
     student's own tokenizer and chat template; samples with a trace in train.reasoning's form."""
     examples, targets = build_examples(load_distill_set(run, split="train"), recipe.train, student_tokenizer,

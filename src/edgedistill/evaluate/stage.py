@@ -53,7 +53,8 @@ def model_paths(recipe: Recipe, run: RunDir) -> dict[str, tuple[str, Path]]:
 
 
 def evaluate_model(model, tokenizer, samples: list[Sample], tasks: dict[str, list[TaskItem]],
-                   recipe: Recipe, reasoning: ReasoningStyle | None | bool = False) -> tuple[dict[str, float], list[str]]:
+                   recipe: Recipe, reasoning: ReasoningStyle | None | bool = False
+                   ) -> tuple[dict[str, float], list[str]]:
     """`reasoning`: False, or the model's trace form (None: it has none) to score every eval set
     with thinking on and off (evaluate/reasoning.py)."""
     cfg = recipe.evaluate
@@ -67,9 +68,9 @@ def evaluate_model(model, tokenizer, samples: list[Sample], tasks: dict[str, lis
         scores = score_task(model, tokenizer, tasks[task.name], task.max_new_tokens, cfg.batch_size)
         metrics |= {f"task_{task.name}_{key}": value for key, value in scores.items()}
         if reasoning is not False:
-            thinking = reasoning_metrics(model, tokenizer, tasks[task.name], max_new_tokens_on=cfg.reasoning_max_new_tokens,
-                                         max_new_tokens_off=task.max_new_tokens, batch_size=cfg.batch_size,
-                                         style=reasoning)
+            thinking = reasoning_metrics(model, tokenizer, tasks[task.name], batch_size=cfg.batch_size, style=reasoning,
+                                         max_new_tokens_on=cfg.reasoning_max_new_tokens,
+                                         max_new_tokens_off=task.max_new_tokens)
             metrics |= {f"reasoning_{task.name}_{key}": value for key, value in thinking.items()}
     metrics["parameters"] = count_parameters(model)
     metrics["eval_seconds"] = time.perf_counter() - started

@@ -150,7 +150,8 @@ def start_llamacpp_server(gguf: Path, *, port: int | None = None, host: str = "1
     port = port or free_port()
     command = [sys.executable, "-m", "edgedistill.models.llamacpp", str(gguf), "--host", host, "--port", str(port),
                "--parallel", str(parallel), "--ctx-per-slot", str(ctx_per_slot), "--threads", str(threads),
-               "--alias", alias, "--parent", str(os.getpid())] + (["--exact"] if exact else []) + (reasoning or ReasoningOptions()).args()
+               "--alias", alias, "--parent", str(os.getpid())] + (["--exact"] if exact else [])
+    command += (reasoning or ReasoningOptions()).args()
     return spawn_server(command, host, port, f"{gguf}: llama.cpp", ready_timeout_s)
 
 

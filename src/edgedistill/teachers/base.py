@@ -57,6 +57,12 @@ class Teacher(Protocol):
     def chat(self, batch: list[Messages], sampling: Sampling | None = None) -> list[Completion | None]: ...
 
 
+def template_kwargs(cfg: TeacherCfg) -> dict | None:
+    """What the chat template is told besides the messages: gpt-oss's reads `reasoning_effort`
+    (its system turn says 'Reasoning: low'), so prompt ids follow the recipe's effort."""
+    return {"reasoning_effort": cfg.reasoning_effort} if cfg.reasoning_effort else None
+
+
 TeacherFactory = Callable[[TeacherCfg, GenerateCfg], Teacher]
 _BACKENDS: dict[str, TeacherFactory] = {}
 

@@ -15,7 +15,7 @@ import time
 
 from edgedistill.models.hf import Completion, Messages, generate_batch, load_causal_lm
 from edgedistill.recipe import GenerateCfg, TeacherCfg
-from edgedistill.teachers.base import Sampling, Usage, register_backend
+from edgedistill.teachers.base import Sampling, Usage, register_backend, template_kwargs
 
 
 class HFTeacher:
@@ -27,8 +27,7 @@ class HFTeacher:
         self.model_id = source.model_id
         self.gen_cfg = gen_cfg
         self.usage = Usage()
-        # gpt-oss's chat template reads the effort (`Reasoning: low` in its system turn).
-        self.template_kwargs = {"reasoning_effort": teacher_cfg.reasoning_effort} if teacher_cfg.reasoning_effort else None
+        self.template_kwargs = template_kwargs(teacher_cfg)
         self.load_seconds = time.perf_counter() - started
         logging.getLogger(__name__).info("loaded %s in %.1f s", self.model_id, self.load_seconds)
 

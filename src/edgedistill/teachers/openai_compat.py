@@ -46,7 +46,7 @@ from edgedistill.models.reasoning import (
 from edgedistill.models.vocab import VocabMap
 from edgedistill.net import is_loopback
 from edgedistill.recipe import TOP_LOGPROBS_CAP, GenerateCfg, TeacherCfg
-from edgedistill.teachers.base import Sampling, Usage, register_backend
+from edgedistill.teachers.base import Sampling, Usage, register_backend, template_kwargs
 
 RETRY_STATUS = frozenset({408, 409, 425, 429})  # plus every 5xx
 # Log-prob of the buckets a short top list does not fill: zero mass (the KD losses skip p = 0
@@ -352,8 +352,7 @@ class OpenAITeacher:
         self.tokenizer = load_tokenizer(teacher_cfg.tokenizer)
         self.vocab = VocabMap(self.tokenizer)
         self.rng = random.Random(0)
-        # gpt-oss's template writes the effort into the system turn: the local prompt ids follow it.
-        self.template_kwargs = {"reasoning_effort": teacher_cfg.reasoning_effort} if teacher_cfg.reasoning_effort else None
+        self.template_kwargs = template_kwargs(teacher_cfg)
         self.on_close: list = []  # e.g. stop the server the llamacpp backend started
 
     def close(self) -> None:
