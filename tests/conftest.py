@@ -55,6 +55,76 @@ def build_tiny_tokenizer():
     return fast
 
 
+# Reasoning templates on the tiny vocabulary (tests of traces). Qwen3's assistant branch: the last
+# assistant turn renders its trace (`reasoning_content`, or split from the content at </think>)
+# as <think>\n…\n</think>\n\n, which is what llama.cpp's template analysis detects as a thinking
+# template (measured with xllamacpp 2026.10: "reasoning_mode: TAG_BASED"); `enable_thinking=false`
+# prefills an empty block. R1's generation prompt opens the trace itself.
+QWEN3_THINK = (
+    "{% for m in messages %}"
+    "{% if m['role'] == 'assistant' %}"
+    "{% set content = m['content'] or '' %}"
+    "{% set reasoning = m['reasoning_content'] if m['reasoning_content'] is defined and m['reasoning_content'] is string else '' %}"
+    "{% if not reasoning and '</think>' in content %}"
+    "{% set reasoning = content.split('</think>')[0].split('<think>')[-1].strip('\\n') %}"
+    "{% set content = content.split('</think>')[-1].lstrip('\\n') %}"
+    "{% endif %}"
+    "{% if loop.last and reasoning %}"
+    "<|im_start|>assistant\n<think>\n{{ reasoning }}\n</think>\n\n{{ content }}<|im_end|>\n"
+    "{% else %}"
+    "<|im_start|>assistant\n{{ content }}<|im_end|>\n"
+    "{% endif %}"
+    "{% else %}"
+    "<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}"
+    "<|im_start|>assistant\n"
+    "{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n{% endif %}"
+    "{% endif %}"
+)
+R1_THINK = QWEN3_THINK.replace(
+    "{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n{% endif %}",
+    "{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n"
+    "{% else %}<think>\n{% endif %}")
+HARMONY_SPECIALS = ["<|start|>", "<|end|>", "<|message|>", "<|channel|>", "<|return|>", "<|call|>", "<|constrain|>"]
+# gpt-oss's harmony layout (openai/gpt-oss chat template, shortened): the effort in the system turn,
+# earlier assistant turns as `final` only, the last one's `thinking` as the analysis channel.
+HARMONY_TEMPLATE = (
+    "<|start|>system<|message|>You are a tiny model.\nReasoning: {{ reasoning_effort | default('medium') }}\n\n"
+    "# Valid channels: analysis, commentary, final. Channel must be included for every message.<|end|>"
+    "{% for m in messages %}"
+    "{% if m['role'] == 'user' %}<|start|>user<|message|>{{ m['content'] }}<|end|>"
+    "{% elif m['role'] == 'assistant' %}"
+    "{% if loop.last and not add_generation_prompt and m.get('thinking') %}"
+    "<|start|>assistant<|channel|>analysis<|message|>{{ m['thinking'] }}<|end|>{% endif %}"
+    "<|start|>assistant<|channel|>final<|message|>{{ m['content'] }}"
+    "{% if loop.last and not add_generation_prompt %}<|return|>{% else %}<|end|>{% endif %}"
+    "{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|start|>assistant{% endif %}")
+
+
+def build_tiny_think_tokenizer(style: str = "qwen3"):
+    """The tiny tokenizer with <think> (id 400) and </think> (id 401) as added, non-special tokens
+    (as in Qwen3: they survive skip_special_tokens) and a thinking template."""
+    from tokenizers import AddedToken
+
+    tok = build_tiny_tokenizer()
+    tok.add_tokens([AddedToken("<think>", special=False, normalized=False),
+                    AddedToken("</think>", special=False, normalized=False)])
+    tok.chat_template = {"qwen3": QWEN3_THINK, "r1": R1_THINK}[style]
+    return tok
+
+
+def build_tiny_harmony_tokenizer():
+    """The tiny tokenizer with gpt-oss's harmony special tokens (ids 400-406), ending on <|return|>."""
+    tok = build_tiny_tokenizer()
+    tok.add_special_tokens({"additional_special_tokens": HARMONY_SPECIALS})
+    tok.chat_template = HARMONY_TEMPLATE
+    tok.eos_token = "<|return|>"
+    return tok
+
+
 def build_tiny_spm_tokenizer():
     """A SentencePiece-style BPE (Llama 2 layout: ▁ for spaces, byte fallback <0x..>), ~960 ids."""
     import json
@@ -125,6 +195,46 @@ def tiny_f32_gguf(tiny_teacher_dir, tmp_path_factory) -> Path:
     from edgedistill.export.gguf import export_gguf
 
     return export_gguf(tiny_teacher_dir, tmp_path_factory.mktemp("gguf") / "tiny-f32.gguf", "f32", name="tiny").path
+def build_chain_model(tokenizer, chain: list[int], start: int, hidden: int = 64):
+    """A Llama whose greedy answer is `chain`, whatever the prompt ends with `start`: its blocks add
+    nothing (attention and MLP output projections zero), so the next token depends on the current
+    one only, and the LM head row of each chain token is the normed embedding of the token before
+    it (score H = 64 there, against ~N(0, 64) for unrelated rows). Tokens may not repeat."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    assert len(set(chain)) == len(chain) and start not in chain
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(
+        "llama", vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=hidden, num_hidden_layers=1,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    model = AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        embed = model.model.embed_tokens.weight
+        normed = embed / embed.pow(2).mean(-1, keepdim=True).add(config.rms_norm_eps).sqrt()
+        head = torch.zeros_like(model.lm_head.weight)
+        for before, token in zip([start, *chain[:-1]], chain):
+            head[token] = normed[before]
+        model.lm_head.weight.copy_(head)
+    return model
+
+
+@pytest.fixture(scope="session")
+def reasoning_dirs(tmp_path_factory) -> dict[str, Path]:
+    """Tiny random Llama folders whose tokenizers write traces: 'qwen3' and 'r1' (<think> tags,
+    the latter opening the trace in its generation prompt) and 'harmony' (gpt-oss's markers)."""
+    built = {"qwen3": build_tiny_think_tokenizer("qwen3"), "r1": build_tiny_think_tokenizer("r1"),
+             "harmony": build_tiny_harmony_tokenizer()}
+    folders = {}
+    for name, tokenizer in built.items():
+        folders[name] = tmp_path_factory.mktemp(f"tiny-{name}")
+        build_tiny_model(tokenizer).save_pretrained(folders[name], safe_serialization=True)
+        tokenizer.save_pretrained(folders[name])
+    return folders
 
 
 def tiny_recipe_for(teacher_dir: Path, runs_dir: Path):

@@ -49,3 +49,34 @@ def test_toml_round_trip_and_fingerprints():
     changed = build_recipe(tomllib.loads(recipe.to_toml()), "<t>", ["train.epochs=9"])
     assert changed.fingerprint("generate") == recipe.fingerprint("generate")
     assert changed.fingerprint("train") != recipe.fingerprint("train")
+
+
+def test_runs_made_before_reasoning_settings_keep_their_fingerprints():
+    # Computed with the code of commit fab01b8, before the reasoning settings existed: new fields
+    # at their defaults change no stage fingerprint and no stored-answer key, so old runs resume.
+    from edgedistill.data.generate import generation_settings
+
+    before = {"demo_tiny": ("e582dae753c20e8f", "b75fb2a0293fbf72", "774e7a30b9bbfecd", "79b46fffef0b6b1f",
+                            "6b898e422dfa7efd"),
+              "remote_teacher": ("c5c0881c2302e4d0", "9dccf478dd38eb5e", "52a205c0ddda56b3", "c38e3a5f72d68a2b",
+                                 "d6e43dcacda0597e")}
+    for name, (settings, *sections) in before.items():
+        recipe = bundled_recipe(name)
+        assert generation_settings(recipe) == settings
+        assert [recipe.fingerprint(s) for s in ("teacher", "generate", "train", "evaluate")] == sections
+
+
+def test_reasoning_settings_are_checked():
+    recipe = bundled_recipe("gpt_oss")
+    assert recipe.generate.samples_per_prompt == 4 and recipe.generate.tasks[0].verifier == "numeric"
+    assert recipe.train.reasoning == "budget:512" and recipe.student.init == "checkpoint"
+    for bad, message in ((["generate.samples_per_prompt=2"], "needs temperature > 0"),
+                         (["train.reasoning='budget:0'"], "train.reasoning"),
+                         (["train.reasoning='some'"], "train.reasoning"),
+                         (["generate.tasks=[{path = 'x.jsonl', verifier = 'regex'}]"], "needs a pattern"),
+                         (["generate.tasks=[{path = 'x.jsonl', verifier = 'regex', pattern = '('}]"], "not a valid"),
+                         (["generate.seeds=[]"], "give seed sources or tasks"),
+                         (["generate.self_consistency=true"], "samples_per_prompt >= 2"),
+                         (["teacher.reasoning_effort='max'"], "reasoning_effort")):
+        with pytest.raises(UserError, match=message):
+            build_recipe({}, "<t>", bad)

@@ -145,3 +145,58 @@ def test_instructions_come_back_in_request_then_acceptance_order(tmp_path):
         assert instructions.instructions("S") == [("b", "", "en"), ("a", "", "en"), ("c", "x", "ja"), ("d", "", "en")]
         assert instructions.counts("S") == {"kept": 4, "blacklist": 1} and instructions.counts("U") == {}
         assert (instructions.requests_done("S"), instructions.requests_done("T"), instructions.requests_done("U")) == (2, 1, 0)
+# The samples table as edgedistill wrote it before traces and n answers per prompt (commit fab01b8).
+OLD_SCHEMA = """
+CREATE TABLE samples (
+  key TEXT PRIMARY KEY, id TEXT NOT NULL, settings TEXT NOT NULL,
+  split TEXT NOT NULL, lang TEXT NOT NULL, source TEXT NOT NULL, teacher TEXT NOT NULL,
+  messages TEXT NOT NULL,
+  prompt_ids BLOB NOT NULL, answer_ids BLOB NOT NULL, finished INTEGER NOT NULL, k INTEGER NOT NULL,
+  topk_ids BLOB, topk_logprobs BLOB, tail_logprobs BLOB, created_at REAL NOT NULL);
+"""
+
+
+def test_a_store_written_before_traces_loads_and_keeps_its_keys(tmp_path):
+    import hashlib
+    import json
+    import sqlite3
+
+    from edgedistill.data.store import load_distill_set
+    from edgedistill.run import RunDir
+
+    old = _sample(0)
+    db = sqlite3.connect(tmp_path / "distill.db")
+    db.executescript(OLD_SCHEMA)
+    key = hashlib.sha256(f"S\0{old.id}".encode()).hexdigest()[:32]  # the key formula of that release
+    db.execute("INSERT INTO samples VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)", (
+        key, old.id, "S", old.split, old.lang, old.source, old.teacher, json.dumps(old.messages),
+        old.prompt_ids.tobytes(), old.answer_ids.tobytes(), 1, 4, old.topk_ids.tobytes(),
+        old.topk_logprobs.tobytes(), old.tail_logprobs.tobytes(), 0.0))
+    db.commit()
+    db.close()
+    (tmp_path / "distill_set.json").write_text(json.dumps({"settings": "S", "ids": [old.id]}))  # an old manifest
+    with SampleStore(tmp_path / "distill.db") as store:
+        assert store.stored_keys("S") == {old.id}
+        assert store.add("S", [old]) == 0  # the same key: a resumed run does not ask again
+        second = _sample(0)
+        second.sample, second.reasoning, second.reasoning_ids = 1, "考える", np.arange(3, dtype=np.int32)
+        assert store.add("S", [second]) == 1 and store.stored_keys("S") == {old.id, f"{old.id}#1"}
+    [back] = load_distill_set(RunDir(tmp_path))  # the old manifest names prompts: their first answer
+    assert back.sample == 0 and back.reasoning is None and back.reasoning_ids is None
+    assert np.array_equal(back.topk_ids, old.topk_ids) and back.answer == "答え"
+
+
+def test_traces_round_trip_with_their_own_targets(tmp_path):
+    s = _sample(1, k=4)
+    s.reasoning, s.sample = "二と三で五。", 2
+    s.reasoning_ids = np.arange(6, dtype=np.int32)
+    s.reasoning_topk_ids = np.arange(12, dtype=np.int32).reshape(6, 2)
+    s.reasoning_topk_logprobs = np.full((6, 2), -0.5, dtype=np.float16)
+    s.reasoning_tail_logprobs = np.full(6, -1.0, dtype=np.float32)
+    with SampleStore(tmp_path / "d.db") as store:
+        store.add("S", [s])
+        (back,) = store.samples("S")
+    assert back.reasoning == s.reasoning and back.sample == 2 and back.key == f"{s.id}#2"
+    for name in ("reasoning_ids", "reasoning_topk_ids", "reasoning_topk_logprobs", "reasoning_tail_logprobs"):
+        x, y = getattr(s, name), getattr(back, name)
+        assert x.dtype == y.dtype and np.array_equal(x, y), name

@@ -232,7 +232,8 @@ def serve(target: Annotated[str, typer.Argument(help="A run folder (its exported
 @app.command()
 @user_errors
 def recipe(name: Annotated[Optional[str], typer.Argument(
-               help="A bundled recipe: demo, demo_tiny, self_instruct, remote_teacher.")] = None,
+               help="A bundled recipe: demo, demo_tiny, self_instruct, remote_teacher, gpt_oss (a reasoning "
+                    "teacher).")] = None,
            tiny: Annotated[bool, typer.Option("--tiny", help="The tiny demo recipe.")] = False,
            commented: Annotated[bool, typer.Option("--commented", help="The file as shipped, with its comments, "
                                                    "instead of every field resolved.")] = False) -> None:

@@ -111,23 +111,27 @@ def run_recipe(recipe: Recipe, only: str | None = None) -> RunDir:
 
 
 def preflight(recipe: Recipe) -> str:
-    """Check the cheap things (the runs folder, seed and eval files, teacher path, architecture,
-    prompt lengths against the teacher's context, student size) before any stage starts, so a
-    typo costs a second and one line, not a half-run. Returns a hash of the prompts, so that
-    edited seed files make the stages rerun."""
-    from edgedistill.data.prompts import check_prompts_fit, load_prompts
+    """Check the cheap things (the runs folder, seed, task and eval files, teacher path,
+    architecture, prompt lengths against the teacher's context, student size) before any stage
+    starts, so a typo costs a second and one line, not a half-run. Returns a hash of the
+    prompts, so that edited seed files make the stages rerun."""
+    from edgedistill.data.prompts import check_prompts_fit
+    from edgedistill.data.verify import generation_prompts
     from edgedistill.evaluate.tasks import load_task
     from edgedistill.models.families import check_cuttable
     from edgedistill.models.hf import load_tokenizer, model_shape, resolve_source
 
     _check_runs_dir(Path(recipe.run.runs_dir), Path(recipe.run.runs_dir) / recipe.run.name)
-    prompts = load_prompts(recipe.generate.seeds, recipe.generate.heldout_fraction, recipe.generate.limit_per_source)
+    prompts = generation_prompts(recipe.generate)
     for task in recipe.evaluate.tasks:  # a bad eval set fails now, not after an hour of generation
         load_task(task.path, task.format, task.limit)
     local = recipe.teacher.local_model
     if recipe.teacher.backend == "openai" and not local:
         raise UserError("teacher.tokenizer: the openai backend needs the local model the student is cut from "
                         "('embedded', a model folder or a .gguf) — its tokenizer also maps the server's tokens")
+    if recipe.teacher.reasoning_budget is not None and recipe.teacher.backend != "llamacpp":
+        raise UserError(f"teacher.reasoning_budget: the {recipe.teacher.backend} backend has no thinking budget of "
+                        "ours — use backend = 'llamacpp', or vLLM's `thinking_token_budget` in teacher.extra_body")
     if recipe.generate.sparse_target == "sampled" and recipe.teacher.backend != "hf":
         raise UserError(f"generate.sparse_target = 'sampled' needs the teacher's full distribution — use "
                         f"teacher.backend = 'hf' (the {recipe.teacher.backend} backend gives top-k only)")
@@ -138,7 +142,9 @@ def preflight(recipe: Recipe) -> str:
         resolve_source(recipe.student.model or "")  # the folder exists, is safetensors, a known architecture
     if built_in and local:
         check_prompts_fit(prompts, load_tokenizer(local), teacher_context(recipe), recipe.generate.max_new_tokens)
-    return hashlib.sha256("".join(sorted(f"{p.id}:{p.split}" for p in prompts)).encode()).hexdigest()[:16]
+    # A reference edited in a task file reselects the verified answers (plain prompts hash as before).
+    keys = (f"{p.id}:{p.split}" + (f":{p.reference}" if p.reference is not None else "") for p in prompts)
+    return hashlib.sha256("".join(sorted(keys)).encode()).hexdigest()[:16]
 
 
 def teacher_context(recipe: Recipe) -> int:

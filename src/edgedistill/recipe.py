@@ -9,13 +9,21 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
 import tomli_w
 import tomllib
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    model_validator,
+)
 
 from edgedistill.errors import UserError
 
@@ -92,6 +100,20 @@ class TeacherCfg(_Section):
         None, description="Replace e-mails, phone numbers, cards, My Numbers, postal codes and IPv4 "
         "addresses by placeholders before prompts reach the teacher. Default: on for the openai "
         "backend (text leaves the process), off for the local hf and llamacpp backends.")
+    reasoning_effort: Literal["none", "low", "medium", "high"] | None = Field(
+        None, description="Reasoning teachers: how long to think. openai/llamacpp: sent as `reasoning_effort` "
+        "(vLLM, llama.cpp, Ollama; 'none' turns thinking off); hf: passed to the chat template "
+        "(gpt-oss writes 'Reasoning: low' into its system turn). Default: the model's own.")
+    reasoning_budget: int | None = Field(
+        None, ge=1, le=131072, description="llamacpp: most trace tokens; then the server forces the end of the "
+        "trace (llama.cpp --reasoning-budget). The forced tokens are stored with CE targets, not the teacher's. "
+        "For vLLM send its `thinking_token_budget` in extra_body.")
+    reasoning_budget_message: str | None = Field(
+        None, description="llamacpp: text injected before the forced end of the trace "
+        "(llama.cpp --reasoning-budget-message), e.g. 'Time is up, answer now.'.")
+    stream: bool = Field(False, description="openai: stream the answers (SSE) and join the deltas. Off by "
+                         "default: llama.cpp's stream leaves out the log-probs of the tokens its reasoning parser "
+                         "holds back, so streamed traces are mostly kept as text.")
 
     @property
     def local_model(self) -> str | None:
@@ -104,14 +126,57 @@ class TeacherCfg(_Section):
         return self.scrub_pii if self.scrub_pii is not None else self.backend not in ("hf", "llamacpp")
 
 
+TASK_FORMATS = ("auto", "jsonl", "gsm8k", "jcommonsenseqa")
+VERIFIERS = ("auto", "numeric", "choice", "exact", "regex")
+
+
+class VerifiedTaskCfg(_Section):
+    """Prompts with references (the eval-set formats of data/tasks.py), whose answers are checked."""
+
+    path: str = Field(..., description="A JSONL file in one of the task formats (GSM8K, JCommonsenseQA, ours), "
+                      "or bundled:arith_en / arith_ja / mc_en / mc_ja.")
+    format: Literal[TASK_FORMATS] = Field("auto", description="Record layout.")
+    limit: int | None = Field(None, ge=1, description="First N records (None: all).")
+    verifier: Literal[VERIFIERS] = Field(
+        "auto", description="How an answer is checked against the reference: 'numeric' (the final number: "
+        "'####', 'Answer:', '答え', \\boxed{}, else the last number; full-width digits and commas read), 'choice' "
+        "(the multiple-choice label), 'exact' (the same text after normalising), 'regex' (the first group of "
+        "`pattern` equals the reference; with no reference, a match passes). 'auto': choice for "
+        "multiple choice, numeric when the reference is a number, else exact.")
+    pattern: str | None = Field(None, description="verifier = 'regex': a Python regular expression; its first "
+                                "group (or whole match) is the answer.")
+
+    @model_validator(mode="after")
+    def _pattern_compiles(self) -> VerifiedTaskCfg:
+        if self.verifier == "regex":
+            if not self.pattern:
+                raise ValueError("verifier = 'regex' needs a pattern")
+            try:
+                re.compile(self.pattern)
+            except re.error as exc:
+                raise ValueError(f"pattern is not a valid regular expression ({exc})") from None
+        return self
+
+
 class GenerateCfg(_Section):
     seeds: list[str] = Field(
         default_factory=lambda: ["bundled:en", "bundled:ja"],
-        min_length=1,
         description="Seed sources: 'bundled:en', 'bundled:ja', JSONL files of "
         "{instruction, input?} records, or folders of .txt/.md documents (each passage becomes "
-        "summary, key-point and question prompts in the passage's language).",
+        "summary, key-point and question prompts in the passage's language). May be empty when "
+        "generate.tasks gives the prompts.",
     )
+    tasks: list[VerifiedTaskCfg] = Field(
+        default_factory=list, description="Prompts with references (e.g. GSM8K's train file): each answer is "
+        "verified and only correct ones are kept (rejections counted by reason in the ledger).")
+    samples_per_prompt: int = Field(1, ge=1, le=64, description="Answers asked per training prompt (n; needs "
+                                    "temperature > 0 above 1): rejection sampling keeps the verified ones.")
+    keep: Literal["all", "shortest"] = Field(
+        "all", description="Of a prompt's verified answers keep all, or the shortest (trace + answer tokens): "
+        "small students learn better from shorter chains (Mix Distillation, arXiv 2502.12143).")
+    self_consistency: bool = Field(False, description="Prompts without a reference: keep the answers whose final "
+                                   "answer is the majority's across the n samples (Wang et al. 2023); needs "
+                                   "samples_per_prompt >= 2.")
     limit_per_source: int | None = Field(None, ge=1, description="Use at most this many seeds per source.")
     heldout_fraction: float = Field(0.2, gt=0.0, lt=1.0,
                                     description="Share of each source kept aside for evaluation.")
@@ -139,6 +204,16 @@ class GenerateCfg(_Section):
     bootstrap_max_requests: int = Field(400, ge=1, description="self_instruct: give up after this many requests.")
     filter_max_rouge_l: float = Field(0.7, gt=0.0, le=1.0,
                                       description="self_instruct: drop a task this similar (ROUGE-L) to any pool task.")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> GenerateCfg:
+        if not self.seeds and not self.tasks:
+            raise ValueError("give seed sources or tasks (prompts come from one of them)")
+        if self.samples_per_prompt > 1 and self.temperature == 0.0:
+            raise ValueError("samples_per_prompt > 1 needs temperature > 0 (greedy answers would all be the same)")
+        if self.self_consistency and self.samples_per_prompt < 2:
+            raise ValueError("self_consistency needs samples_per_prompt >= 2 to take a majority")
+        return self
 
 
 class StudentCfg(_Section):
@@ -208,6 +283,15 @@ class TrainCfg(_Section):
     lora_target_modules: list[str] = Field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
         description="Linear layers that get adapters.")
+    reasoning: str = Field(
+        "full", pattern=r"^(full|none|budget:[1-9][0-9]{0,5})$",
+        description="Student target for samples with a teacher trace: 'full' (trace + answer in the student's chat "
+        "template, with its own think tags, else think_tags), 'none' (answer only) or 'budget:N' (the trace cut "
+        "to N tokens at the last sentence end, EN . ! ? / JA 。！？). Cached trace targets are used as they are "
+        "where the student sees what the teacher saw; elsewhere (tags, the answer after a cut or removed trace) "
+        "the loss there is CE on the text.")
+    think_tags: tuple[str, str] = Field(("<think>", "</think>"), description="The trace's tags for a student "
+                                        "whose chat template has none (trace = text between them).")
     sft_baseline: bool = Field(False, description="Also train the same student on the teacher's text only "
                                "(alpha_ce = 1; same data, order, steps, seed) into student_sft/: the baseline "
                                "row that shows what the logits add. Doubles the training time.")
@@ -218,7 +302,7 @@ class TaskCfg(_Section):
 
     name: str = Field(..., pattern=r"^[A-Za-z0-9_.-]+$", description="Row label in the report.")
     path: str = Field(..., description="A JSONL file, or bundled:arith_en / arith_ja / mc_en / mc_ja.")
-    format: Literal["auto", "jsonl", "gsm8k", "jcommonsenseqa"] = Field("auto", description="Record layout.")
+    format: Literal[TASK_FORMATS] = Field("auto", description="Record layout.")
     limit: int | None = Field(50, ge=1, description="First N records (None: all).")
     max_new_tokens: int = Field(96, ge=1, le=4096, description="Greedy answer length for exact match and "
                                 "multiple choice by generation.")
@@ -236,6 +320,11 @@ class EvalCfg(_Section):
     judge: bool = Field(False, description="Pairwise LLM-as-judge, both orders: the KD student against the "
                         "baseline (the SFT student if trained, else the student before KD), judged by the teacher.")
     judge_max_new_tokens: int = Field(8, ge=1, le=256, description="Tokens the judge may write for its verdict.")
+    reasoning: Literal["auto", "on", "off"] = Field(
+        "auto", description="Task accuracy with thinking on and off, mean thinking tokens and accuracy per 1k "
+        "generated tokens, per model ('auto': when the distill set holds teacher traces).")
+    reasoning_max_new_tokens: int = Field(512, ge=8, le=32768, description="Tokens a model may generate per task "
+                                          "item with thinking on (trace + answer).")
 
 
 class ExportCfg(_Section):
@@ -365,7 +454,7 @@ def load_recipe(path: Path, overrides: list[str] | None = None, flags: dict[str,
     return build_recipe(read_recipe_data(path), str(path), overrides, flags)
 
 
-BUNDLED_RECIPES = ("demo", "demo_tiny", "self_instruct", "remote_teacher")
+BUNDLED_RECIPES = ("demo", "demo_tiny", "self_instruct", "remote_teacher", "gpt_oss")
 
 
 def bundled_recipe(name: str, overrides: list[str] | None = None, flags: dict[str, str] | None = None) -> Recipe:

@@ -1,7 +1,9 @@
 """Reading a numeric final answer from a model's text, the way English and Japanese write it.
 
-Used by exact match (`evaluate.tasks`) and meant for any answer verifier: `extract_number`
-reads the answer of a free-text reply, `parse_number` reads a gold that is only a number.
+Used by exact match (`evaluate.tasks`) and by the generate stage's answer verifier
+(`data.verify`, issue 16): `extract_number` reads the answer of a free-text reply,
+`parse_number` reads a gold that is only a number; `final_text`, `normalise_text` and
+`chosen_by_text` read text and multiple-choice answers the same way for both.
 
 What "the last number" (GSM8K's rule, read after NFKC) got wrong on Japanese math answers
 in realistic styles (issue 19): `7万ドル` → 7, `5万7500ドル` → 7500 (万 is a multiplier, not
@@ -133,3 +135,40 @@ def parse_number(text: str) -> float | None:
     start, end, value = numbers[0]
     sign = folded[:start].strip()
     return value if end == len(folded) and sign in ("", "-", "マイナス", "△", "▲") else None
+
+
+def is_number(text: str) -> bool:
+    """The whole text is one number (a numeric reference such as GSM8K's gold)."""
+    return parse_number(text) is not None
+
+
+def normalise_text(text: str) -> str:
+    """NFKC, case-folded, punctuation and whitespace runs collapsed to one space."""
+    text = unicodedata.normalize("NFKC", text).casefold()
+    return re.sub(r"[\s。、．，.,!！?？「」\"'()（）:：*]+", " ", text).strip()
+
+
+def final_text(text: str) -> str:
+    """What follows the last answer marker (to the end of its line), else the whole text."""
+    markers = list(_MARKER.finditer(text))
+    if not markers:
+        return text
+    last = markers[-1]
+    rest = text[last.end():]
+    if last.group().endswith("{"):  # \boxed{...}: up to its closing brace
+        rest = rest.split("}", 1)[0]
+    rest = rest.strip()
+    return rest.splitlines()[0] if rest else ""
+
+
+def chosen_by_text(prediction: str, choices: list[str]) -> int | None:
+    """The choice a generated answer names: a choice's text (the longest one found wins), else a
+    leading choice number; None when it names none."""
+    text = unicodedata.normalize("NFKC", prediction)
+    named = [(len(c), i) for i, c in enumerate(choices) if unicodedata.normalize("NFKC", c) in text]
+    if named:
+        return max(named)[1]
+    lead = re.match(r"\s*(\d+)", text)
+    if lead and int(lead.group(1)) < len(choices):
+        return int(lead.group(1))
+    return None

@@ -30,7 +30,15 @@ def _features():
         "prompt_ids": List(Value("int32")), "answer_ids": List(Value("int32")), "finished": Value("bool"),
         "topk_ids": List(List(Value("int32"))), "topk_logprobs": List(List(Value("float16"))),
         "tail_logprobs": List(Value("float32")),
+        # The teacher's trace, apart from the answer (empty for answers without one).
+        "sample": Value("int32"), "reasoning": Value("string"), "reasoning_ids": List(Value("int32")),
+        "reasoning_topk_ids": List(List(Value("int32"))), "reasoning_topk_logprobs": List(List(Value("float16"))),
+        "reasoning_tail_logprobs": List(Value("float32")),
     })
+
+
+def _rows(array) -> list:
+    return [] if array is None else array.tolist()
 
 
 def _record(sample: Sample) -> dict:
@@ -44,7 +52,23 @@ def _record(sample: Sample) -> dict:
         "topk_ids": sample.topk_ids.tolist() if sparse else [],
         "topk_logprobs": sample.topk_logprobs.tolist() if sparse else [],
         "tail_logprobs": sample.tail_logprobs.tolist() if sparse else [],
+        "sample": sample.sample, "reasoning": sample.reasoning, "reasoning_ids": _rows(sample.reasoning_ids),
+        "reasoning_topk_ids": _rows(sample.reasoning_topk_ids),
+        "reasoning_topk_logprobs": _rows(sample.reasoning_topk_logprobs),
+        "reasoning_tail_logprobs": _rows(sample.reasoning_tail_logprobs),
     }
+
+
+def _human(sample: Sample) -> dict:
+    """The JSONL line: the record without arrays; the trace and the answer's number only when there are."""
+    record = {"id": sample.id, "split": sample.split, "lang": sample.lang, "source": sample.source,
+              "teacher": sample.teacher, "messages": sample.messages, "finished": sample.finished,
+              "answer_tokens": int(len(sample.answer_ids))}
+    if sample.sample:
+        record["sample"] = sample.sample
+    if sample.reasoning is not None:
+        record |= {"reasoning": sample.reasoning, "reasoning_tokens": len(_rows(sample.reasoning_ids))}
+    return record
 
 
 def _folder_bytes(folder: Path) -> int:
@@ -77,10 +101,7 @@ def export_distill_set(samples: list[Sample], dataset_dir: Path, jsonl_path: Pat
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.rmtree(old, ignore_errors=True)
 
-    human = [{"id": s.id, "split": s.split, "lang": s.lang, "source": s.source, "teacher": s.teacher,
-              "messages": s.messages, "finished": s.finished, "answer_tokens": int(len(s.answer_ids))}
-             for s in samples]
-    atomic_write_text(jsonl_path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in human))
+    atomic_write_text(jsonl_path, "".join(json.dumps(_human(s), ensure_ascii=False) + "\n" for s in samples))
 
     sparse = [s for s in samples if s.topk_ids is not None]
     sparse_tokens = sum(len(s.answer_ids) for s in sparse)

@@ -10,14 +10,16 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, replace
 from functools import cache
 
 import numpy as np
 
 from edgedistill.console import console, stage_progress
 from edgedistill.data.privacy import scrub
-from edgedistill.data.prompts import Prompt, SeedTask, load_prompts, make_prompt
+from edgedistill.data.prompts import Prompt, SeedTask, make_prompt, prompt_id
 from edgedistill.data.store import InstructionStore, Sample, SampleStore
+from edgedistill.data.verify import REASONS, Selection, generation_prompts, select
 from edgedistill.errors import UserError
 from edgedistill.models.hf import Completion
 from edgedistill.recipe import Recipe, TeacherCfg
@@ -46,47 +48,72 @@ def bootstrap_settings(recipe: Recipe) -> str:
     return recipe.fingerprint("teacher", extra=_fields(recipe, BOOTSTRAP_FIELDS) + f"|seed={recipe.run.seed}")
 
 
-def _to_sample(prompt: Prompt, completion: Completion, teacher_id: str) -> Sample:
+def _ids(values: list[int]) -> np.ndarray:
+    return np.asarray(values, dtype=np.int32)
+
+
+def _to_sample(prompt: Prompt, completion: Completion, teacher_id: str, sample: int = 0) -> Sample:
+    has_trace = completion.reasoning is not None
     return Sample(
         id=prompt.id, split=prompt.split, lang=prompt.lang, source=prompt.source, teacher=teacher_id,
         messages=prompt.messages + [{"role": "assistant", "content": completion.text}],
-        prompt_ids=np.asarray(completion.prompt_ids, dtype=np.int32),
-        answer_ids=np.asarray(completion.token_ids, dtype=np.int32), finished=completion.finished,
+        prompt_ids=_ids(completion.prompt_ids), answer_ids=_ids(completion.token_ids), finished=completion.finished,
         topk_ids=completion.topk_ids, topk_logprobs=completion.topk_logprobs,
-        tail_logprobs=completion.tail_logprobs)
+        tail_logprobs=completion.tail_logprobs, sample=sample, reasoning=completion.reasoning,
+        reasoning_ids=_ids(completion.reasoning_ids) if has_trace else None,
+        reasoning_topk_ids=completion.reasoning_topk_ids, reasoning_topk_logprobs=completion.reasoning_topk_logprobs,
+        reasoning_tail_logprobs=completion.reasoning_tail_logprobs)
 
 
-def _batches(prompts: list[Prompt], size: int) -> list[list[Prompt]]:
+@dataclass(frozen=True)
+class Job:
+    """One answer to ask for: the prompt, and which of its n answers."""
+
+    prompt: Prompt
+    sample: int = 0
+
+    @property
+    def key(self) -> str:  # = Sample.key of its answer
+        return self.prompt.id if self.sample == 0 else f"{self.prompt.id}#{self.sample}"
+
+
+def jobs_of(prompts: list[Prompt], samples_per_prompt: int) -> list[Job]:
+    """n answers per training prompt; a held-out prompt needs one (the evaluation's reference)."""
+    return [Job(p, n) for p in prompts for n in range(samples_per_prompt if p.split == "train" else 1)]
+
+
+def _batches(jobs: list[Job], size: int) -> list[list[Job]]:
     # Similar lengths together: less left padding, fewer wasted FLOPs per batch.
-    ordered = sorted(prompts, key=lambda p: len(p.messages[-1]["content"]))
+    ordered = sorted(jobs, key=lambda j: len(j.prompt.messages[-1]["content"]))
     return [ordered[i:i + size] for i in range(0, len(ordered), size)]
 
 
-def answer_prompts(teacher: Teacher, prompts: list[Prompt], store: SampleStore, settings: str,
+def answer_prompts(teacher: Teacher, jobs: list[Job], store: SampleStore, settings: str,
                    batch_size: int, after_batch: Callable[[], None] = lambda: None) -> tuple[int, float]:
-    """Answer and store every prompt, a batch per transaction: (answer tokens, teacher seconds).
+    """Answer and store every job, a batch per transaction: (generated tokens, teacher seconds).
 
     A prompt the teacher failed on (after every retry) is not stored: a rerun asks again."""
-    answer_tokens, seconds = 0, 0.0
+    generated, seconds = 0, 0.0
     with stage_progress() as progress:
-        task = progress.add_task("generate", total=len(prompts), rate="")
-        for batch in _batches(prompts, batch_size):
+        task = progress.add_task("generate", total=len(jobs), rate="")
+        for batch in _batches(jobs, batch_size):
             started = time.perf_counter()
-            completions = teacher.chat([p.messages for p in batch])
+            completions = teacher.chat([j.prompt.messages for j in batch])
             seconds += time.perf_counter() - started
-            answered = [(p, c) for p, c in zip(batch, completions) if c is not None]
+            answered = [(j, c) for j, c in zip(batch, completions) if c is not None]
             after_batch()  # the spend first: a crash before the store commits still shows it
-            store.add(settings, [_to_sample(p, c, teacher.model_id) for p, c in answered])
-            answer_tokens += sum(len(c.token_ids) for _, c in answered)
-            progress.update(task, advance=len(batch), rate=f"{answer_tokens / seconds:.1f} tok/s")
-    return answer_tokens, seconds
+            store.add(settings, [_to_sample(j.prompt, c, teacher.model_id, j.sample) for j, c in answered])
+            generated += sum(len(c.token_ids) + len(c.reasoning_ids) for _, c in answered)
+            progress.update(task, advance=len(batch), rate=f"{generated / seconds:.1f} tok/s")
+    return generated, seconds
 
 
 class UsageMeter:
     """Adds a teacher's usage to the ledger after every batch, so even a killed run keeps the
     record of what it spent; the cost uses the recipe's per-million-token prices."""
 
-    FIELDS = ("requests", "retries", "failures", "prompt_tokens", "completion_tokens", "text_only")
+    FIELDS = ("requests", "retries", "failures", "prompt_tokens", "completion_tokens", "text_only",
+              "reasoning_tokens", "forced_rows")
 
     def __init__(self, ledger: Ledger, teacher: Teacher, cfg: TeacherCfg):
         self.ledger, self.teacher, self.cfg = ledger, teacher, cfg
@@ -113,9 +140,17 @@ def scrub_prompts(prompts: list[Prompt]) -> tuple[list[Prompt], dict[str, int]]:
     teacher saw), split unchanged; plus the placeholders put in, per type."""
     out, totals = [], {}
     for prompt in prompts:
-        instruction, extra = scrub(prompt.task.instruction), scrub(prompt.task.input)
-        out.append(make_prompt(SeedTask(instruction.text, extra.text), prompt.source, prompt.split))
-        for counts in (instruction.counts, extra.counts):
+        if prompt.reference is None:
+            instruction, extra = scrub(prompt.task.instruction), scrub(prompt.task.input)
+            out.append(make_prompt(SeedTask(instruction.text, extra.text), prompt.source, prompt.split))
+            found = [instruction.counts, extra.counts]
+        else:  # a task's conversation: every turn scrubbed, the reference kept
+            turns = [scrub(m["content"]) for m in prompt.messages]
+            messages = [m | {"content": t.text} for m, t in zip(prompt.messages, turns)]
+            out.append(replace(prompt, id=prompt_id(messages), messages=messages,
+                               task=SeedTask(messages[-1]["content"])))
+            found = [t.counts for t in turns]
+        for counts in found:
             for kind, n in counts.items():
                 totals[kind] = totals.get(kind, 0) + n
     return out, totals
@@ -126,20 +161,22 @@ def print_usage(ledger: Ledger) -> None:
     from rich.table import Table
 
     table = Table(title="teacher usage (all attempts)", title_justify="left")
-    for column in ("teacher", "requests", "retries", "failures", "prompt tok", "completion tok", "cost USD"):
+    for column in ("teacher", "requests", "retries", "failures", "prompt tok", "completion tok", "of which reasoning",
+                   "cost USD"):
         table.add_column(column, justify="left" if column == "teacher" else "right")
     for (stage, teacher_id), values in ledger.usage().items():
         if stage != "generate":
             continue
         counts = [int(values.get(name, 0)) for name in ("requests", "retries", "failures")]
-        tokens = [f"{int(values.get(name, 0)):,}" for name in ("prompt_tokens", "completion_tokens")]
+        tokens = [f"{int(values.get(name, 0)):,}"
+                  for name in ("prompt_tokens", "completion_tokens", "reasoning_tokens")]
         table.add_row(teacher_id, *map(str, counts), *tokens, f"{values.get('cost_usd', 0.0):.4f}")
     console.print(table)
 
 
 def run_generate(recipe: Recipe, run: RunDir, ledger: Ledger) -> dict[str, float]:
     cfg = recipe.generate
-    prompts = load_prompts(cfg.seeds, cfg.heldout_fraction, cfg.limit_per_source)
+    prompts = generation_prompts(cfg)
     if not any(p.split == "train" for p in prompts):
         raise UserError("generate.seeds: no training prompts after the held-out split — add seeds")
     scrubbing = recipe.teacher.scrubs_pii
@@ -176,12 +213,13 @@ def run_generate(recipe: Recipe, run: RunDir, ledger: Ledger) -> dict[str, float
                         known.add(prompt.id)
                         prompts.append(prompt)
                 metrics |= grown_metrics
-            done = store.stored_ids(settings)
-            todo = [p for p in prompts if p.id not in done]
+            jobs = jobs_of(prompts, cfg.samples_per_prompt)
+            done = store.stored_keys(settings)
+            todo = [j for j in jobs if j.key not in done]
             answer_tokens, seconds = answer_prompts(teacher(), todo, store, settings, cfg.batch_size, flush) \
                 if todo else (0, 0.0)
-            wanted = {p.id for p in prompts}
-            stored = [s for s in store.samples(settings) if s.id in wanted]
+            wanted = {j.key for j in jobs}
+            stored = [s for s in store.samples(settings) if s.key in wanted]
     finally:
         flush()
         for meter in meters:
@@ -193,26 +231,50 @@ def run_generate(recipe: Recipe, run: RunDir, ledger: Ledger) -> dict[str, float
         raise UserError(f"{run.root}: the teacher failed on {missing} of {len(wanted)} prompts after every retry "
                         "(counted in the ledger; the answers it gave are stored) — run the same command again "
                         "to ask for the missing ones")
+    by_prompt: dict[str, list[Sample]] = {}
+    for sample in stored:
+        by_prompt.setdefault(sample.id, []).append(sample)
+    chosen = select(prompts, by_prompt, cfg)
+    kept = chosen.kept
+    if not any(s.split == "train" for s in kept):
+        raise UserError(f"{run.root}: no teacher answer passed verification ({sum(chosen.rejected.values())} "
+                        "rejected, reasons in the ledger) — check generate.tasks' verifier, or raise "
+                        "generate.samples_per_prompt / max_new_tokens")
     # The manifest: which stored samples form this run's distill set (later stages read it).
-    atomic_write_text(run.distill_set_path, json.dumps({"settings": settings, "ids": sorted(wanted)}))
+    atomic_write_text(run.distill_set_path, json.dumps({"settings": settings, "ids": sorted({s.id for s in kept}),
+                                                        "keys": sorted(s.key for s in kept)}))
     from edgedistill.data.export import export_distill_set
 
-    export = export_distill_set(stored, run.dataset_dir, run.dataset_jsonl_path)
+    export = export_distill_set(kept, run.dataset_dir, run.dataset_jsonl_path)
     usage = meters[0].totals() if meters else {}
-    return metrics | export | {
-        "prompts": len(stored),
-        "train_prompts": sum(s.split == "train" for s in stored),
-        "heldout_prompts": sum(s.split == "heldout" for s in stored),
-        "prompts_ja": sum(s.lang == "ja" for s in stored),
-        "answer_tokens": sum(len(s.answer_ids) for s in stored),
-        "unfinished_answers": sum(not s.finished for s in stored),
-        "text_only_answers": sum(s.topk_ids is None for s in stored),
+    return metrics | export | verification_metrics(chosen) | {
+        "prompts": len({s.id for s in kept}),
+        "samples": len(kept),
+        "train_prompts": len({s.id for s in kept if s.split == "train"}),
+        "heldout_prompts": sum(s.split == "heldout" for s in kept),
+        "prompts_ja": len({s.id for s in kept if s.lang == "ja"}),
+        "answer_tokens": sum(len(s.answer_ids) for s in kept),
+        "reasoning_tokens": sum(len(s.reasoning_ids) for s in kept if s.reasoning_ids is not None),
+        "reasoning_samples": sum(s.reasoning is not None for s in kept),
+        "unfinished_answers": sum(not s.finished for s in kept),
+        "text_only_answers": sum(s.topk_ids is None for s in kept),
+        "text_only_traces": sum(s.reasoning is not None and s.reasoning_topk_ids is None for s in kept),
         "requested_prompts": len(todo),
         "new_answer_tokens": answer_tokens,
         "teacher_tokens_per_s": answer_tokens / seconds if seconds else 0.0,
         "pii_scrubbing": float(scrubbing),
         "pii_replaced": sum(pii.values()),
     } | {f"pii_{kind}": n for kind, n in pii.items()} | {f"teacher_{k}": v for k, v in usage.items()}
+
+
+def verification_metrics(chosen: Selection) -> dict[str, float]:
+    """Rejection sampling in the ledger: answers kept and rejected, rejections by reason."""
+    rejected = {f"verified_rejected_{reason}": float(chosen.rejected.get(reason, 0)) for reason in REASONS}
+    return {"verified_kept": float(chosen.verified_kept),
+            "verified_rejected": float(sum(chosen.rejected.values())),
+            "verified_dropped_longer": float(chosen.dropped_longer),
+            "verified_prompts": float(chosen.verified_prompts),
+            "verified_prompts_unsolved": float(chosen.unsolved_prompts)} | rejected
 
 
 def _self_instruct(teacher: Callable[[], Teacher], prompts: list[Prompt], recipe: Recipe, store: SampleStore,

@@ -40,6 +40,7 @@ class Prompt:
     source: str
     split: str  # "train" | "heldout"
     task: SeedTask
+    reference: object | None = None  # data/verify.py Reference: how its answers are checked
 
 
 def prompt_id(messages: list[dict[str, str]]) -> str:
@@ -123,14 +124,8 @@ def load_prompts(sources: list[str], heldout_fraction: float, limit_per_source: 
     """All prompts of all sources, deduplicated, each tagged with its language and split."""
     prompts: dict[str, Prompt] = {}
     for source in sources:
-        ordered = sorted((make_prompt(task, source, "train") for task in read_seed_tasks(source)),
-                         key=lambda p: p.id)
-        if limit_per_source:
-            ordered = ordered[:limit_per_source]
-        n_heldout = max(1, math.ceil(heldout_fraction * len(ordered))) if len(ordered) > 1 else 0
-        for rank, prompt in enumerate(ordered):
-            if rank < n_heldout:
-                prompt = dataclasses.replace(prompt, split="heldout")
+        for prompt in split_source([make_prompt(task, source, "train") for task in read_seed_tasks(source)],
+                                   heldout_fraction, limit_per_source):
             prompts.setdefault(prompt.id, prompt)
     return list(prompts.values())
 
@@ -152,3 +147,10 @@ def check_prompts_fit(prompts: list[Prompt], tokenizer, context: int, max_new_to
             raise UserError(f"{where}: this prompt is {tokens:,} tokens; with generate.max_new_tokens = "
                             f"{max_new_tokens} it does not fit the teacher's context of {context:,} tokens — "
                             "shorten or split it (a folder of documents is cut into passages for you)")
+
+
+def split_source(prompts: list[Prompt], heldout_fraction: float, limit: int | None = None) -> list[Prompt]:
+    """One source's prompts in hash order (the first `limit`), the first share of them held out."""
+    ordered = sorted(prompts, key=lambda p: p.id)[:limit or None]
+    n_heldout = max(1, math.ceil(heldout_fraction * len(ordered))) if len(ordered) > 1 else 0
+    return [dataclasses.replace(p, split="heldout") if rank < n_heldout else p for rank, p in enumerate(ordered)]

@@ -29,9 +29,23 @@ CREATE TABLE IF NOT EXISTS samples (
   split TEXT NOT NULL, lang TEXT NOT NULL, source TEXT NOT NULL, teacher TEXT NOT NULL,
   messages TEXT NOT NULL,         -- JSON chat, the last message is the teacher's answer
   prompt_ids BLOB NOT NULL, answer_ids BLOB NOT NULL, finished INTEGER NOT NULL, k INTEGER NOT NULL,
-  topk_ids BLOB, topk_logprobs BLOB, tail_logprobs BLOB, created_at REAL NOT NULL);
+  topk_ids BLOB, topk_logprobs BLOB, tail_logprobs BLOB, created_at REAL NOT NULL,
+  sample INTEGER NOT NULL DEFAULT 0, reasoning TEXT, reasoning_ids BLOB, reasoning_k INTEGER NOT NULL DEFAULT 0,
+  reasoning_topk_ids BLOB, reasoning_topk_logprobs BLOB, reasoning_tail_logprobs BLOB);
 CREATE INDEX IF NOT EXISTS samples_settings ON samples (settings, split);
 """
+# Columns added after the first release, with their definitions: a store written before them
+# gets them (ALTER TABLE), so old run folders load and resume; their rows read as sample 0
+# without a trace, which is what they were.
+ADDED_COLUMNS = {
+    "sample": "INTEGER NOT NULL DEFAULT 0",  # which of the prompt's n answers (generate.samples_per_prompt)
+    "reasoning": "TEXT",  # the teacher's trace, apart from the answer in `messages`
+    "reasoning_ids": "BLOB",  # its token ids (int32)
+    "reasoning_k": "INTEGER NOT NULL DEFAULT 0",
+    "reasoning_topk_ids": "BLOB", "reasoning_topk_logprobs": "BLOB", "reasoning_tail_logprobs": "BLOB",
+}
+COLUMNS = ("key", "id", "settings", "split", "lang", "source", "teacher", "messages", "prompt_ids", "answer_ids",
+           "finished", "k", "topk_ids", "topk_logprobs", "tail_logprobs", "created_at", *ADDED_COLUMNS)
 
 
 @dataclass
@@ -50,6 +64,17 @@ class Sample:
     topk_ids: np.ndarray | None = None  # (T, k) int32
     topk_logprobs: np.ndarray | None = None  # (T, k) float16
     tail_logprobs: np.ndarray | None = None  # (T,) float32
+    sample: int = 0  # which of the prompt's answers (generate.samples_per_prompt)
+    reasoning: str | None = None  # the teacher's trace (ARCHITECTURE.md: apart from the answer)
+    reasoning_ids: np.ndarray | None = None  # (R,) int32
+    reasoning_topk_ids: np.ndarray | None = None  # (R, k) int32, when the backend gave them
+    reasoning_topk_logprobs: np.ndarray | None = None  # (R, k) float16
+    reasoning_tail_logprobs: np.ndarray | None = None  # (R,) float32
+
+    @property
+    def key(self) -> str:
+        """The prompt id, with the answer's number after the first (n answers per prompt)."""
+        return self.id if self.sample == 0 else f"{self.id}#{self.sample}"
 
     @property
     def answer(self) -> str:
@@ -82,6 +107,10 @@ class SampleStore:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable across process crashes
         self.db.executescript(SCHEMA)
+        have = {row[1] for row in self.db.execute("PRAGMA table_info(samples)")}
+        for column, definition in ADDED_COLUMNS.items():
+            if column not in have:
+                self.db.execute(f"ALTER TABLE samples ADD COLUMN {column} {definition}")
 
     def close(self) -> None:
         self.db.close()
@@ -95,33 +124,46 @@ class SampleStore:
     def stored_ids(self, settings: str) -> set[str]:
         return {r[0] for r in self.db.execute("SELECT id FROM samples WHERE settings=?", (settings,))}
 
+    def stored_keys(self, settings: str) -> set[str]:
+        """`Sample.key` of every stored answer: prompt id, and '#n' for the n-th answer after the first."""
+        return {pid if n == 0 else f"{pid}#{n}"
+                for pid, n in self.db.execute("SELECT id, sample FROM samples WHERE settings=?", (settings,))}
+
     def add(self, settings: str, samples: Iterable[Sample]) -> int:
-        """Insert samples atomically (all or none); an already stored key is left as it is."""
+        """Insert samples atomically (all or none); an already stored key is left as it is. The
+        first answer of a prompt keeps the key it always had (hash of settings and prompt id)."""
         rows = [(
-            sample_key(settings, s.id), s.id, settings, s.split, s.lang, s.source, s.teacher,
+            sample_key(settings, s.key), s.id, settings, s.split, s.lang, s.source, s.teacher,
             json.dumps(s.messages, ensure_ascii=False), _blob(s.prompt_ids, "int32"), _blob(s.answer_ids, "int32"),
             int(s.finished), 0 if s.topk_ids is None else s.topk_ids.shape[1], _blob(s.topk_ids, "int32"),
             _blob(s.topk_logprobs, "float16"), _blob(s.tail_logprobs, "float32"), time.time(),
+            s.sample, s.reasoning, _blob(s.reasoning_ids, "int32"),
+            0 if s.reasoning_topk_ids is None else s.reasoning_topk_ids.shape[1], _blob(s.reasoning_topk_ids, "int32"),
+            _blob(s.reasoning_topk_logprobs, "float16"), _blob(s.reasoning_tail_logprobs, "float32"),
         ) for s in samples]
         with transaction(self.db):
             before = self.db.total_changes
             # ON CONFLICT(key) skips stored keys only; OR IGNORE would also drop rows that break NOT NULL.
-            self.db.executemany("INSERT INTO samples VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?) "
+            self.db.executemany(f"INSERT INTO samples ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))}) "
                                 "ON CONFLICT(key) DO NOTHING", rows)
             return self.db.total_changes - before
 
     def samples(self, settings: str, split: str | None = None) -> Iterator[Sample]:
         sql = ("SELECT id, split, lang, source, teacher, messages, prompt_ids, answer_ids, finished, k, "
-               "topk_ids, topk_logprobs, tail_logprobs FROM samples WHERE settings=?")
+               "topk_ids, topk_logprobs, tail_logprobs, sample, reasoning, reasoning_ids, reasoning_k, "
+               "reasoning_topk_ids, reasoning_topk_logprobs, reasoning_tail_logprobs FROM samples WHERE settings=?")
         args: list[str] = [settings]
         if split:
             sql += " AND split=?"
             args.append(split)
-        for row in self.db.execute(sql + " ORDER BY id", args):
-            (pid, spl, lang, source, teacher, messages, p_ids, a_ids, finished, k, t_ids, t_lp, tail) = row
+        for row in self.db.execute(sql + " ORDER BY id, sample", args):
+            (pid, spl, lang, source, teacher, messages, p_ids, a_ids, finished, k, t_ids, t_lp, tail,
+             n, reasoning, r_ids, r_k, r_t_ids, r_t_lp, r_tail) = row
             yield Sample(pid, spl, lang, source, teacher, json.loads(messages), _array(p_ids, "int32"),
                          _array(a_ids, "int32"), bool(finished), _array(t_ids, "int32", k),
-                         _array(t_lp, "float16", k), _array(tail, "float32"))
+                         _array(t_lp, "float16", k), _array(tail, "float32"), n, reasoning,
+                         _array(r_ids, "int32"), _array(r_t_ids, "int32", r_k), _array(r_t_lp, "float16", r_k),
+                         _array(r_tail, "float32"))
 
     def count(self, settings: str, split: str | None = None) -> int:
         if split:
@@ -183,6 +225,10 @@ def load_distill_set(run: RunDir, split: str | None = None) -> list[Sample]:
     if not run.distill_set_path.is_file():
         raise UserError(f"{run.distill_set_path}: no distill set yet — run the generate stage first")
     manifest = json.loads(run.distill_set_path.read_text(encoding="utf-8"))
+    # "keys" lists the chosen answers (verified, n per prompt); manifests written before it hold
+    # prompt ids only, each with its one answer.
+    keys = set(manifest["keys"]) if "keys" in manifest else None
     ids = set(manifest["ids"])
     with SampleStore(run.store_path) as store:
-        return [s for s in store.samples(manifest["settings"], split) if s.id in ids]
+        return [s for s in store.samples(manifest["settings"], split)
+                if (s.key in keys if keys is not None else s.id in ids and s.sample == 0)]

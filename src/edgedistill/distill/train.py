@@ -48,8 +48,6 @@ from edgedistill.distill.batches import (
     Example,
     answer_hidden,
     collate,
-    to_example,
-    to_text_example,
 )
 from edgedistill.distill.fused import (
     DenseTarget,
@@ -58,11 +56,16 @@ from edgedistill.distill.fused import (
     fused_head_loss,
 )
 from edgedistill.distill.losses import Objective, cross_entropy, kd_dense, kd_sparse
+from edgedistill.distill.reasoning import (
+    ReasoningTargets,
+    build_examples,
+    record_reasoning,
+)
 from edgedistill.errors import UserError
 from edgedistill.models.hf import save_model
 from edgedistill.models.vocab import vocab_matches
 from edgedistill.recipe import Recipe, TrainCfg
-from edgedistill.run import Ledger, RunDir, atomic_write_text
+from edgedistill.run import Ledger, RunDir, atomic_write_text, is_main_process
 
 
 @dataclass
@@ -243,17 +246,15 @@ def _load_teacher(recipe: Recipe):
     return model, tokenizer
 
 
-def _examples(recipe: Recipe, run: RunDir, student_tokenizer, same_vocab: bool) -> list[Example]:
-    cfg = recipe.train
-    samples = load_distill_set(run, split="train")
-    if same_vocab:
-        examples = [to_example(s, cfg.max_seq_len) for s in samples]
-    else:  # the teacher's text through the student's own tokenizer and chat template
-        examples = [to_text_example(s, student_tokenizer, cfg.max_seq_len) for s in samples]
-    examples = [e for e in examples if e is not None]
+def _examples(recipe: Recipe, run: RunDir, student_tokenizer, same_vocab: bool
+              ) -> tuple[list[Example], ReasoningTargets]:
+    """Stored ids and targets with the same vocabulary, else the teacher's text through the
+    student's own tokenizer and chat template; samples with a trace in train.reasoning's form."""
+    examples, targets = build_examples(load_distill_set(run, split="train"), recipe.train, student_tokenizer,
+                                       same_vocab)
     if not examples:
         raise UserError(f"{run.store_path}: no training samples — run the generate stage first")
-    return examples
+    return examples, targets
 
 
 def run_train(recipe: Recipe, run: RunDir, ledger: Ledger) -> dict[str, float]:
@@ -275,7 +276,10 @@ def run_train(recipe: Recipe, run: RunDir, ledger: Ledger) -> dict[str, float]:
                         "student (the vocabularies differ)")
         ledger.log_metrics("train", "stage", {"vocab_mismatch_fallback": 1.0})
         logit_kd = False
-    examples = _examples(recipe, run, student_tokenizer, same_vocab=same_vocab)
+    examples, reasoning = _examples(recipe, run, student_tokenizer, same_vocab=same_vocab)
+    if reasoning.counts.samples:
+        ledger.set_meta("reasoning", f"train.reasoning = '{cfg.reasoning}': {reasoning.describe()}")
+        console.print(f"reasoning traces: {reasoning.describe()}")
     if logit_kd and cfg.mode == "offline" and any(e.topk_ids is None for e in examples):
         raise UserError(f"{run.store_path}: samples have no teacher log-probs — set train.mode = 'online' (the "
                         "teacher in memory), train.alpha_ce = 1.0 (sequence-level KD), or regenerate with a "
@@ -306,7 +310,11 @@ def run_train(recipe: Recipe, run: RunDir, ledger: Ledger) -> dict[str, float]:
                             teacher=None, checkpoints=run.checkpoints_dir / f"{fingerprint}-sft",
                             log_path=run.root / "train_log_sft.jsonl", label="train sft", max_steps=int(result["steps"]))
         ledger.log_metrics("train", "sft", sft)
-    return result
+    if reasoning.counts.samples and is_main_process():  # the trace form it learnt, for serving and evaluation
+        record_reasoning(run.student_dir, reasoning)
+        if cfg.sft_baseline:
+            record_reasoning(run.student_sft_dir, reasoning)
+    return result | (reasoning.counts.metrics() if reasoning.counts.samples else {})
 
 
 def _prepare_student(cfg: TrainCfg, source: Path):

@@ -171,6 +171,21 @@ def filter_table(ledger: Ledger) -> tuple[list[str], list[list[str]]]:
     return ["outcome", *langs, "all"], rows
 
 
+def reasoning_table(ledger: Ledger) -> tuple[list[str], list[list[str]]]:
+    """Thinking on vs off: one row per (model, eval set), from the evaluate stage's reasoning_* metrics."""
+    from edgedistill.evaluate.reasoning import METRICS
+
+    kinds = {"accuracy_on": "pct", "accuracy_off": "pct", "thinking_tokens": "f1"}
+    rows = []
+    for _, label, m in model_rows(ledger):
+        tasks = sorted({k.removeprefix("reasoning_").removesuffix("_accuracy_on") for k in m
+                        if k.startswith("reasoning_") and k.endswith("_accuracy_on")})
+        for task in tasks:
+            rows.append([label, task] + [fmt(kinds.get(metric, "f2"), m.get(f"reasoning_{task}_{metric}"))
+                                         for metric in METRICS])
+    return (["model", "eval set", *METRICS.values()], rows) if rows else ([], [])
+
+
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
@@ -322,6 +337,24 @@ def _examples_html(run: RunDir) -> str:
     return "\n".join(parts)
 
 
+REASONING_NOTE = ("Greedy, per eval set: thinking on is the model's own generation prompt, off its template's "
+                  "switch (enable_thinking=False) or an empty trace prefilled; accuracy per 1k tokens counts every "
+                  "generated token (trace and answer).")
+
+
+def _reasoning_html(ledger: Ledger) -> str:
+    header, rows = reasoning_table(ledger)
+    if not rows:
+        return ""
+    return (f'<h2>Reasoning</h2>\n{_html_table(header, rows, table_id="reasoning")}\n'
+            f'<p class="note">{html.escape(REASONING_NOTE)}</p>\n')
+
+
+def _reasoning_markdown(ledger: Ledger) -> str:
+    header, rows = reasoning_table(ledger)
+    return f"## Reasoning\n\n{markdown_table(header, rows)}\n\n{REASONING_NOTE}\n\n" if rows else ""
+
+
 def render_html(recipe: Recipe, run: RunDir, ledger: Ledger, sections: dict[str, str]) -> str:
     pictures = "".join(f'<figure style="display:inline-block;margin:0"><img alt="{html.escape(t)}" '
                        f'src="data:image/png;base64,{png}"><figcaption class="note">{html.escape(t)}</figcaption></figure>'
@@ -341,7 +374,7 @@ def render_html(recipe: Recipe, run: RunDir, ledger: Ledger, sections: dict[str,
 {pictures}
 <h2>Task accuracy</h2>
 {_html_table(task_header, task_rows, table_id="tasks") if task_rows else '<p>No eval sets with answers in this run (evaluate.tasks).</p>'}
-<h2>Judge (pairwise, both orders)</h2>
+{_reasoning_html(ledger)}<h2>Judge (pairwise, both orders)</h2>
 <p id="judge">{html.escape(judge_text(ledger))}</p>
 <h2>Held-out answers</h2>
 {_examples_html(run)}
@@ -379,6 +412,7 @@ def _sections(recipe: Recipe, run: RunDir, ledger: Ledger) -> dict:
         ["answers cut by max_new_tokens", f"{int(gen.get('unfinished_answers', 0))}"],
         ["answers kept as text only (teacher vocabulary did not map)", f"{int(gen.get('text_only_answers', 0))}"],
         ["stored logits, bytes per answer token", f"{gen.get('logit_bytes_per_token', 0):.0f}"],
+        *_reasoning_rows(gen, meta),
         ["PII placeholders sent instead of the original", pii_text],
         ["student / teacher parameters", f"{student.get('param_fraction', float('nan')):.1%}"],
         ["training steps / tokens (KD)", f"{int(train.get('steps', 0))} / {int(train.get('train_tokens', 0))}"],
@@ -387,10 +421,12 @@ def _sections(recipe: Recipe, run: RunDir, ledger: Ledger) -> dict:
     if sft:
         data_rows.append(["SFT baseline steps / tokens", f"{int(sft.get('steps', 0))} / {int(sft.get('train_tokens', 0))}"])
     data_rows.append(["machine hours (wall clock), all stages (training alone)", f"{stage_seconds / 3600:.2f} ({train_seconds / 3600:.2f})"])
-    usage = (['stage', 'teacher', 'requests', 'retries', 'failures', 'prompt tokens', 'completion tokens', 'cost USD'],
+    usage = (['stage', 'teacher', 'requests', 'retries', 'failures', 'prompt tokens', 'completion tokens', 'cost USD',
+              'of which reasoning'],
              [[stage, teacher, *(f"{int(v.get(k, 0)):,}" for k in ("requests", "retries", "failures",
                                                                    "prompt_tokens", "completion_tokens")),
-               f"{v.get('cost_usd', 0.0):.4f}"] for (stage, teacher), v in ledger.usage().items()])
+               f"{v.get('cost_usd', 0.0):.4f}", f"{int(v.get('reasoning_tokens', 0)):,}"]
+              for (stage, teacher), v in ledger.usage().items()])
     stages = (['stage', 'status', 'seconds'],
               [[s.name, s.status, f"{s.seconds:.1f}" if s.seconds else "–"] for s in ledger.stages() if s.name != "report"])
     intro = (f"Teacher {meta.get('teacher', recipe.teacher.model)}. Student: {meta.get('student_init', '?')}; "
@@ -404,6 +440,26 @@ def _sections(recipe: Recipe, run: RunDir, ledger: Ledger) -> dict:
                     "from the rows before; GGUF rows are the llama.cpp server's own). The teacher's own ROUGE-L/chrF are below 1 when "
                     "batched greedy decoding drifts at near-ties: read them as the noise floor.")
     return {"data_rows": data_rows, "usage": usage, "stages": stages, "intro": intro, "quality_note": quality_note}
+
+
+def _reasoning_rows(gen: dict[str, float], meta: dict[str, str]) -> list[list[str]]:
+    """Traces and rejection sampling, when the run had them."""
+    rows = []
+    if gen.get("reasoning_samples"):
+        rows.append(["answers with a teacher trace / trace tokens (kept as text only)",
+                     f"{int(gen['reasoning_samples'])} / {int(gen.get('reasoning_tokens', 0))} "
+                     f"({int(gen.get('text_only_traces', 0))})"])
+    if gen.get("verified_prompts"):
+        reasons = ", ".join(f"{k.removeprefix('verified_rejected_').replace('_', ' ')} {int(v)}"
+                            for k, v in sorted(gen.items()) if k.startswith("verified_rejected_") and v)
+        rows.append(["verified answers kept / rejected (why)",
+                     f"{int(gen.get('verified_kept', 0))} / {int(gen.get('verified_rejected', 0))}"
+                     + (f" ({reasons})" if reasons else "")
+                     + f"; {int(gen.get('verified_prompts_unsolved', 0))} of {int(gen['verified_prompts'])} "
+                     "prompts with none kept"])
+    if "reasoning" in meta:
+        rows.append(["student's reasoning target", meta["reasoning"]])
+    return rows
 
 
 def _gguf_markdown(ledger: Ledger, run: RunDir) -> str:
@@ -465,7 +521,7 @@ The same report with plots and every held-out answer: `{run.report_html_path}`.
 
 {markdown_table(task_header, task_rows) if task_rows else 'No eval sets with answers in this run (evaluate.tasks).'}
 
-## Judge (pairwise, both orders)
+{_reasoning_markdown(ledger)}## Judge (pairwise, both orders)
 
 {judge_text(ledger)}
 

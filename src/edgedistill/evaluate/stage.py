@@ -25,6 +25,7 @@ from edgedistill.evaluate.metrics import (
     speed_profile,
     teacher_forced_metrics,
 )
+from edgedistill.evaluate.reasoning import reasoning_metrics
 from edgedistill.evaluate.tasks import TaskItem, load_task, score_task
 from edgedistill.models.hf import (
     count_parameters,
@@ -32,6 +33,7 @@ from edgedistill.models.hf import (
     load_causal_lm,
     resolve_source,
 )
+from edgedistill.models.reasoning import ReasoningStyle, model_style
 from edgedistill.recipe import Recipe
 from edgedistill.run import Ledger, RunDir, atomic_write_text
 
@@ -51,7 +53,10 @@ def model_paths(recipe: Recipe, run: RunDir) -> dict[str, tuple[str, Path]]:
 
 
 def evaluate_model(model, tokenizer, samples: list[Sample], tasks: dict[str, list[TaskItem]],
-                   recipe: Recipe) -> tuple[dict[str, float], list[str]]:
+                   recipe: Recipe, reasoning: ReasoningStyle | None | bool = False
+                   ) -> tuple[dict[str, float], list[str]]:
+    """`reasoning`: False, or the model's trace form (None: it has none) to score every eval set
+    with thinking on and off (evaluate/reasoning.py)."""
     cfg = recipe.evaluate
     started = time.perf_counter()
     metrics = teacher_forced_metrics(model, samples, tokenizer.pad_token_id, cfg.batch_size)
@@ -62,9 +67,21 @@ def evaluate_model(model, tokenizer, samples: list[Sample], tasks: dict[str, lis
     for task in cfg.tasks:
         scores = score_task(model, tokenizer, tasks[task.name], task.max_new_tokens, cfg.batch_size)
         metrics |= {f"task_{task.name}_{key}": value for key, value in scores.items()}
+        if reasoning is not False:
+            thinking = reasoning_metrics(model, tokenizer, tasks[task.name], batch_size=cfg.batch_size, style=reasoning,
+                                         max_new_tokens_on=cfg.reasoning_max_new_tokens,
+                                         max_new_tokens_off=task.max_new_tokens)
+            metrics |= {f"reasoning_{task.name}_{key}": value for key, value in thinking.items()}
     metrics["parameters"] = count_parameters(model)
     metrics["eval_seconds"] = time.perf_counter() - started
     return metrics, answers
+
+
+def reasoning_wanted(recipe: Recipe, samples: list[Sample]) -> bool:
+    """Thinking on/off per eval set: asked for, or ('auto') the teacher wrote traces."""
+    setting = recipe.evaluate.reasoning
+    return bool(recipe.evaluate.tasks) and (setting == "on" or setting == "auto"
+                                            and any(s.reasoning is not None for s in samples))
 
 
 def weights_stamp(path: Path) -> str:
@@ -74,7 +91,7 @@ def weights_stamp(path: Path) -> str:
 
 
 def _evaluate_or_resume(name: str, spec: str, size_path: Path, samples, tasks, recipe: Recipe, run: RunDir,
-                        fingerprint: str) -> tuple[dict[str, float], list[str]]:
+                        fingerprint: str, reasoning: bool = False) -> tuple[dict[str, float], list[str]]:
     saved = run.eval_dir / "models" / f"{name}.json"
     tag = f"{fingerprint}|{weights_stamp(size_path)}"
     if saved.is_file():
@@ -84,7 +101,8 @@ def _evaluate_or_resume(name: str, spec: str, size_path: Path, samples, tasks, r
             return done["metrics"], done["answers"]
     reset_peak_rss()
     model, tokenizer, _ = load_causal_lm(spec, recipe.teacher.dtype if name == "teacher" else "float32")
-    metrics, answers = evaluate_model(model, tokenizer, samples, tasks, recipe)
+    style = model_style(Path(spec) if Path(spec).is_dir() else None, tokenizer) if reasoning else False
+    metrics, answers = evaluate_model(model, tokenizer, samples, tasks, recipe, style)
     if (peak := peak_rss_bytes()) is not None:
         metrics["peak_rss_bytes"] = peak
     metrics["size_bytes"] = size_on_disk(size_path)
@@ -124,8 +142,10 @@ def run_evaluate(recipe: Recipe, run: RunDir, ledger: Ledger) -> dict[str, float
     per_example = [{"id": s.id, "lang": s.lang, "prompt": s.prompt_messages[-1]["content"], "teacher_answer": s.answer}
                    for s in samples]
     answers: dict[str, list[str]] = {}
+    reasoning = reasoning_wanted(recipe, samples)
     for name, (spec, size_path) in model_paths(recipe, run).items():
-        metrics, answers[name] = _evaluate_or_resume(name, spec, size_path, samples, tasks, recipe, run, fingerprint)
+        metrics, answers[name] = _evaluate_or_resume(name, spec, size_path, samples, tasks, recipe, run, fingerprint,
+                                                     reasoning)
         ledger.log_metrics("evaluate", name, metrics)
         for row, answer in zip(per_example, answers[name]):
             row[f"{name}_answer"] = answer

@@ -36,6 +36,7 @@ from edgedistill.export.verify import (
     speed,
     teacher_forced,
 )
+from edgedistill.models.reasoning import model_style
 from edgedistill.recipe import GGUF_TYPES, Recipe
 from edgedistill.run import Ledger, RunDir, atomic_write_text
 
@@ -139,10 +140,11 @@ def _write_tables(out_dir: Path, title: str, rows: list[dict], parity: dict[str,
     return table
 
 
-def _modelfile(out_dir: Path, name: str, types: list[str], tokenizer) -> None:
+def _modelfile(out_dir: Path, name: str, types: list[str], tokenizer, source: Path) -> None:
     small = next((t for t in ("q8_0", "q4_k_m", "q5_k_m", "q6_k", "q4_0") if t in types), types[-1])
     template = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else None
-    write_modelfile(out_dir, f"{name}-{small}.gguf", template, [tokenizer.eos_token] if tokenizer.eos_token else [])
+    write_modelfile(out_dir, f"{name}-{small}.gguf", template, [tokenizer.eos_token] if tokenizer.eos_token else [],
+                    style=model_style(source, tokenizer))
 
 
 def run_export(recipe: Recipe, run: RunDir, ledger: Ledger) -> dict[str, float]:
@@ -176,7 +178,7 @@ def run_export(recipe: Recipe, run: RunDir, ledger: Ledger) -> dict[str, float]:
     if parity:
         ledger.log_metrics("export", "parity", parity)
     ledger.set_meta("export_architecture", rows[0]["architecture"])
-    _modelfile(run.export_dir, recipe.run.name, types, tokenizer)
+    _modelfile(run.export_dir, recipe.run.name, types, tokenizer, source)
     table = _write_tables(run.export_dir, f"run `{recipe.run.name}`", rows, parity, types[0])
     write_model_card(recipe, run, ledger, table)
     console.print(table)
@@ -208,7 +210,7 @@ def export_folder(folder: Path, out_dir: Path, types: list[str], *, name: str | 
     out_dir.mkdir(parents=True, exist_ok=True)
     metadata = {"general.license": _folder_licence(folder), "edgedistill.source": str(folder.resolve())}
     rows, parity = write_and_check(folder, out_dir, name, types, metadata, embeddings_type, checks, model, tokenizer)
-    _modelfile(out_dir, name, types, tokenizer)
+    _modelfile(out_dir, name, types, tokenizer, folder)
     console.print(_write_tables(out_dir, f"`{folder}`", rows, parity, types[0]))
     return rows
 

@@ -19,7 +19,7 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +32,12 @@ from edgedistill.models.families import (
     EXPERT_FIELDS,
     ModelShape,
     fallback_chat_template,
+)
+from edgedistill.models.reasoning import (
+    ReasoningStyle,
+    render_prompt,
+    split_pieces,
+    template_style,
 )
 from edgedistill.run import publish_mode
 
@@ -67,6 +73,20 @@ class Completion:
     topk_ids: np.ndarray | None = None  # (T, k) int32
     topk_logprobs: np.ndarray | None = None  # (T, k) float16
     tail_logprobs: np.ndarray | None = None  # (T,) float32
+    # The reasoning trace, apart from the answer above (models/reasoning.py), with the same
+    # kind of sparse target per trace token when the backend gave one.
+    reasoning: str | None = None
+    reasoning_ids: list[int] = field(default_factory=list)
+    reasoning_topk_ids: np.ndarray | None = None  # (R, k) int32
+    reasoning_topk_logprobs: np.ndarray | None = None  # (R, k) float16
+    reasoning_tail_logprobs: np.ndarray | None = None  # (R,) float32
+    generated_tokens: int = 0  # everything generated: trace, delimiters and answer
+
+    def take_reasoning(self, ids: list[int], rows: tuple | None) -> None:
+        """Set the trace's token ids and, when given, its (topk ids, topk log-probs, tail) rows."""
+        self.reasoning_ids = list(ids)
+        if rows is not None:
+            self.reasoning_topk_ids, self.reasoning_topk_logprobs, self.reasoning_tail_logprobs = rows
 
 
 def embedded_gguf_path() -> Path:
@@ -272,9 +292,13 @@ def end_of_turn_ids(model, tokenizer) -> set[int]:
     return ids
 
 
-def encode_prompts(tokenizer, batch: list[Messages]) -> list[list[int]]:
-    """Token ids of each conversation rendered by the model's own chat template."""
-    texts = [tokenizer.apply_chat_template(m, add_generation_prompt=True, tokenize=False) for m in batch]
+def encode_prompts(tokenizer, batch: list[Messages], *, thinking: bool = True, style: ReasoningStyle | None = None,
+                   template_kwargs: dict | None = None) -> list[list[int]]:
+    """Token ids of each conversation rendered by the model's own chat template; `thinking=False`
+    turns a reasoning model's trace off (models/reasoning.py `render_prompt`); `template_kwargs`
+    go to the template (e.g. gpt-oss's `reasoning_effort`)."""
+    texts = [render_prompt(tokenizer, m, thinking=thinking, style=style, template_kwargs=template_kwargs)
+             for m in batch]
     return [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
 
 
@@ -314,13 +338,39 @@ def sampled_step(logits: torch.Tensor, k: int, generator: torch.Generator) -> tu
     return ids, logweights, torch.full((logits.shape[0],), float("-inf"))
 
 
+def _split_reasoning(completion: Completion, tokens: list[int], tokenizer, style: ReasoningStyle) -> None:
+    """Move the trace of a completion out of its answer, target rows included. Split on each
+    token's text with special tokens kept (decoding with them skipped glues harmony's channel
+    names onto the text: 'analysis…assistantfinal5')."""
+    pieces = tokenizer.batch_decode([[t] for t in tokens], skip_special_tokens=False)
+    split = split_pieces(pieces, style)
+    if not split.has_trace:
+        return
+    trace, answer = list(split.trace), list(split.answer)
+    last = len(tokens) - 1
+    if completion.finished and last not in trace and last not in answer:
+        answer.append(last)  # harmony's <|return|> closes the final message: it ends the answer
+    rows = None
+    if completion.topk_ids is not None:
+        rows = (completion.topk_ids[trace], completion.topk_logprobs[trace], completion.tail_logprobs[trace])
+        completion.topk_ids, completion.topk_logprobs, completion.tail_logprobs = (
+            completion.topk_ids[answer], completion.topk_logprobs[answer], completion.tail_logprobs[answer])
+    completion.take_reasoning([tokens[i] for i in trace], rows)
+    completion.reasoning = tokenizer.decode(completion.reasoning_ids, skip_special_tokens=True).strip() or None
+    completion.token_ids = [tokens[i] for i in answer]
+    completion.text = tokenizer.decode(completion.token_ids, skip_special_tokens=True).strip()
+
+
 @torch.inference_mode()
 def generate_batch(model, tokenizer, batch: list[Messages], *, max_new_tokens: int,
                    temperature: float, top_k_logprobs: int | None, sparse_target: str = "topk",
-                   seed: int = 0) -> list[Completion]:
+                   seed: int = 0, thinking: bool = True, style: ReasoningStyle | None = None,
+                   template_kwargs: dict | None = None) -> list[Completion]:
     """Answer a batch of conversations; with `top_k_logprobs`, keep the sparse target too
-    (top-k + tail, or `sampled` draws seeded by `seed`)."""
-    prompt_ids = encode_prompts(tokenizer, batch)
+    (top-k + tail, or `sampled` draws seeded by `seed`). A reasoning model's trace (its chat
+    template's form, or `style`) is split from the answer; `thinking=False` turns it off."""
+    style = style or template_style(tokenizer)
+    prompt_ids = encode_prompts(tokenizer, batch, thinking=thinking, style=style, template_kwargs=template_kwargs)
     input_ids, mask = left_pad(prompt_ids, tokenizer.pad_token_id)
     sampling = dict(do_sample=True, temperature=temperature, top_p=1.0, top_k=0) if temperature > 0 \
         else dict(do_sample=False, temperature=None, top_p=None, top_k=None)
@@ -344,11 +394,13 @@ def generate_batch(model, tokenizer, batch: list[Messages], *, max_new_tokens: i
         tokens = tokens[:end]
         completion = Completion(
             prompt_ids=prompt, token_ids=tokens, finished=bool(tokens) and tokens[-1] in stop_ids,
-            text=tokenizer.decode(tokens, skip_special_tokens=True).strip())
+            text=tokenizer.decode(tokens, skip_special_tokens=True).strip(), generated_tokens=len(tokens))
         if steps:
             completion.topk_ids = torch.stack([s[0][row] for s in steps[:end]]).numpy().astype(np.int32)
             completion.topk_logprobs = torch.stack([s[1][row] for s in steps[:end]]).numpy().astype(np.float16)
             completion.tail_logprobs = torch.stack([s[2][row] for s in steps[:end]]).numpy().astype(np.float32)
+        if style is not None and thinking:  # thinking off: the prompt closed the trace, all of it is answer
+            _split_reasoning(completion, tokens, tokenizer, style)
         completions.append(completion)
     return completions
 

@@ -49,8 +49,43 @@ def exit_with_parent(parent: int) -> None:
     threading.Thread(target=watch, daemon=True).start()
 
 
+REASONING_FORMATS = ("deepseek", "deepseek-legacy", "none", "auto")
+
+
+@dataclass(frozen=True)
+class ReasoningOptions:
+    """llama.cpp's reasoning knobs. `format` 'deepseek' puts a thinking template's trace in
+    `message.reasoning_content` (the default of this build, set explicitly so a runtime with
+    another default answers the same), 'none' leaves it in the content. `budget`: most trace
+    tokens, then the server forces `message` and the end tag (--reasoning-budget; measured:
+    0 does nothing in xllamacpp 2026.10, so at least 1)."""
+
+    format: str = "deepseek"
+    budget: int | None = None
+    message: str | None = None
+
+    def args(self) -> list[str]:
+        return (["--reasoning-format", self.format] + (["--reasoning-budget", str(self.budget)] if self.budget else [])
+                + (["--reasoning-budget-message", self.message] if self.message else []))
+
+
+def _set_reasoning(params, options: ReasoningOptions) -> None:
+    """The knobs on xllamacpp's CommonParams (2026.10: the budget lives in `sampling`)."""
+    import xllamacpp
+
+    formats = xllamacpp.common_reasoning_format
+    params.reasoning_format = {"deepseek": formats.COMMON_REASONING_FORMAT_DEEPSEEK,
+                               "deepseek-legacy": formats.COMMON_REASONING_FORMAT_DEEPSEEK_LEGACY,
+                               "none": formats.COMMON_REASONING_FORMAT_NONE,
+                               "auto": formats.COMMON_REASONING_FORMAT_AUTO}[options.format]
+    if options.budget is not None:
+        params.sampling.reasoning_budget_tokens = options.budget
+    if options.message:
+        params.sampling.reasoning_budget_message = options.message
+
+
 def _serve(gguf: str, host: str, port: int, parallel: int, ctx_per_slot: int, threads: int, alias: str,
-           parent: int | None = None, exact: bool = False) -> None:
+           parent: int | None = None, exact: bool = False, reasoning: ReasoningOptions | None = None) -> None:
     import threading
 
     import xllamacpp
@@ -74,6 +109,7 @@ def _serve(gguf: str, host: str, port: int, parallel: int, ctx_per_slot: int, th
     if exact:  # F32 KV cache, no flash attention (which rounds through F16 on CPU)
         params.cache_type_k = params.cache_type_v = xllamacpp.ggml_type.GGML_TYPE_F32
         params.flash_attn_type = xllamacpp.llama_flash_attn_type.LLAMA_FLASH_ATTN_TYPE_DISABLED
+    _set_reasoning(params, reasoning or ReasoningOptions())
     server = xllamacpp.Server(params)  # noqa: F841  (kept alive until the process is stopped)
     threading.Event().wait()
 
@@ -110,7 +146,7 @@ class LlamaCppServer:
 def start_llamacpp_server(gguf: Path, *, port: int | None = None, host: str = "127.0.0.1", parallel: int = 4,
                           ctx_per_slot: int = 2048, threads: int = 2, alias: str = "model",
                           ready_timeout_s: float = 120.0, exact: bool = False,
-                          api_key: str | None = None) -> LlamaCppServer:
+                          api_key: str | None = None, reasoning: ReasoningOptions | None = None) -> LlamaCppServer:
     """Start the server in a child process and return once /health answers 200.
 
     `exact` keeps attention in float32 (F32 KV cache, no flash attention): an F32 GGUF then
@@ -125,6 +161,7 @@ def start_llamacpp_server(gguf: Path, *, port: int | None = None, host: str = "1
     command = [sys.executable, "-m", "edgedistill.models.llamacpp", str(gguf), "--host", host, "--port", str(port),
                "--parallel", str(parallel), "--ctx-per-slot", str(ctx_per_slot), "--threads", str(threads),
                "--alias", alias, "--parent", str(os.getpid())] + (["--exact"] if exact else [])
+    command += (reasoning or ReasoningOptions()).args()
     return spawn_server(command, host, port, f"{gguf}: llama.cpp", ready_timeout_s, api_key)
 
 
@@ -165,10 +202,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--alias", default="model")
     parser.add_argument("--parent", type=int, default=None, help="Exit when this process is gone.")
     parser.add_argument("--exact", action="store_true", help="Float32 attention (F32 KV, no flash attention).")
+    parser.add_argument("--reasoning-format", choices=REASONING_FORMATS, default="deepseek",
+                        help="Where a thinking template's trace goes (deepseek: message.reasoning_content).")
+    parser.add_argument("--reasoning-budget", type=int, default=None, help="Most trace tokens (then forced to end).")
+    parser.add_argument("--reasoning-budget-message", default=None, help="Text injected before the forced end.")
     args = parser.parse_args(argv)
+    reasoning = ReasoningOptions(args.reasoning_format, args.reasoning_budget, args.reasoning_budget_message)
     try:
         _serve(str(args.gguf), args.host, args.port, args.parallel, args.ctx_per_slot, args.threads, args.alias,
-               args.parent, args.exact)
+               args.parent, args.exact, reasoning)
     except KeyboardInterrupt:
         pass
     except RuntimeError as exc:  # xllamacpp's one error: bad file, port in use

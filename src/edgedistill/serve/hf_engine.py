@@ -9,6 +9,10 @@ plain KV-cached decode: one forward per token, the log-softmax of the raw logits
 temperature/top-p applied only to the draw. One request computes at a time (two CPU cores
 do not gain from interleaving); the front's queue holds the rest.
 
+A reasoning model (its chat template's `<think>` tags or harmony channels, or the tags its
+training recorded) answers like llama.cpp's server with `--reasoning-format deepseek`: the trace
+in `message.reasoning_content` (streamed as `delta.reasoning_content`), the answer in `content`.
+
 Why a child process, like llama.cpp: the front stays responsive (health, metrics, 503s)
 while torch holds the cores, and the engine dies with its parent. It answers only requests
 carrying the bearer token the front gave it through the environment (never the command line,
@@ -39,6 +43,7 @@ import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from edgedistill.models.reasoning import StreamSplitter, model_style, split_text
 from edgedistill.serve.wire import (
     RequestError,
     Scored,
@@ -121,14 +126,15 @@ class Detokenizer:
     is the difference against the same window without the newest tokens (the windowed diff of
     TGI and vLLM). Text becomes settled once it does not end inside a UTF-8 character."""
 
-    def __init__(self, tokenizer):
+    def __init__(self, tokenizer, keep_special: bool = False):
         self.tokenizer = tokenizer
+        self.keep_special = keep_special  # a reasoning model's markers (harmony's are special tokens)
         self.tokens: list[int] = []
         self.settled = ""
         self._prefix = self._read = 0  # window start; end of what is settled
 
     def _text(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
+        return self.tokenizer.decode(ids, skip_special_tokens=not self.keep_special)
 
     def add(self, token: int) -> None:
         self.tokens.append(token)
@@ -167,7 +173,7 @@ def prompt_scores(logits: torch.Tensor, ids: list[int], k: int | None) -> Echo:
 
 @torch.inference_mode()
 def decode(model, tokenizer, request: DecodeRequest, end_ids: set[int],
-           cancelled: threading.Event | None = None) -> Iterator[Echo | Step | Finish]:
+           cancelled: threading.Event | None = None, keep_special: bool = False) -> Iterator[Echo | Step | Finish]:
     """Generate token by token; yields the prompt's Echo when asked, Steps, then one Finish.
     Text is released only once it is whole UTF-8 and cannot be the start of a stop string; a
     stop string ends the answer and is not part of it."""
@@ -177,7 +183,7 @@ def decode(model, tokenizer, request: DecodeRequest, end_ids: set[int],
     if request.echo:
         yield prompt_scores(out.logits[0], request.prompt_ids, request.top_logprobs)
     cache, logits = out.past_key_values, out.logits[0, -1]
-    text = Detokenizer(tokenizer)
+    text = Detokenizer(tokenizer, keep_special)
     released = 0
     reason, stopped_by_string = "length", False
     while len(text.tokens) < request.max_tokens and not (cancelled and cancelled.is_set()):
@@ -222,6 +228,8 @@ class Engine:
         self.id_bytes = VocabMap(self.tokenizer).id_bytes
         self.context = int(getattr(self.model.config, "max_position_embeddings", 2048))
         self.vocab_size = self.model.get_input_embeddings().num_embeddings
+        # A reasoning model's trace goes to `reasoning_content`, as llama.cpp's server does it.
+        self.style = model_style(folder, self.tokenizer)
         self.lock = threading.Lock()
 
     # ---- requests -> DecodeRequest ---------------------------------------------------------
@@ -263,7 +271,7 @@ class Engine:
 
     def run(self, request: DecodeRequest, cancelled: threading.Event | None = None) -> Iterator[Echo | Step | Finish]:
         with self.lock:
-            yield from decode(self.model, self.tokenizer, request, self.end_ids, cancelled)
+            yield from decode(self.model, self.tokenizer, request, self.end_ids, cancelled, self.style is not None)
 
     # ---- wire format ---------------------------------------------------------------------
     def _entry(self, token_id: int, logprob: float) -> dict:
@@ -293,6 +301,13 @@ class Engine:
                   "finish_reason": finish.reason,
                   "logprobs": None if k is None else legacy_logprobs(echoed + generated, k)}
         return choice, len(generated)
+
+
+def split_delta(splitter: StreamSplitter, text: str, final: bool = False) -> dict:
+    """The next streamed delta of a reasoning model: trace text as `reasoning_content` (llama.cpp's
+    field), answer text as `content`; empty while a tail might still be a tag."""
+    trace, answer = splitter.feed(text, final)
+    return ({"reasoning_content": trace} if trace else {}) | ({"content": answer} if answer else {})
 
 
 def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
@@ -348,8 +363,14 @@ def create_engine_app(engine: Engine, key: str | None = None) -> FastAPI:
         logprobs = None
         if request.top_logprobs is not None:
             logprobs = {"content": [engine.chat_logprobs(s) for s in steps if s.token_id != TEXT_ONLY]}
-        return {"index": 0, "message": {"role": "assistant", "content": "".join(s.delta for s in steps)},
-                "finish_reason": finish.reason, "logprobs": logprobs}, finish.completion_tokens
+        text = "".join(s.delta for s in steps)
+        message = {"role": "assistant", "content": text}
+        if engine.style is not None:  # a reasoning model: the trace apart, as llama.cpp's server gives it
+            split = split_text(text, engine.style)
+            message = {"role": "assistant", "content": split.answer} | (
+                {"reasoning_content": split.trace} if split.trace is not None else {})
+        return {"index": 0, "message": message, "finish_reason": finish.reason, "logprobs": logprobs}, \
+            finish.completion_tokens
 
     async def answer(body: dict, chat: bool):
         try:
@@ -389,6 +410,8 @@ def create_engine_app(engine: Engine, key: str | None = None) -> FastAPI:
                 data["usage"] = usage
             return f"data: {json.dumps(data, ensure_ascii=False)}\n\n".encode()
 
+        splitter = StreamSplitter(engine.style) if chat and engine.style is not None else None
+        so_far = ""
         try:
             if chat:
                 yield chunk([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
@@ -399,12 +422,14 @@ def create_engine_app(engine: Engine, key: str | None = None) -> FastAPI:
                     return
                 if isinstance(item, Step):
                     wants = request.top_logprobs is not None and item.token_id != TEXT_ONLY
+                    so_far += item.delta
                     if chat:
                         if item.end:
                             continue
                         logprobs = {"content": [engine.chat_logprobs(item)]} if wants else None
-                        yield chunk([{"index": 0, "delta": {"content": item.delta}, "logprobs": logprobs,
-                                      "finish_reason": None}])
+                        delta = split_delta(splitter, so_far) if splitter else {"content": item.delta}
+                        if delta or logprobs:
+                            yield chunk([{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": None}])
                     else:
                         ended += item.end
                         scored = engine.scored(item.token_id, item.logprob, item.top)
@@ -412,6 +437,8 @@ def create_engine_app(engine: Engine, key: str | None = None) -> FastAPI:
                         yield chunk([{"index": 0, "text": item.delta, "logprobs": logprobs, "finish_reason": None}])
                     offset += len(item.delta)
                 elif isinstance(item, Finish):
+                    if splitter and (rest := split_delta(splitter, so_far, final=True)):
+                        yield chunk([{"index": 0, "delta": rest, "logprobs": None, "finish_reason": None}])
                     last = {"index": 0, "finish_reason": item.reason}
                     last.update({"delta": {}} if chat else {"text": ""})
                     yield chunk([last])

@@ -114,10 +114,15 @@ def run_server(target: str, *, host: str = "127.0.0.1", port: int = 8000, api_ke
     engine_key = secrets.token_urlsafe(32)  # the engine's own: only the front can reach it
     try:
         if served.engine == "llamacpp":
-            from edgedistill.models.llamacpp import start_llamacpp_server
+            from edgedistill.models.llamacpp import (
+                ReasoningOptions,
+                start_llamacpp_server,
+            )
 
+            # A thinking template's trace comes back in `reasoning_content`, apart from the answer.
             runtime = start_llamacpp_server(served.path, parallel=parallel, ctx_per_slot=context_per_slot,
-                                            threads=threads, alias=served.model_id, exact=exact, api_key=engine_key)
+                                            threads=threads, alias=served.model_id, exact=exact, api_key=engine_key,
+                                            reasoning=ReasoningOptions("deepseek"))
         else:  # one request computes at a time in the transformers engine; the rest wait in the front's queue
             from edgedistill.serve.hf_engine import start_hf_engine
 

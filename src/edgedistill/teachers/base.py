@@ -29,6 +29,8 @@ class Usage:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     text_only: int = 0  # answers whose tokens did not map onto the local vocabulary
+    reasoning_tokens: int = 0  # trace tokens, part of completion_tokens (the server's count when it gives one)
+    forced_rows: int = 0  # trace/answer tokens a thinking budget forced: stored with CE targets
 
 
 @dataclass(frozen=True)
@@ -53,6 +55,12 @@ class Teacher(Protocol):
     usage: Usage
 
     def chat(self, batch: list[Messages], sampling: Sampling | None = None) -> list[Completion | None]: ...
+
+
+def template_kwargs(cfg: TeacherCfg) -> dict | None:
+    """What the chat template is told besides the messages: gpt-oss's reads `reasoning_effort`
+    (its system turn says 'Reasoning: low'), so prompt ids follow the recipe's effort."""
+    return {"reasoning_effort": cfg.reasoning_effort} if cfg.reasoning_effort else None
 
 
 TeacherFactory = Callable[[TeacherCfg, GenerateCfg], Teacher]

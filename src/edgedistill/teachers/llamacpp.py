@@ -26,7 +26,7 @@ def context_per_slot(gen_cfg: GenerateCfg) -> int:
 
 @register_backend("llamacpp")
 def _make_llamacpp_teacher(teacher_cfg: TeacherCfg, gen_cfg: GenerateCfg) -> OpenAITeacher:
-    from edgedistill.models.llamacpp import start_llamacpp_server
+    from edgedistill.models.llamacpp import ReasoningOptions, start_llamacpp_server
 
     source = resolve_source(teacher_cfg.model)
     if source.gguf_file is None:
@@ -34,8 +34,10 @@ def _make_llamacpp_teacher(teacher_cfg: TeacherCfg, gen_cfg: GenerateCfg) -> Ope
 
         raise UserError(f"teacher.model: {source.folder} is not a .gguf file — the llamacpp backend serves "
                         "GGUF models (use backend = \"hf\" for a transformers folder)")
+    # A thinking template's trace comes back in reasoning_content, apart from the answer.
+    reasoning = ReasoningOptions("deepseek", teacher_cfg.reasoning_budget, teacher_cfg.reasoning_budget_message)
     server = start_llamacpp_server(source.folder / source.gguf_file, parallel=teacher_cfg.concurrency,
-                                   ctx_per_slot=context_per_slot(gen_cfg), alias=source.model_id)
+                                   ctx_per_slot=context_per_slot(gen_cfg), alias=source.model_id, reasoning=reasoning)
     served = teacher_cfg.model_copy(update={
         "base_url": server.base_url, "model": source.model_id, "api_key_env": None,
         # A local server is slow only when its slots are busy: long Self-Instruct answers at 4

@@ -11,6 +11,13 @@ and bytes (llama.cpp adds its id) and its top alternatives. They become KD targe
 every token maps onto the local tokenizer's vocabulary — by id when the server sends ids,
 checked against the token's bytes, otherwise by bytes. When they do not, the answer is kept
 as text and tokenised locally, so training falls back to sequence-level KD for it.
+
+Reasoning teachers: the trace comes in `message.reasoning` or `reasoning_content` (or as a
+`<think>` block in the content of a server without a reasoning parser) and is kept apart from
+the answer. `logprobs.content` runs over trace and answer in generation order; it is cut at
+the end of the trace so each part gets its own targets (`split_entries`), tokens a thinking
+budget forced lose the teacher's distribution, and a part whose entries do not spell its text
+is kept as text.
 """
 
 from __future__ import annotations
@@ -22,17 +29,24 @@ import math
 import os
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import httpx
 import numpy as np
 
 from edgedistill.errors import UserError
 from edgedistill.models.hf import Completion, Messages, encode_prompts, load_tokenizer
+from edgedistill.models.reasoning import (
+    HARMONY,
+    THINK_TAGS,
+    ReasoningStyle,
+    split_pieces,
+    split_text,
+)
 from edgedistill.models.vocab import VocabMap
 from edgedistill.net import is_loopback
 from edgedistill.recipe import TOP_LOGPROBS_CAP, GenerateCfg, TeacherCfg
-from edgedistill.teachers.base import Sampling, Usage, register_backend
+from edgedistill.teachers.base import Sampling, Usage, register_backend, template_kwargs
 
 RETRY_STATUS = frozenset({408, 409, 425, 429})  # plus every 5xx
 # Log-prob of the buckets a short top list does not fill: zero mass (the KD losses skip p = 0
@@ -120,27 +134,94 @@ def _reason(exc: Exception) -> str:
 class ServerAnswer:
     text: str
     finished: bool
-    logprobs: list[dict] | None  # choices[0].logprobs.content
+    logprobs: list[dict] | None  # choices[0].logprobs.content: trace tokens first when there is a trace
     prompt_tokens: int
     completion_tokens: int
+    reasoning: str | None = None  # the trace, where the server's reasoning parser put it
+    reasoning_tokens: int | None = None  # usage.completion_tokens_details.reasoning_tokens, when counted
+
+
+def reasoning_of(message: dict) -> str | None:
+    """The trace of a message or a streamed delta. vLLM >= 0.11.1 and Ollama write `reasoning`;
+    llama.cpp and vLLM <= 0.11.0 `reasoning_content` (vLLM 0.11.1-0.15 sends both, the same)."""
+    for key in ("reasoning", "reasoning_content"):
+        if isinstance(message.get(key), str) and message[key]:
+            return message[key]
+    return None
+
+
+def _logprob_entries(choice: dict) -> list[dict] | None:
+    content = (choice.get("logprobs") or {}).get("content")
+    if content is not None and not (isinstance(content, list) and all(isinstance(e, dict) for e in content)):
+        raise TypeError("logprobs.content is not a list of objects")
+    return content
+
+
+def _usage_counts(usage: dict) -> tuple[int, int, int | None]:
+    details = usage.get("completion_tokens_details") or {}
+    reasoning = details.get("reasoning_tokens") if isinstance(details, dict) else None
+    return (int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0),
+            int(reasoning) if isinstance(reasoning, int) else None)
+
+
+def _malformed(exc: Exception) -> RetryableError:
+    return RetryableError(f"malformed response ({type(exc).__name__}: {str(exc)[:80]})")
 
 
 def parse_chat_response(body: bytes) -> ServerAnswer:
-    """Validate a chat completion body; anything malformed is a RetryableError."""
+    """Validate a chat completion body; anything malformed is a RetryableError. A reasoning
+    model cut by max_tokens inside its trace answers `content: null` (vLLM) or "" (llama.cpp):
+    with a trace present that is an answer, not a broken body."""
     try:
         data = json.loads(body)
         choice = data["choices"][0]
-        text = choice["message"]["content"]
+        message = choice["message"]
+        reasoning = reasoning_of(message)
+        text = message["content"]
+        if text is None and reasoning is not None:
+            text = ""
         if not isinstance(text, str):
             raise TypeError("message.content is not text")
-        content = (choice.get("logprobs") or {}).get("content")
-        if content is not None and not (isinstance(content, list) and all(isinstance(e, dict) for e in content)):
-            raise TypeError("logprobs.content is not a list of objects")
-        usage = data.get("usage") or {}
-        return ServerAnswer(text, choice.get("finish_reason") == "stop", content,
-                            int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0))
+        counts = _usage_counts(data.get("usage") or {})
+        return ServerAnswer(text, choice.get("finish_reason") == "stop", _logprob_entries(choice), *counts[:2],
+                            reasoning, counts[2])
     except (ValueError, KeyError, IndexError, TypeError) as exc:
-        raise RetryableError(f"malformed response ({type(exc).__name__}: {str(exc)[:80]})") from None
+        raise _malformed(exc) from None
+
+
+def parse_chat_stream(body: bytes) -> ServerAnswer:
+    """A streamed (SSE) chat completion put back together: content and trace deltas joined,
+    logprob entries in order. llama.cpp's stream leaves out the entries of the tokens its
+    reasoning parser holds back (`<think>` pieces, `</think>`, end of turn: 11 of 18 listed,
+    measured), so a streamed trace rarely maps onto token targets; vLLM sends `"delta": {}`
+    chunks to carry them. A stream that stops before a finish_reason is retried."""
+    text, trace, entries = [], [], []
+    listed, finish, usage = False, None, {}
+    try:
+        for line in body.decode("utf-8").splitlines():
+            if not line.startswith("data:"):  # SSE comments, event names, blank lines
+                continue
+            payload = line[5:].strip()
+            if payload == "[DONE]":
+                break
+            chunk = json.loads(payload)
+            usage = chunk.get("usage") or usage
+            for choice in chunk.get("choices") or []:
+                delta = choice.get("delta") or {}
+                if isinstance(delta.get("content"), str):
+                    text.append(delta["content"])
+                if (piece := reasoning_of(delta)) is not None:
+                    trace.append(piece)
+                if (more := _logprob_entries(choice)) is not None:
+                    listed, entries = True, entries + more
+                finish = choice.get("finish_reason") or finish
+        if finish is None:
+            raise ValueError("the stream ended before a finish_reason")
+        counts = _usage_counts(usage)
+    except (ValueError, AttributeError, TypeError) as exc:
+        raise _malformed(exc) from None
+    return ServerAnswer("".join(text), finish == "stop", entries if listed else None, *counts[:2],
+                        "".join(trace) or None, counts[2])
 
 
 def _fill_row(ids: list[int], logprobs: list[float], k: int) -> tuple[list[int], list[float]]:
@@ -213,6 +294,77 @@ def sparse_target(content: list[dict], vocab: VocabMap, k: int) -> tuple[list[in
             np.asarray(rows_lp, dtype=np.float16).reshape(-1, k), np.asarray(tails, dtype=np.float32))
 
 
+def trace_in_content(answer: ServerAnswer) -> ServerAnswer:
+    """A server without a reasoning parser (llama.cpp --reasoning-format none, vLLM without
+    --reasoning-parser) leaves `<think>…</think>` in the content: split it there."""
+    if answer.reasoning is not None or not answer.text.lstrip().startswith(THINK_TAGS[0]):
+        return answer
+    split = split_text(answer.text, ReasoningStyle())
+    return replace(answer, reasoning=split.trace or "", text=split.answer)
+
+
+Target = tuple[list[int], np.ndarray, np.ndarray, np.ndarray]
+STAND_IN = "\ufffc"  # the text of an entry that has none (llama.cpp's end of turn)
+
+
+def _piece(entry: dict) -> str:
+    """An entry's text; special tokens (empty bytes on llama.cpp) get a stand-in that is not
+    whitespace, so an end-of-turn entry stays with the answer."""
+    raw = bytes(entry.get("bytes") or [])
+    text = raw.decode("utf-8", "replace") if raw else str(entry.get("token") or "")
+    return text or STAND_IN
+
+
+def _forced(entry: dict) -> bool:
+    """A token the sampler did not choose: the server lists alternatives and the token is not
+    among them. A thinking budget forces its message and `</think>`; llama.cpp reports the
+    model's own log-prob for them (-7.24 for a forced `</think>`, measured), vLLM e.g. -20.6. A
+    grammar forces tokens the same way; a token sampled from beyond the listed top-k (temperature
+    > 0, rare at k = 20) is treated alike."""
+    alternatives = entry.get("top_logprobs") or []
+    key = "id" if isinstance(entry.get("id"), int) else "token"
+    return bool(alternatives) and all(alt.get(key) != entry.get(key) for alt in alternatives)
+
+
+def _masked(entry: dict) -> dict:
+    """The entry with its distribution dropped: the target puts all the mass on the token (CE)."""
+    return {**entry, "logprob": 0.0, "top_logprobs": []}
+
+
+def _cut_by_text(pieces: list[str], reasoning: str, answer: str) -> int | None:
+    """The entry index where the trace ends when the entries spell the trace, then the answer,
+    with no delimiter between (Ollama's parser drops the tags from its text)."""
+    joined = ""
+    for i, piece in enumerate(pieces):
+        joined += piece
+        if joined.strip() == reasoning.strip() and \
+                "".join(pieces[i + 1:]).replace(STAND_IN, "").strip() == answer.strip():
+            return i + 1
+    return None
+
+
+def split_entries(entries: list[dict], reasoning: str, answer: str
+                  ) -> tuple[list[dict] | None, list[dict] | None, int]:
+    """logprobs.content of a reasoning answer cut into (trace entries, answer entries, forced
+    rows masked). The list runs in generation order — trace, end of trace (`</think>`, or
+    harmony's `<|end|><|start|>assistant<|channel|>final<|message|>`), answer, end of turn — in
+    vLLM (`_create_chat_logprobs` over all token ids) and llama.cpp (measured); the delimiter
+    belongs to neither side. Without a delimiter the text decides; (None, None, 0) when neither
+    tells them apart (a streamed llama.cpp answer misses the entries it held back)."""
+    pieces = [_piece(e) for e in entries]
+    style = HARMONY if "<|channel|>" in pieces else ReasoningStyle(opened=True)
+    split = split_pieces(pieces, style)
+    trace, answer_range = split.trace, split.answer
+    if answer.strip() and not split.closed:
+        cut = _cut_by_text(pieces, reasoning, answer)
+        if cut is None:
+            return None, None, 0
+        trace, answer_range = range(cut), range(cut, len(entries))
+    kept = [_masked(e) if _forced(e) else e for e in entries]
+    forced = sum(kept[i] is not entries[i] for i in (*trace, *answer_range))
+    return [kept[i] for i in trace], [kept[i] for i in answer_range], forced
+
+
 # --- the teacher -------------------------------------------------------------------------------
 
 class OpenAITeacher:
@@ -241,6 +393,7 @@ class OpenAITeacher:
         self.tokenizer = load_tokenizer(teacher_cfg.tokenizer)
         self.vocab = VocabMap(self.tokenizer)
         self.rng = random.Random(0)
+        self.template_kwargs = template_kwargs(teacher_cfg)
         self.on_close: list = []  # e.g. stop the server the llamacpp backend started
 
     def close(self) -> None:
@@ -250,7 +403,12 @@ class OpenAITeacher:
     # The endpoint -------------------------------------------------------------------------------
     def _body(self, messages: Messages, sampling: Sampling) -> dict:
         body: dict = {**self.cfg.extra_body, "model": self.cfg.model, "messages": messages,
-                      "max_tokens": sampling.max_new_tokens, "temperature": sampling.temperature, "stream": False}
+                      "max_tokens": sampling.max_new_tokens, "temperature": sampling.temperature,
+                      "stream": self.cfg.stream}
+        if self.cfg.stream:
+            body["stream_options"] = {"include_usage": True}
+        if self.cfg.reasoning_effort:  # vLLM, llama.cpp and Ollama read it ('none' turns thinking off)
+            body["reasoning_effort"] = self.cfg.reasoning_effort
         if sampling.top_k_logprobs:
             body |= {"logprobs": True, "top_logprobs": min(sampling.top_k_logprobs, TOP_LOGPROBS_CAP)}
         return body
@@ -276,7 +434,7 @@ class OpenAITeacher:
         if status >= 400:
             raise UserError(f"teacher: {self.cfg.base_url} rejected the request (HTTP {status}: "
                             f"{payload[:200].decode('utf-8', 'replace')})")
-        return parse_chat_response(payload)
+        return parse_chat_stream(payload) if self.cfg.stream else parse_chat_response(payload)
 
     async def _ask(self, client: httpx.AsyncClient, gate: asyncio.Semaphore, messages: Messages,
                    sampling: Sampling) -> ServerAnswer | None:
@@ -313,32 +471,61 @@ class OpenAITeacher:
                 continue
             self.usage.prompt_tokens += answer.prompt_tokens
             self.usage.completion_tokens += answer.completion_tokens
-            completions.append(self._completion(messages, answer, s.top_k_logprobs))
+            completion = self._completion(messages, answer, s.top_k_logprobs)
+            completion.generated_tokens = answer.completion_tokens
+            completions.append(completion)
         return completions
 
+    def _target(self, entries: list[dict] | None, text: str, k: int | None) -> Target | None:
+        """The sparse target of some logprob entries, when they map onto the local vocabulary
+        and spell `text` (every token may map, yet spell another text: another vocabulary)."""
+        target = sparse_target(entries, self.vocab, min(k, TOP_LOGPROBS_CAP)) if k and entries else None
+        if target is None or self.tokenizer.decode(target[0], skip_special_tokens=True).strip() != text.strip():
+            return None
+        return target
+
     def _completion(self, messages: Messages, answer: ServerAnswer, k: int | None) -> Completion:
-        prompt_ids = encode_prompts(self.tokenizer, [messages])[0]
-        eos = self.tokenizer.eos_token_id
+        answer = trace_in_content(answer)
+        prompt_ids = encode_prompts(self.tokenizer, [messages], template_kwargs=self.template_kwargs)[0]
         completion = Completion(prompt_ids=prompt_ids, token_ids=[], text=answer.text.strip(),
                                 finished=answer.finished)
-        target = sparse_target(answer.logprobs, self.vocab, min(k, TOP_LOGPROBS_CAP)) \
-            if k and answer.logprobs else None
+        entries = answer.logprobs
+        if answer.reasoning is not None:
+            entries = self._take_reasoning(completion, answer, k)
+        target = self._target(entries, completion.text, k)
         if target is None:
-            if k:
+            if k and (answer.reasoning is None or completion.text):
                 self.usage.text_only += 1
-            completion.token_ids = self.tokenizer(answer.text, add_special_tokens=False)["input_ids"]
-            if answer.finished and eos is not None:
-                completion.token_ids.append(eos)
+            completion.token_ids = self.tokenizer(completion.text if answer.reasoning is not None else answer.text,
+                                                  add_special_tokens=False)["input_ids"]
+            if answer.finished and self.tokenizer.eos_token_id is not None:
+                completion.token_ids.append(self.tokenizer.eos_token_id)
             return completion
+        return self._with_target(completion, target, answer.finished)
+
+    def _take_reasoning(self, completion: Completion, answer: ServerAnswer, k: int | None) -> list[dict] | None:
+        """Put the trace (and its target, when its tokens map) on the completion; return the
+        logprob entries of the answer alone, or None when they cannot be told apart."""
+        completion.reasoning = answer.reasoning.strip() or None
+        trace_entries = answer_entries = None
+        if answer.logprobs:
+            trace_entries, answer_entries, forced = split_entries(answer.logprobs, answer.reasoning, answer.text)
+            self.usage.forced_rows += forced
+        target = self._target(trace_entries, answer.reasoning, k)
+        if target is None:  # no logprobs (Ollama before 0.12.11, another vocabulary): the text alone
+            completion.take_reasoning(self.tokenizer(completion.reasoning or "", add_special_tokens=False)["input_ids"],
+                                      None)
+        else:
+            completion.take_reasoning(target[0], target[1:])
+        self.usage.reasoning_tokens += (answer.reasoning_tokens if answer.reasoning_tokens is not None
+                                        else len(trace_entries) if trace_entries is not None
+                                        else len(completion.reasoning_ids))
+        return answer_entries
+
+    def _with_target(self, completion: Completion, target: Target, finished: bool) -> Completion:
         ids, topk_ids, topk_lp, tail = target
-        if self.tokenizer.decode(ids, skip_special_tokens=True).strip() != completion.text:
-            # Every token mapped, yet the ids spell another text: not the same vocabulary.
-            self.usage.text_only += 1
-            completion.token_ids = self.tokenizer(answer.text, add_special_tokens=False)["input_ids"]
-            if answer.finished and eos is not None:
-                completion.token_ids.append(eos)
-            return completion
-        if answer.finished and eos is not None and (not ids or ids[-1] != eos):
+        eos = self.tokenizer.eos_token_id
+        if finished and eos is not None and (not ids or ids[-1] != eos):
             # The server stopped on end-of-turn but does not list it: the teacher chose it, so
             # the target there is that token with all the mass.
             ids.append(eos)
