@@ -10,8 +10,10 @@ only, D any divergence of distill/losses.py. Modes (`train.mode`):
 - sft        the teacher's text alone (alpha_ce = 1): the baseline.
 The LM head and the loss run fused in row chunks (distill/fused.py): the (N, V) logits of a
 batch never exist whole, in every mode.
-When teacher and student tokenizers differ, logit KD is impossible: the run falls back to
-sequence-level KD (the teacher's text, re-tokenised for the student) and says so.
+When teacher and student tokenizers differ, the teacher's top-k is aligned onto the
+student's tokens by bytes (distill/xtok.py: mapped KL at 1:1 tokens, chunk likelihoods
+elsewhere, coverage in the ledger); only samples without teacher log-probs fall back to
+sequence-level KD (the teacher's text, re-tokenised for the student).
 
 Why our own loop and not TRL's trainers: the sparse cached target (the reason the distill set
 stays small) is not something TRL's GKD/Distillation trainers consume, and the step has to
@@ -58,6 +60,16 @@ from edgedistill.distill.fused import (
     fused_head_loss,
 )
 from edgedistill.distill.losses import Objective, cross_entropy, kd_dense, kd_sparse
+from edgedistill.distill.xtok import (
+    CrossVocab,
+    XTokBatch,
+    XTokExample,
+    collate_xtok,
+    coverage,
+    example_of,
+    live_batch,
+    xtok_step_loss,
+)
 from edgedistill.errors import UserError
 from edgedistill.models.hf import save_model
 from edgedistill.models.vocab import vocab_matches
@@ -92,6 +104,8 @@ def step_loss(model, batch: Batch, cfg: TrainCfg, head=None, teacher=None, teach
 
     The head and the loss run fused in row chunks (distill/fused.py); a head that is not a
     plain Linear (LoRA on lm_head) gets the materialised logits and distill/losses.py instead."""
+    if isinstance(batch, XTokBatch) and use_logits and cfg.alpha_ce < 1.0:  # another vocabulary
+        return xtok_step_loss(model, batch, cfg, head)
     hidden = answer_hidden(model, batch)  # (N, H)
     head = head or model.get_output_embeddings()
     labels = batch.labels.to(hidden.device)
@@ -217,11 +231,14 @@ def _load_teacher(recipe: Recipe):
     return model, tokenizer
 
 
-def _examples(recipe: Recipe, run: RunDir, student_tokenizer, same_vocab: bool) -> list[Example]:
+def _examples(recipe: Recipe, run: RunDir, student_tokenizer, same_vocab: bool,
+              pair: CrossVocab | None = None) -> list[Example]:
     cfg = recipe.train
     samples = load_distill_set(run, split="train")
     if same_vocab:
         examples = [to_example(s, cfg.max_seq_len) for s in samples]
+    elif pair is not None:  # the teacher's answer bytes in student tokens, its top-k aligned onto them
+        examples = [example_of(pair, s, cfg.max_seq_len) for s in samples]
     else:  # the teacher's text through the student's own tokenizer and chat template
         examples = [to_text_example(s, student_tokenizer, cfg.max_seq_len) for s in samples]
     examples = [e for e in examples if e is not None]
@@ -242,15 +259,22 @@ def run_train(recipe: Recipe, run: RunDir, ledger: Ledger) -> dict[str, float]:
     teacher_tokenizer = load_tokenizer(recipe.teacher.local_model) if recipe.teacher.local_model else None
     same_vocab = teacher_tokenizer is not None and vocab_matches(teacher_tokenizer, student_tokenizer)
     logit_kd = cfg.mode != "sft" and cfg.alpha_ce < 1.0
-    if logit_kd and not same_vocab:
-        console.print("[yellow]teacher and student vocabularies differ: logit KD is impossible, training on the "
-                      "teacher's text (sequence-level KD) instead[/]")
-        ledger.set_meta("kd_mode", "sequence-level KD: cross-entropy on the teacher's text, re-tokenised for the "
-                        "student (the vocabularies differ)")
-        ledger.log_metrics("train", "stage", {"vocab_mismatch_fallback": 1.0})
-        logit_kd = False
-    examples = _examples(recipe, run, student_tokenizer, same_vocab=same_vocab)
-    if logit_kd and cfg.mode == "offline" and any(e.topk_ids is None for e in examples):
+    pair = None if same_vocab or teacher_tokenizer is None else \
+        CrossVocab.build(teacher_tokenizer, student_tokenizer, run.root / "xtok")
+    examples = _examples(recipe, run, student_tokenizer, same_vocab=same_vocab, pair=pair)
+    xtok_coverage = coverage([e for e in examples if isinstance(e, XTokExample)]) if pair else {}
+    if pair and "xtok_byte_coverage" not in xtok_coverage:  # no sample has teacher log-probs
+        xtok_coverage = {"xtok_byte_coverage": 0.0, "xtok_mass_coverage": 0.0}
+        if logit_kd and cfg.mode == "offline":
+            console.print("[yellow]the vocabularies differ and no sample has teacher log-probs: training on the "
+                          "teacher's text (sequence-level KD)[/]")
+            ledger.set_meta("kd_mode", "sequence-level KD: cross-entropy on the teacher's text, re-tokenised for "
+                            "the student (another vocabulary, and no teacher log-probs to align)")
+            ledger.log_metrics("train", "stage", {"vocab_mismatch_fallback": 1.0})
+            logit_kd = False
+    if xtok_coverage:
+        ledger.log_metrics("train", "stage", xtok_coverage)
+    if logit_kd and not pair and cfg.mode == "offline" and any(e.topk_ids is None for e in examples):
         raise UserError(f"{run.store_path}: samples have no teacher log-probs — set train.mode = 'online' (the "
                         "teacher in memory), train.alpha_ce = 1.0 (sequence-level KD), or regenerate with a "
                         "white-box teacher")
@@ -261,7 +285,9 @@ def run_train(recipe: Recipe, run: RunDir, ledger: Ledger) -> dict[str, float]:
         if stale.name not in keep:  # checkpoints of an earlier configuration are never resumed from
             shutil.rmtree(stale, ignore_errors=True)
     teacher = _load_teacher(recipe)[0] if logit_kd and cfg.mode in ("online", "on_policy") else None
-    if logit_kd:
+    if logit_kd and pair:
+        ledger.set_meta("kd_mode", xtok_words(recipe, xtok_coverage))
+    elif logit_kd:
         target = (f"the cached sparse top-{recipe.generate.top_k_logprobs} target" if cfg.mode == "offline"
                   else "the live teacher's logits")
         ledger.set_meta("kd_mode", f"{cfg.mode} logit KD: loss = {cfg.alpha_ce:g}·CE(teacher's text) + "
@@ -269,10 +295,12 @@ def run_train(recipe: Recipe, run: RunDir, ledger: Ledger) -> dict[str, float]:
     elif cfg.mode == "sft" or cfg.alpha_ce == 1.0:
         ledger.set_meta("kd_mode", "SFT: cross-entropy on the teacher's text (sequence-level KD)")
     console.print(f"training the student: {cfg.mode if logit_kd else 'sequence-level'}, {cfg.objective}"
+                  + (" across tokenizers" if logit_kd and pair else "")
                   + (" (then the SFT baseline)" if cfg.sft_baseline else ""))
     result = train_student(recipe, run, ledger, examples, out_dir=run.student_dir, use_logits=logit_kd,
                            teacher=teacher, checkpoints=run.checkpoints_dir / fingerprint,
-                           log_path=run.root / "train_log.jsonl")
+                           log_path=run.root / "train_log.jsonl", pair=pair)
+    result |= xtok_coverage
     if cfg.sft_baseline:
         console.print("training the SFT baseline (teacher text only, same data and steps)")
         # Exactly the KD run's steps, whatever the clock says: a baseline capped earlier would not be fair.
@@ -281,6 +309,20 @@ def run_train(recipe: Recipe, run: RunDir, ledger: Ledger) -> dict[str, float]:
                             log_path=run.root / "train_log_sft.jsonl", label="train sft", max_steps=int(result["steps"]))
         ledger.log_metrics("train", "sft", sft)
     return result
+
+
+def xtok_words(recipe: Recipe, covered: dict[str, float]) -> str:
+    """The ledger's `kd_mode` for a student of another vocabulary, in words."""
+    cfg = recipe.train
+    target = (f"the cached sparse top-{recipe.generate.top_k_logprobs} target" if cfg.mode == "offline"
+              else f"the live teacher's top-{cfg.online_top_k or recipe.generate.top_k_logprobs} + tail")
+    terms = {"mapped_kl": f"{cfg.objective} on the mapped ids + rest at 1:1 tokens",
+             "alm": "ALM chunk likelihoods at n:m groups", "uld": "ULD sorted-probability L1 at group starts"}
+    kd = " + ".join(f"{w:g}·{terms[name]}" for name, w in cfg.xtok_weights.items() if w > 0)
+    return (f"{cfg.mode} cross-tokenizer logit KD: loss = {cfg.alpha_ce:g}·CE(teacher's text in student tokens) + "
+            f"{1 - cfg.alpha_ce:g}·({kd}) on {target}, aligned by UTF-8 bytes (answer bytes in 1:1 groups: "
+            f"{covered.get('xtok_byte_coverage', 0):.0%}; teacher top-k mass mapped there: "
+            f"{covered.get('xtok_mass_coverage', 0):.0%})")
 
 
 def _prepare_student(cfg: TrainCfg, source: Path):
@@ -308,7 +350,7 @@ def _merged(model):
 
 def train_student(recipe: Recipe, run: RunDir, ledger: Ledger, examples: list[Example], *, out_dir: Path,
                   use_logits: bool, teacher, checkpoints: Path, log_path: Path, label: str = "train",
-                  max_steps: int | None = None) -> dict[str, float]:
+                  max_steps: int | None = None, pair: CrossVocab | None = None) -> dict[str, float]:
     """One training run from student_init to `out_dir`, resumable from `checkpoints`; with
     `max_steps`, exactly that many optimizer steps (no time cap)."""
     from accelerate import Accelerator
@@ -371,7 +413,7 @@ def train_student(recipe: Recipe, run: RunDir, ledger: Ledger, examples: list[Ex
                     sync = (index + 1) % cfg.grad_accum_steps == 0 or index + 1 == batches_per_epoch
                     window.append(_train_batch(accelerator, model, optimizer, scheduler, share, cfg, tokenizer, head,
                                                teacher, teacher_head, use_logits, end_ids, recipe.run.seed, totals,
-                                               world, sync))
+                                               world, sync, _live_top_k(recipe, pair)))
                     totals.batches_in_epoch = index + 1
                     progress.update(task, advance=1)
                     if not sync:
@@ -416,15 +458,20 @@ def train_student(recipe: Recipe, run: RunDir, ledger: Ledger, examples: list[Ex
             "processes": world}
 
 
+def _live_top_k(recipe: Recipe, pair: CrossVocab | None) -> tuple[CrossVocab, int] | None:
+    """Across vocabularies, what a live teacher's targets need: the pair and its top-k size."""
+    return (pair, recipe.train.online_top_k or recipe.generate.top_k_logprobs) if pair else None
+
+
 def _train_batch(accelerator, model, optimizer, scheduler, share: list[Example], cfg: TrainCfg, tokenizer, head,
                  teacher, teacher_head, use_logits: bool, end_ids: set[int], seed: int, totals: Totals,
-                 world: int, sync: bool) -> dict[str, float]:
+                 world: int, sync: bool, cross: tuple[CrossVocab, int] | None = None) -> dict[str, float]:
     """Forward and backward of this process's share of one global batch, and the optimizer step
     when the accumulation window closes (`sync`). Returns the global batch's loss parts."""
     import contextlib
 
     pad_id = tokenizer.pad_token_id
-    batch = collate(share, pad_id).to(accelerator.device)
+    batch = (collate_xtok(share, pad_id) if cross else collate(share, pad_id)).to(accelerator.device)
     step_seed = seed * 1_000_003 + totals.epoch * 10_007 + totals.batches_in_epoch
     on_policy = (use_logits and cfg.mode == "on_policy"
                  and random.Random(step_seed).random() < cfg.on_policy_fraction)
@@ -434,6 +481,9 @@ def _train_batch(accelerator, model, optimizer, scheduler, share: list[Example],
         cfg_step = cfg.model_copy(update={"alpha_ce": 0.0})
     else:
         cfg_step = cfg
+    if cross and use_logits and (cfg.mode != "offline" or on_policy):  # the live teacher, aligned by bytes
+        batch = live_batch(cross[0], share, teacher, cross[1], pad_id,
+                           sampled=batch.to("cpu") if on_policy else None).to(accelerator.device)
     local_tokens = len(batch.labels)
     global_tokens = int(accelerator.reduce(torch.tensor(local_tokens, device=accelerator.device), reduction="sum")) \
         if world > 1 else local_tokens
