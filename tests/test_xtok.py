@@ -73,6 +73,18 @@ def test_alignment_stops_where_the_bytes_disagree():
     assert align_tokens([b"ab"], [b"ax"]).groups == ()
 
 
+def test_stray_bytes_spell_nothing_and_mark_their_tokens():
+    """A stray continuation byte (0x97 alone) and a character cut at the end (e6 97) are no text:
+    they are dropped from their tokens, which are marked; the clean tokens keep their bytes."""
+    from edgedistill.models.align import valid_utf8
+
+    kept, damaged = valid_utf8([b"a\x97", b"\xe6\x97\xa5", b" b", b"\xe6\x97", None])
+    assert kept == [b"a", b"\xe6\x97\xa5", b" b", b"", None]
+    assert damaged == [True, False, False, True, False]
+    # an empty token joins the group of the bytes after it
+    assert align_tokens([b"", b"ab"], [b"ab"]).groups == (Group(0, 2, 0, 1, 2),)
+
+
 def test_the_tiny_tokenizers_split_as_worked_by_hand(bpe, spm):
     """The real tokenizers give the token bytes the hand-worked cases assume (byte-level `Ġ`,
     SentencePiece `▁` with its dummy prefix dropped, `<0xNN>` byte-fallback pieces)."""

@@ -448,6 +448,8 @@ def train_student(recipe: Recipe, run: RunDir, ledger: Ledger, examples: list[Ex
     totals.seconds += time.perf_counter() - started
     if accelerator.is_main_process:
         objective = "ce" if not use_logits or cfg.alpha_ce == 1.0 else f"ce+{cfg.objective}"
+        if pair and objective != "ce":  # e.g. ce+xtok(mapped_kl=1,alm=1)
+            objective = "ce+xtok(" + ",".join(f"{k}={w:g}" for k, w in cfg.xtok_weights.items() if w > 0) + ")"
         save_model(_merged(accelerator.unwrap_model(model)), tokenizer, out_dir,
                    extra={"trained_from": str(run.student_init_dir), "objective": objective, "mode": cfg.mode,
                           "alpha_ce": cfg.alpha_ce, "lora": cfg.lora})

@@ -37,7 +37,6 @@ from edgedistill.distill.batches import Batch, Example, answer_hidden, collate
 from edgedistill.distill.losses import (
     Objective,
     alm_chunk_loss,
-    cross_entropy,
     mapped_kd,
     uld_sorted_l1,
 )
@@ -315,8 +314,8 @@ def xtok_step_loss(model, batch: XTokBatch, cfg, head=None) -> tuple[torch.Tenso
     hidden = answer_hidden(model, batch)  # (N, H)
     logits = (head or model.get_output_embeddings())(hidden).float()  # (N, V)
     labels = batch.labels.to(logits.device)
-    ce = cross_entropy(logits, labels)
     logprobs = torch.log_softmax(logits, dim=-1)
+    ce = -logprobs.gather(-1, labels[:, None]).mean()  # cross-entropy, from the same (N, V) pass
     objective = Objective(cfg.objective, cfg.beta, cfg.skew_alpha, 1.0)
     weights = {name: w for name, w in cfg.xtok_weights.items() if w > 0}
     terms = xtok_losses(logprobs, batch, objective, cfg.xtok_alm_temperature, tuple(weights))

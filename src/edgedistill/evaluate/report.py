@@ -200,7 +200,7 @@ def xtok_summary(run: RunDir, ledger: Ledger) -> tuple[str, list[str], list[list
                 f"(mean per term: {terms}).")
     else:
         used = "Training used the teacher's text only (no step had a KD term)."
-    text = (f"The student speaks another vocabulary than the teacher. {used} How: "
+    text = (f"The student speaks another vocabulary than the teacher. {used} The loss: "
             f"{ledger.meta().get('kd_mode', '')}. Coverage below is of the training answers: the share of answer "
             "bytes whose teacher and student tokens coincide (1:1 groups, where the mapped KL applies) and the "
             "share of the teacher's top-k probability there on tokens the student's vocabulary spells too.")
@@ -412,6 +412,11 @@ def _sections(recipe: Recipe, run: RunDir, ledger: Ledger) -> dict:
                     "while that model was loaded and evaluated (for HF rows an upper bound: the process keeps memory "
                     "from the rows before; GGUF rows are the llama.cpp server's own). The teacher's own ROUGE-L/chrF are below 1 when "
                     "batched greedy decoding drifts at near-ties: read them as the noise floor.")
+    if "xtok_byte_coverage" in train:
+        quality_note += (" The student speaks another vocabulary: its perplexity is per token of its own tokenizer, "
+                         "not comparable with the teacher's; bits per byte (nats of every answer token over the "
+                         "answer's UTF-8 bytes) is, and its KL and top-1 agreement are taken at 1:1 tokens (where "
+                         "both tokenizations have the same token).")
     return {"data_rows": data_rows, "usage": usage, "stages": stages, "intro": intro, "quality_note": quality_note}
 
 
