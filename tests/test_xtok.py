@@ -381,3 +381,14 @@ def test_a_run_with_another_vocabulary_trains_on_the_teachers_logits(other_vocab
     html = run.report_html_path.read_text(encoding="utf-8")
     assert "Cross-tokenizer distillation" in html
     shutil.rmtree(run.root / "checkpoints", ignore_errors=True)
+
+
+def test_xtok_weights_are_validated_in_the_recipe():
+    from edgedistill.errors import UserError
+    from edgedistill.recipe import build_recipe
+
+    recipe = build_recipe({}, "<t>", ["train.xtok_weights={uld = 1.0, alm = 0.5}"])
+    assert recipe.train.xtok_weights == {"uld": 1.0, "alm": 0.5}
+    for bad in ("{alm = -1.0, uld = 1.0}", "{alm = 0.0}", "{}", "{gold = 1.0}"):
+        with pytest.raises(UserError, match="xtok_weights"):
+            build_recipe({}, "<t>", [f"train.xtok_weights={bad}"])
