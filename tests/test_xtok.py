@@ -121,6 +121,22 @@ def test_vocab_map_by_canonical_bytes(bpe, spm):
             assert t.id_bytes[teacher_id] == s.id_bytes[int(student_id)]
 
 
+def test_vocab_map_prefers_a_piece_to_a_byte_fallback_of_the_same_byte(bpe):
+    """Gemma's layout: '<0x2E>' has a lower id than '.'; the tokenizer writes '.', so '.' is the
+    student id of the teacher's '.' (the model gives <0x2E> ~e^-47: measured, bench/xtok.py)."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    pieces = {"<unk>": 0, "</s>": 1, "<0x2E>": 2, "<0x61>": 3, "\u2581a": 4, ".": 5}
+    student = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(pieces, unk_token="<unk>")),
+                                      unk_token="<unk>", eos_token="</s>")
+    s = VocabMap(student)
+    assert s.byte_fallback_ids == {2, 3} and s.id_bytes[2] == s.id_bytes[5] == b"."
+    mapping = vocab_map(VocabMap(bpe), s, bpe.eos_token_id, student.eos_token_id)
+    ids = bpe.convert_tokens_to_ids
+    assert mapping[ids(".")] == 5 and mapping[ids("a")] == 3 and mapping[ids("Ġa")] == 4
+
+
 # ---- losses ----------------------------------------------------------------------------------------
 Q = torch.tensor([[0.5, 0.25, 0.125, 0.125]]).log()  # the student's distribution over 4 ids
 

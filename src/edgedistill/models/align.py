@@ -32,6 +32,9 @@ import numpy as np
 from edgedistill.models.vocab import VocabMap
 
 
+MAP_VERSION = 2  # part of the cache key: a map computed by an older rule is not reused
+
+
 @dataclass(frozen=True)
 class Group:
     """Teacher tokens [t0, t1) and student tokens [s0, s1) spelling the same `n_bytes` bytes."""
@@ -159,10 +162,13 @@ def vocab_map(teacher: VocabMap, student: VocabMap, teacher_eos: int | None = No
               student_eos: int | None = None) -> np.ndarray:
     """(V_teacher,) int64: the student id spelling each teacher token's bytes, -1 where none.
 
+    When several student ids spell the same bytes, an ordinary piece wins over a byte-fallback
+    `<0xNN>` piece (Gemma has both '.' and <0x2E>: its tokenizer writes '.', and its model gives
+    <0x2E> ~e^-47 — measured in bench/xtok.py before this rule), then the lowest id.
     Injective: when two teacher ids spell the same bytes, the lowest keeps the student id and
     the others map to -1, so a student id never stands for two teacher buckets."""
     ordinary = {}
-    for idx in sorted(student.id_bytes):
+    for idx in sorted(student.id_bytes, key=lambda i: (i in student.byte_fallback_ids, i)):
         if idx not in student.special_ids:
             ordinary.setdefault(student.id_bytes[idx], idx)
     special = {student.id_bytes[idx]: idx for idx in sorted(student.special_ids, reverse=True)}
@@ -188,7 +194,7 @@ def cached_vocab_map(teacher_tokenizer, student_tokenizer, folder: Path) -> np.n
     """`vocab_map` of the two tokenizers, computed once and kept in `folder` as .npy, keyed by
     both tokenizers' hashes (a changed tokenizer gets a new file)."""
     key = f"{tokenizer_hash(teacher_tokenizer)[:16]}-{tokenizer_hash(student_tokenizer)[:16]}"
-    path = folder / f"vocab-map-{key}.npy"
+    path = folder / f"vocab-map-{MAP_VERSION}-{key}.npy"
     if path.is_file():
         return np.load(path)
     mapping = vocab_map(VocabMap(teacher_tokenizer), VocabMap(student_tokenizer), teacher_tokenizer.eos_token_id,
