@@ -31,7 +31,6 @@ import numpy as np
 
 from edgedistill.models.vocab import VocabMap
 
-
 MAP_VERSION = 2  # part of the cache key: a map computed by an older rule is not reused
 
 
