@@ -67,7 +67,9 @@ def teacher_targets(teacher, examples: list[Example], seed: int = 0) -> dict[str
 
 
 def train(student, teacher, examples: list[Example], cfg: TrainCfg, epochs: int, batch_size: int, pad_id: int,
-          seed: int) -> dict[str, float]:
+          seed: int, collate_fn=None) -> dict[str, float]:
+    """`epochs` over `examples` in a seeded order; `collate_fn` (default: collate with pad_id)
+    makes a batch of a list of examples (bench/xtok.py gives the cross-tokenizer one)."""
     student.config.use_cache = False
     student.train()
     optimizer = make_optimizer(student, cfg)
@@ -78,7 +80,8 @@ def train(student, teacher, examples: list[Example], cfg: TrainCfg, epochs: int,
     for epoch in range(epochs):
         order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed + epoch)).tolist()
         for start in range(0, len(order), batch_size):
-            batch = collate([examples[i] for i in order[start:start + batch_size]], pad_id)
+            chosen = [examples[i] for i in order[start:start + batch_size]]
+            batch = collate_fn(chosen) if collate_fn else collate(chosen, pad_id)
             live = teacher if cfg.mode == "online" else None
             loss, _ = step_loss(student, batch, cfg, head, live, teacher_head, use_logits=cfg.mode != "sft")
             loss.backward()

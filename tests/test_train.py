@@ -178,19 +178,30 @@ def sampled_divergence(folder, samples, cfg) -> float:
     return total / count
 
 
-def test_a_student_with_another_vocabulary_falls_back_to_sequence_level_kd(base, tmp_path):
+def test_another_vocabulary_without_teacher_logprobs_falls_back_to_sequence_level_kd(base, tmp_path):
+    """Text-only answers (a server that gave no log-probs) have nothing to align: the student of
+    another vocabulary trains on the teacher's text and the ledger says so. (With log-probs it
+    trains on them across tokenizers: tests/test_xtok.py.)"""
+    import sqlite3
+
     other = tmp_path / "spm-student"
     tokenizer = build_tiny_spm_tokenizer()
     build_tiny_model(tokenizer, layers=2).save_pretrained(other)
     tokenizer.save_pretrained(other)
-    recipe = copy_run(base, "other-vocab", epochs=1)
+    recipe = copy_run(base, "other-vocab-text-only", epochs=1)
     recipe = recipe.model_copy(update={"student": recipe.student.model_copy(update={"init": "checkpoint",
                                                                                     "model": str(other)})})
+    from edgedistill.run import RunDir
+
+    with sqlite3.connect(RunDir.for_recipe(recipe).store_path) as db:
+        db.execute("UPDATE samples SET k = 0, topk_ids = NULL, topk_logprobs = NULL, tail_logprobs = NULL")
     run_recipe(recipe, only="student")
     run = run_recipe(recipe, only="train")
     with open_ledger(run) as ledger:
-        assert "vocabularies differ" in ledger.meta()["kd_mode"]
-        assert ledger.metrics("train")["stage"]["vocab_mismatch_fallback"] == 1.0
+        assert "sequence-level KD" in ledger.meta()["kd_mode"]
+        train = ledger.metrics("train")["stage"]
+    assert train["vocab_mismatch_fallback"] == 1.0 and train["xtok_byte_coverage"] == 0.0
+    assert all("kd" not in r for r in map(json.loads, (run.root / "train_log.jsonl").read_text().splitlines()))
     assert (run.student_dir / "tokenizer.json").read_text() == (other / "tokenizer.json").read_text()
 
 

@@ -22,6 +22,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    field_validator,
     model_validator,
 )
 
@@ -29,6 +30,8 @@ from edgedistill.errors import UserError
 
 # Name lists and limits, each defined here once; the stages import them.
 OBJECTIVES = ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd")
+# Cross-tokenizer KD terms (distill/xtok.py), used when the student speaks another vocabulary.
+XTOK_LOSSES = ("mapped_kl", "alm", "uld")
 # GGUF types, highest precision first (the first one a run writes is the parity reference).
 GGUF_TYPES = ("f32", "f16", "bf16", "q8_0", "q6_k", "q5_k_m", "q5_0", "q4_k_m", "q4_1", "q4_0")
 # OpenAI's cap on top_logprobs, which vLLM and llama.cpp follow by default (and our server too).
@@ -219,8 +222,8 @@ class GenerateCfg(_Section):
 class StudentCfg(_Section):
     init: Literal["cut", "checkpoint", "config"] = Field(
         "cut", description="How the student is made: 'cut' keeps some of the teacher's layers; 'checkpoint' "
-        "starts from the local HF model in student.model (its own tokenizer: a different vocabulary falls back "
-        "to sequence-level KD); 'config' is a fresh random model: the teacher's config with student.config "
+        "starts from the local HF model in student.model (its own tokenizer: another vocabulary is distilled "
+        "across tokenizers, train.xtok_weights); 'config' is a fresh random model: the teacher's config with student.config "
         "overrides (e.g. {num_hidden_layers = 4, hidden_size = 256}) and the teacher's tokenizer.")
     model: str | None = Field(None, description="init = 'checkpoint': a local Hugging Face folder (safetensors).")
     config: dict[str, Any] = Field(default_factory=dict, description="init = 'config': overrides of the "
@@ -292,9 +295,26 @@ class TrainCfg(_Section):
         "the loss there is CE on the text.")
     think_tags: tuple[str, str] = Field(("<think>", "</think>"), description="The trace's tags for a student "
                                         "whose chat template has none (trace = text between them).")
+    xtok_weights: dict[Literal[XTOK_LOSSES], float] = Field(
+        default_factory=lambda: {"mapped_kl": 1.0, "alm": 1.0},
+        description="Student with another vocabulary than the teacher's: the divergence term is the weighted "
+        "sum of 'mapped_kl' (the objective on the teacher's top-k moved to student ids by bytes, plus one rest "
+        "bucket for the unmapped and tail mass, where both tokenizations have a 1:1 token), 'alm' (approximate "
+        "likelihood matching, arXiv 2503.20083: the teacher's and the student's log-likelihood of the same "
+        "byte span, for the n:m token groups) and 'uld' (sorted-probability L1, arXiv 2402.12030, at the start "
+        "of every group). Weights >= 0, at least one > 0; alpha_ce still weighs the CE on the teacher's text.")
+    xtok_alm_temperature: float = Field(1.0, gt=0.0, le=100.0, description="alm: τ, chunk likelihoods p^(1/τ) "
+                                        "(above 1 softens long chunks whose likelihood is near 0).")
     sft_baseline: bool = Field(False, description="Also train the same student on the teacher's text only "
                                "(alpha_ce = 1; same data, order, steps, seed) into student_sft/: the baseline "
                                "row that shows what the logits add. Doubles the training time.")
+
+    @field_validator("xtok_weights")
+    @classmethod
+    def _some_xtok_weight(cls, weights: dict[str, float]) -> dict[str, float]:
+        if any(w < 0 for w in weights.values()) or not any(w > 0 for w in weights.values()):
+            raise ValueError(f"weights must be >= 0 with at least one > 0 (terms: {', '.join(XTOK_LOSSES)})")
+        return weights
 
 
 class TaskCfg(_Section):

@@ -165,3 +165,96 @@ def kd_dense(student_logits: torch.Tensor, teacher_logits: torch.Tensor, objecti
             for sc, tc in zip(student_logits.split(chunk_size), teacher_logits.split(chunk_size))]
     per_token = torch.cat(rows) if rows else student_logits.new_zeros(0)
     return _masked_mean(per_token, mask) * t ** 2
+
+
+# ---- across vocabularies (distill/xtok.py builds the inputs from the byte alignment) ----------
+def mapped_sparse_table(student_logprobs: torch.Tensor, mapped_ids: torch.Tensor, topk_logprobs: torch.Tensor,
+                        tail_logprobs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The teacher's sparse target moved into the student's vocabulary, and the student's side.
+
+    Each teacher top-k entry whose token spells the same bytes as a student token keeps its
+    bucket (under the student id); the unmapped entries and the teacher's tail join one
+    "rest" bucket. The student is gathered on the mapped ids plus its own rest (all its mass
+    elsewhere), so both rows are distributions over the same k+1 buckets (unmapped columns
+    hold zero mass on both sides).
+
+    Args:
+        student_logprobs: (M, V) the student's log-softmax rows.
+        mapped_ids: (M, k) student ids of the teacher's k entries, -1 where unmapped (distinct
+            within a row apart from -1).
+        topk_logprobs: (M, k) the teacher's log-probs of its entries.
+        tail_logprobs: (M,) the teacher's log-mass outside them.
+    Returns:
+        (teacher, student) log-prob tables, (M, k+1) each, the rest bucket last.
+    """
+    mapped = mapped_ids >= 0
+    none = torch.tensor(float("-inf"), device=student_logprobs.device)
+    teacher_lp = topk_logprobs.float()
+    student_top = torch.where(mapped, student_logprobs.gather(-1, mapped_ids.clamp(min=0).long()), none)
+    teacher_rest = torch.cat([torch.where(mapped, none, teacher_lp), tail_logprobs.float()[:, None]], -1).logsumexp(-1)
+    student_rest = log1mexp(student_top.logsumexp(-1).clamp(max=_MAX_TOPK_LOGMASS))
+    return (torch.cat([torch.where(mapped, teacher_lp, none), teacher_rest[:, None]], -1),
+            torch.cat([student_top, student_rest[:, None]], -1))
+
+
+def mapped_kd(student_logprobs: torch.Tensor, mapped_ids: torch.Tensor, topk_logprobs: torch.Tensor,
+              tail_logprobs: torch.Tensor, objective: Objective | None = None) -> torch.Tensor:
+    """Any divergence (forward KL by default) between the teacher's and the student's next-token
+    distributions at positions where both predict the same string (a 1:1 byte group), on the
+    mapped support plus one rest bucket (`mapped_sparse_table`); mean over the M rows.
+
+    GOLD (TRL) splits the same rows into a matched KL and an unmatched ULD; X-Token (arXiv
+    2605.21699) measured that dropping the unmatched mass can suppress tokens the student needs.
+    The rest bucket keeps it in the target instead: the student is told how much mass the
+    teacher puts outside the shared strings, without being told where.
+    """
+    teacher_lp, student_lp = mapped_sparse_table(student_logprobs, mapped_ids, topk_logprobs, tail_logprobs)
+    rows = divergence_rows(teacher_lp, student_lp, objective or Objective())
+    return _masked_mean(rows, None)
+
+
+def alm_chunk_loss(student_chunk_logprobs: torch.Tensor, teacher_chunk_logprobs: torch.Tensor,
+                   temperature: float = 1.0) -> torch.Tensor:
+    """Approximate likelihood matching (Minixhofer, Vulić, Ponti 2025, arXiv 2503.20083: the ALM
+    objective of their method section, the binarised f-divergence with KL as f): each aligned chunk (the same bytes, spelled by n teacher and m student
+    tokens) is a binary event "the model writes exactly this chunk here", with probability
+    p = exp(log-likelihood of its tokens / τ); the loss is the binarised f-divergence between
+    the teacher's and the student's events, here KL(Bern(p_T) ‖ Bern(p_S)) =
+    p_T log(p_T/p_S) + (1-p_T) log((1-p_T)/(1-p_S)), mean over the C chunks. (Their reference
+    code, tokenkit's `binary_ce`, takes the binary cross-entropy, which differs by the
+    teacher's binary entropy: the same gradient.) Log-likelihoods are capped at -1e-6, as
+    tokenkit does, so that 1 - p stays positive.
+
+    Args:
+        student_chunk_logprobs: (C,) the student's summed log-probs of each chunk's tokens.
+        teacher_chunk_logprobs: (C,) the teacher's, from its cached log-probs.
+        temperature: τ, softening both events.
+    Returns:
+        The mean binary KL (0 for C = 0).
+    """
+    if not student_chunk_logprobs.numel():
+        return student_chunk_logprobs.sum()
+    t = teacher_chunk_logprobs.float().clamp(max=-1e-6) / temperature
+    s = student_chunk_logprobs.float().clamp(max=-1e-6) / temperature
+    per_chunk = t.exp() * (t - s) + (-torch.expm1(t)) * (log1mexp(t) - log1mexp(s))
+    return per_chunk.mean()
+
+
+def uld_sorted_l1(student_logprobs: torch.Tensor, topk_logprobs: torch.Tensor) -> torch.Tensor:
+    """Universal Logit Distillation (Boizard et al. 2024, arXiv 2402.12030: their ULD loss, the
+    closed form of a Wasserstein-1 distance whose transport pairs the two vocabularies by
+    rank): Σ_i |p_T(i) - p_S(i)| over probabilities sorted in decreasing order, no vocabulary
+    map needed. The cached teacher knows its k largest only, so the sum runs over the first k
+    ranks (the rest of both sides is left out, where the paper pads the smaller vocabulary
+    with zeros). Mean over rows.
+
+    Args:
+        student_logprobs: (G, V) the student's log-softmax rows.
+        topk_logprobs: (G, k) the teacher's k largest log-probs (any order).
+    Returns:
+        The mean sorted-probability L1 over the first k ranks.
+    """
+    k = topk_logprobs.shape[-1]
+    teacher = topk_logprobs.float().exp().sort(-1, descending=True).values
+    student = student_logprobs.float().topk(k, -1).values.exp()
+    return _masked_mean((teacher - student).abs().sum(-1), None)

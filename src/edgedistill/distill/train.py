@@ -10,8 +10,10 @@ only, D any divergence of distill/losses.py. Modes (`train.mode`):
 - sft        the teacher's text alone (alpha_ce = 1): the baseline.
 The LM head and the loss run fused in row chunks (distill/fused.py): the (N, V) logits of a
 batch never exist whole, in every mode.
-When teacher and student tokenizers differ, logit KD is impossible: the run falls back to
-sequence-level KD (the teacher's text, re-tokenised for the student) and says so.
+When teacher and student tokenizers differ, the teacher's top-k is aligned onto the
+student's tokens by bytes (distill/xtok.py: mapped KL at 1:1 tokens, chunk likelihoods
+elsewhere, coverage in the ledger); only samples without teacher log-probs fall back to
+sequence-level KD (the teacher's text, re-tokenised for the student).
 
 Why our own loop and not TRL's trainers: the sparse cached target (the reason the distill set
 stays small) is not something TRL's GKD/Distillation trainers consume, and the step has to
@@ -35,7 +37,7 @@ import os
 import random
 import shutil
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import torch
@@ -58,8 +60,17 @@ from edgedistill.distill.fused import (
 from edgedistill.distill.losses import Objective, cross_entropy, kd_dense, kd_sparse
 from edgedistill.distill.reasoning import (
     ReasoningTargets,
-    build_examples,
     record_reasoning,
+)
+from edgedistill.distill.xtok import (
+    CrossVocab,
+    XTokBatch,
+    XTokExample,
+    collate_xtok,
+    coverage,
+    example_of,
+    live_batch,
+    xtok_step_loss,
 )
 from edgedistill.errors import UserError
 from edgedistill.models.hf import save_model
@@ -95,6 +106,8 @@ def step_loss(model, batch: Batch, cfg: TrainCfg, head=None, teacher=None, teach
 
     The head and the loss run fused in row chunks (distill/fused.py); a head that is not a
     plain Linear (LoRA on lm_head) gets the materialised logits and distill/losses.py instead."""
+    if isinstance(batch, XTokBatch) and use_logits and cfg.alpha_ce < 1.0:  # another vocabulary
+        return xtok_step_loss(model, batch, cfg, head)
     hidden = answer_hidden(model, batch)  # (N, H)
     head = head or model.get_output_embeddings()
     labels = batch.labels.to(hidden.device)
@@ -246,12 +259,20 @@ def _load_teacher(recipe: Recipe):
     return model, tokenizer
 
 
-def _examples(recipe: Recipe, run: RunDir, student_tokenizer, same_vocab: bool
-              ) -> tuple[list[Example], ReasoningTargets]:
-    """Stored ids and targets with the same vocabulary, else the teacher's text through the
-    student's own tokenizer and chat template; samples with a trace in train.reasoning's form."""
-    examples, targets = build_examples(load_distill_set(run, split="train"), recipe.train, student_tokenizer,
-                                       same_vocab)
+def _examples(recipe: Recipe, run: RunDir, student_tokenizer, same_vocab: bool,
+              pair: CrossVocab | None = None) -> tuple[list[Example], ReasoningTargets]:
+    """Stored ids and targets with the same vocabulary; with another vocabulary the teacher's
+    answer bytes in student tokens with its top-k aligned onto them (`pair`), else its text
+    through the student's own tokenizer and chat template; samples with a trace in
+    train.reasoning's form (their trace and answer as text when the vocabularies differ)."""
+    samples = load_distill_set(run, split="train")
+    targets = ReasoningTargets(recipe.train, student_tokenizer, same_vocab)
+    examples = [example_of(pair, s, recipe.train.max_seq_len) if pair is not None and s.reasoning is None
+                else targets.example(s) for s in samples]
+    examples = [e for e in examples if e is not None]
+    if pair is not None:  # a trace learnt as text: an aligned example with no teacher rows (CE only)
+        examples = [e if isinstance(e, XTokExample) else XTokExample(**{f.name: getattr(e, f.name) for f in fields(e)})
+                    for e in examples]
     if not examples:
         raise UserError(f"{run.store_path}: no training samples — run the generate stage first")
     return examples, targets
@@ -269,18 +290,25 @@ def run_train(recipe: Recipe, run: RunDir, ledger: Ledger) -> dict[str, float]:
     teacher_tokenizer = load_tokenizer(recipe.teacher.local_model) if recipe.teacher.local_model else None
     same_vocab = teacher_tokenizer is not None and vocab_matches(teacher_tokenizer, student_tokenizer)
     logit_kd = cfg.mode != "sft" and cfg.alpha_ce < 1.0
-    if logit_kd and not same_vocab:
-        console.print("[yellow]teacher and student vocabularies differ: logit KD is impossible, training on the "
-                      "teacher's text (sequence-level KD) instead[/]")
-        ledger.set_meta("kd_mode", "sequence-level KD: cross-entropy on the teacher's text, re-tokenised for the "
-                        "student (the vocabularies differ)")
-        ledger.log_metrics("train", "stage", {"vocab_mismatch_fallback": 1.0})
-        logit_kd = False
-    examples, reasoning = _examples(recipe, run, student_tokenizer, same_vocab=same_vocab)
+    pair = None if same_vocab or teacher_tokenizer is None else \
+        CrossVocab.build(teacher_tokenizer, student_tokenizer, run.root / "xtok")
+    examples, reasoning = _examples(recipe, run, student_tokenizer, same_vocab=same_vocab, pair=pair)
     if reasoning.counts.samples:
         ledger.set_meta("reasoning", f"train.reasoning = '{cfg.reasoning}': {reasoning.describe()}")
         console.print(f"reasoning traces: {reasoning.describe()}")
-    if logit_kd and cfg.mode == "offline" and any(e.topk_ids is None for e in examples):
+    xtok_coverage = coverage([e for e in examples if isinstance(e, XTokExample)]) if pair else {}
+    if pair and "xtok_byte_coverage" not in xtok_coverage:  # no sample has teacher log-probs
+        xtok_coverage = {"xtok_byte_coverage": 0.0, "xtok_mass_coverage": 0.0}
+        if logit_kd and cfg.mode == "offline":
+            console.print("[yellow]the vocabularies differ and no sample has teacher log-probs: training on the "
+                          "teacher's text (sequence-level KD)[/]")
+            ledger.set_meta("kd_mode", "sequence-level KD: cross-entropy on the teacher's text, re-tokenised for "
+                            "the student (another vocabulary, and no teacher log-probs to align)")
+            ledger.log_metrics("train", "stage", {"vocab_mismatch_fallback": 1.0})
+            logit_kd = False
+    if xtok_coverage:
+        ledger.log_metrics("train", "stage", xtok_coverage)
+    if logit_kd and not pair and cfg.mode == "offline" and any(e.topk_ids is None for e in examples):
         raise UserError(f"{run.store_path}: samples have no teacher log-probs — set train.mode = 'online' (the "
                         "teacher in memory), train.alpha_ce = 1.0 (sequence-level KD), or regenerate with a "
                         "white-box teacher")
@@ -291,7 +319,9 @@ def run_train(recipe: Recipe, run: RunDir, ledger: Ledger) -> dict[str, float]:
         if stale.name not in keep:  # checkpoints of an earlier configuration are never resumed from
             shutil.rmtree(stale, ignore_errors=True)
     teacher = _load_teacher(recipe)[0] if logit_kd and cfg.mode in ("online", "on_policy") else None
-    if logit_kd:
+    if logit_kd and pair:
+        ledger.set_meta("kd_mode", xtok_words(recipe, xtok_coverage))
+    elif logit_kd:
         target = (f"the cached sparse top-{recipe.generate.top_k_logprobs} target" if cfg.mode == "offline"
                   else "the live teacher's logits")
         ledger.set_meta("kd_mode", f"{cfg.mode} logit KD: loss = {cfg.alpha_ce:g}·CE(teacher's text) + "
@@ -299,10 +329,12 @@ def run_train(recipe: Recipe, run: RunDir, ledger: Ledger) -> dict[str, float]:
     elif cfg.mode == "sft" or cfg.alpha_ce == 1.0:
         ledger.set_meta("kd_mode", "SFT: cross-entropy on the teacher's text (sequence-level KD)")
     console.print(f"training the student: {cfg.mode if logit_kd else 'sequence-level'}, {cfg.objective}"
+                  + (" across tokenizers" if logit_kd and pair else "")
                   + (" (then the SFT baseline)" if cfg.sft_baseline else ""))
     result = train_student(recipe, run, ledger, examples, out_dir=run.student_dir, use_logits=logit_kd,
                            teacher=teacher, checkpoints=run.checkpoints_dir / fingerprint,
-                           log_path=run.root / "train_log.jsonl")
+                           log_path=run.root / "train_log.jsonl", pair=pair)
+    result |= xtok_coverage
     if cfg.sft_baseline:
         console.print("training the SFT baseline (teacher text only, same data and steps)")
         # Exactly the KD run's steps, whatever the clock says: a baseline capped earlier would not be fair.
@@ -315,6 +347,20 @@ def run_train(recipe: Recipe, run: RunDir, ledger: Ledger) -> dict[str, float]:
         if cfg.sft_baseline:
             record_reasoning(run.student_sft_dir, reasoning)
     return result | (reasoning.counts.metrics() if reasoning.counts.samples else {})
+
+
+def xtok_words(recipe: Recipe, covered: dict[str, float]) -> str:
+    """The ledger's `kd_mode` for a student of another vocabulary, in words."""
+    cfg = recipe.train
+    target = (f"the cached sparse top-{recipe.generate.top_k_logprobs} target" if cfg.mode == "offline"
+              else f"the live teacher's top-{cfg.online_top_k or recipe.generate.top_k_logprobs} + tail")
+    terms = {"mapped_kl": f"{cfg.objective} on the mapped ids + rest at 1:1 tokens",
+             "alm": "ALM chunk likelihoods at n:m groups", "uld": "ULD sorted-probability L1 at group starts"}
+    kd = " + ".join(f"{w:g}·{terms[name]}" for name, w in cfg.xtok_weights.items() if w > 0)
+    return (f"{cfg.mode} cross-tokenizer logit KD: loss = {cfg.alpha_ce:g}·CE(teacher's text in student tokens) + "
+            f"{1 - cfg.alpha_ce:g}·({kd}) on {target}, aligned by UTF-8 bytes (answer bytes in 1:1 groups: "
+            f"{covered.get('xtok_byte_coverage', 0):.0%}; teacher top-k mass mapped there: "
+            f"{covered.get('xtok_mass_coverage', 0):.0%})")
 
 
 def _prepare_student(cfg: TrainCfg, source: Path):
@@ -369,7 +415,7 @@ def _merged(model):
 
 def train_student(recipe: Recipe, run: RunDir, ledger: Ledger, examples: list[Example], *, out_dir: Path,
                   use_logits: bool, teacher, checkpoints: Path, log_path: Path, label: str = "train",
-                  max_steps: int | None = None) -> dict[str, float]:
+                  max_steps: int | None = None, pair: CrossVocab | None = None) -> dict[str, float]:
     """One training run from student_init to `out_dir`, resumable from `checkpoints`; with
     `max_steps`, exactly that many optimizer steps (no time cap)."""
     from accelerate import Accelerator
@@ -434,7 +480,7 @@ def train_student(recipe: Recipe, run: RunDir, ledger: Ledger, examples: list[Ex
                     sync = (index + 1) % cfg.grad_accum_steps == 0 or index + 1 == batches_per_epoch
                     window.append(_train_batch(accelerator, model, optimizer, scheduler, share, cfg, tokenizer, head,
                                                teacher, teacher_head, use_logits, end_ids, recipe.run.seed, totals,
-                                               world, sync))
+                                               world, sync, _live_top_k(recipe, pair)))
                     totals.batches_in_epoch = index + 1
                     progress.update(task, advance=1)
                     if not sync:
@@ -469,6 +515,8 @@ def train_student(recipe: Recipe, run: RunDir, ledger: Ledger, examples: list[Ex
     totals.seconds += time.perf_counter() - started
     if accelerator.is_main_process:
         objective = "ce" if not use_logits or cfg.alpha_ce == 1.0 else f"ce+{cfg.objective}"
+        if pair and objective != "ce":  # e.g. ce+xtok(mapped_kl=1,alm=1)
+            objective = "ce+xtok(" + ",".join(f"{k}={w:g}" for k, w in cfg.xtok_weights.items() if w > 0) + ")"
         save_model(_merged(accelerator.unwrap_model(model)), tokenizer, out_dir,
                    extra={"trained_from": str(run.student_init_dir), "objective": objective, "mode": cfg.mode,
                           "alpha_ce": cfg.alpha_ce, "lora": cfg.lora})
@@ -479,15 +527,20 @@ def train_student(recipe: Recipe, run: RunDir, ledger: Ledger, examples: list[Ex
             "processes": world}
 
 
+def _live_top_k(recipe: Recipe, pair: CrossVocab | None) -> tuple[CrossVocab, int] | None:
+    """Across vocabularies, what a live teacher's targets need: the pair and its top-k size."""
+    return (pair, recipe.train.online_top_k or recipe.generate.top_k_logprobs) if pair else None
+
+
 def _train_batch(accelerator, model, optimizer, scheduler, share: list[Example], cfg: TrainCfg, tokenizer, head,
                  teacher, teacher_head, use_logits: bool, end_ids: set[int], seed: int, totals: Totals,
-                 world: int, sync: bool) -> dict[str, float]:
+                 world: int, sync: bool, cross: tuple[CrossVocab, int] | None = None) -> dict[str, float]:
     """Forward and backward of this process's share of one global batch, and the optimizer step
     when the accumulation window closes (`sync`). Returns the global batch's loss parts."""
     import contextlib
 
     pad_id = tokenizer.pad_token_id
-    batch = collate(share, pad_id).to(accelerator.device)
+    batch = (collate_xtok(share, pad_id) if cross else collate(share, pad_id)).to(accelerator.device)
     step_seed = seed * 1_000_003 + totals.epoch * 10_007 + totals.batches_in_epoch
     on_policy = (use_logits and cfg.mode == "on_policy"
                  and random.Random(step_seed).random() < cfg.on_policy_fraction)
@@ -497,6 +550,9 @@ def _train_batch(accelerator, model, optimizer, scheduler, share: list[Example],
         cfg_step = cfg.model_copy(update={"alpha_ce": 0.0})
     else:
         cfg_step = cfg
+    if cross and use_logits and (cfg.mode != "offline" or on_policy):  # the live teacher, aligned by bytes
+        batch = live_batch(cross[0], share, teacher, cross[1], pad_id,
+                           sampled=batch.to("cpu") if on_policy else None).to(accelerator.device)
     local_tokens = len(batch.labels)
     global_tokens = int(accelerator.reduce(torch.tensor(local_tokens, device=accelerator.device), reduction="sum")) \
         if world > 1 else local_tokens

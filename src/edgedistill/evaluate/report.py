@@ -38,6 +38,8 @@ COLUMNS = [
     Column("parameters", "params", "params", None),
     Column("size_bytes", "size MB", "mb", "low"),
     Column("perplexity", "perplexity ↓", "f2", "low"),
+    Column("bits_per_byte", "bits/byte ↓", "f3", "low"),
+    Column("kl_one_to_one", "KL at 1:1 tokens ↓", "f3", "low"),
     Column("top1_agreement", "top-1 agreement ↑", "pct", "high"),
     Column("rouge_l", "ROUGE-L ↑", "f3", "high"),
     Column("chrf", "chrF ↑", "f3", "high"),
@@ -227,6 +229,50 @@ def judge_text(ledger: Ledger) -> str:
             f"{int(judge['invalid'])} unreadable verdicts count as ties.")
 
 
+def xtok_summary(run: RunDir, ledger: Ledger) -> tuple[str, list[str], list[list[str]]] | None:
+    """The cross-tokenizer section (a student of another vocabulary): what training used, in
+    words, and coverage per language. None when the vocabularies were the same."""
+    train = ledger.metrics("train").get("stage", {})
+    if "xtok_byte_coverage" not in train:
+        return None
+    log = _read_log(run.root / "train_log.jsonl")
+    with_kd = [r for r in log if "kd" in r]
+    if with_kd:
+        terms = ", ".join(f"{name.removeprefix('xtok_')} {sum(r[name] for r in with_kd) / len(with_kd):.3f}"
+                          for name in ("xtok_mapped_kl", "xtok_alm", "xtok_uld") if name in with_kd[0])
+        used = (f"Training used the teacher's logits: {len(with_kd)} of {len(log)} optimizer steps had a KD term "
+                f"(mean per term: {terms}).")
+    else:
+        used = "Training used the teacher's text only (no step had a KD term)."
+    text = (f"The student speaks another vocabulary than the teacher. {used} The loss: "
+            f"{ledger.meta().get('kd_mode', '')}. Coverage below is of the training answers: the share of answer "
+            "bytes whose teacher and student tokens coincide (1:1 groups, where the mapped KL applies) and the "
+            "share of the teacher's top-k probability there on tokens the student's vocabulary spells too.")
+    rows = {key: m for key, _, m in model_rows(ledger)}
+    after, sft = rows.get("student_after", {}), rows.get("student_sft", {})
+    if "bits_per_byte" in after and "bits_per_byte" in sft:
+        text += (f" Held out, the KD student needs {after['bits_per_byte']:.3f} bits per byte of the teacher's "
+                 f"answers against {sft['bits_per_byte']:.3f} for the SFT baseline (text only, same steps)"
+                 + (f"; KL at 1:1 tokens {after['kl_one_to_one']:.3f} against {sft['kl_one_to_one']:.3f}"
+                    if "kl_one_to_one" in after and "kl_one_to_one" in sft else "") + ".")
+    langs = [""] + sorted(k.removeprefix("xtok_byte_coverage_") for k in train if k.startswith("xtok_byte_coverage_"))
+    table = [[lang or "all", fmt("pct", train.get(f"xtok_byte_coverage{'_' + lang if lang else ''}")),
+              fmt("pct", train.get(f"xtok_mass_coverage{'_' + lang if lang else ''}"))] for lang in langs]
+    return text, ["language", "answer bytes in 1:1 groups", "teacher top-k mass mapped there"], table
+
+
+def _xtok_markdown(run: RunDir, ledger: Ledger) -> str:
+    summary = xtok_summary(run, ledger)
+    return "" if summary is None else \
+        f"## Cross-tokenizer distillation\n\n{summary[0]}\n\n{markdown_table(summary[1], summary[2])}\n\n"
+
+
+def _xtok_html(run: RunDir, ledger: Ledger) -> str:
+    summary = xtok_summary(run, ledger)
+    return "" if summary is None else (f'<h2>Cross-tokenizer distillation</h2>\n<p id="xtok">{html.escape(summary[0])}</p>\n'
+                                       f'{_html_table(summary[1], summary[2], table_id="xtok-coverage")}')
+
+
 # ---- plots ------------------------------------------------------------------------------------
 def _png(fig) -> str:
     buffer = io.BytesIO()
@@ -381,6 +427,7 @@ def render_html(recipe: Recipe, run: RunDir, ledger: Ledger, sections: dict[str,
 <h2>Data and training</h2>
 {_html_table(['what', 'value'], sections['data_rows'])}
 {_filters_html(ledger)}
+{_xtok_html(run, ledger)}
 <h2>Teacher usage (cost ledger)</h2>
 {_html_table(*sections['usage'], table_id="usage")}
 <h2>Stages</h2>
@@ -439,6 +486,11 @@ def _sections(recipe: Recipe, run: RunDir, ledger: Ledger) -> dict:
                     "while that model was loaded and evaluated (for HF rows an upper bound: the process keeps memory "
                     "from the rows before; GGUF rows are the llama.cpp server's own). The teacher's own ROUGE-L/chrF are below 1 when "
                     "batched greedy decoding drifts at near-ties: read them as the noise floor.")
+    if "xtok_byte_coverage" in train:
+        quality_note += (" The student speaks another vocabulary: its perplexity is per token of its own tokenizer, "
+                         "not comparable with the teacher's; bits per byte (nats of every answer token over the "
+                         "answer's UTF-8 bytes) is, and its KL and top-1 agreement are taken at 1:1 tokens (where "
+                         "both tokenizations have the same token).")
     return {"data_rows": data_rows, "usage": usage, "stages": stages, "intro": intro, "quality_note": quality_note}
 
 
@@ -529,7 +581,7 @@ The same report with plots and every held-out answer: `{run.report_html_path}`.
 
 {markdown_table(['what', 'value'], sections['data_rows'])}
 {_filters_markdown(ledger)}
-## Edge files (GGUF, measured in llama.cpp)
+{_xtok_markdown(run, ledger)}## Edge files (GGUF, measured in llama.cpp)
 
 {_gguf_markdown(ledger, run)}
 

@@ -10,11 +10,13 @@ the stage's fingerprint, so a killed evaluation resumes with the next model.
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 
 from edgedistill.console import console
 from edgedistill.data.store import Sample, load_distill_set
+from edgedistill.distill.xtok import CrossVocab, example_of, teacher_forced_xtok
 from edgedistill.errors import UserError
 from edgedistill.evaluate.metrics import (
     greedy_answers,
@@ -27,13 +29,16 @@ from edgedistill.evaluate.metrics import (
 )
 from edgedistill.evaluate.reasoning import reasoning_metrics
 from edgedistill.evaluate.tasks import TaskItem, load_task, score_task
+from edgedistill.models.align import token_bytes
 from edgedistill.models.hf import (
     count_parameters,
     gguf_as_safetensors,
     load_causal_lm,
+    load_tokenizer,
     resolve_source,
 )
 from edgedistill.models.reasoning import ReasoningStyle, model_style
+from edgedistill.models.vocab import VocabMap, vocab_matches
 from edgedistill.recipe import Recipe
 from edgedistill.run import Ledger, RunDir, atomic_write_text
 
@@ -53,13 +58,19 @@ def model_paths(recipe: Recipe, run: RunDir) -> dict[str, tuple[str, Path]]:
 
 
 def evaluate_model(model, tokenizer, samples: list[Sample], tasks: dict[str, list[TaskItem]],
-                   recipe: Recipe, reasoning: ReasoningStyle | None | bool = False
-                   ) -> tuple[dict[str, float], list[str]]:
+                   recipe: Recipe, reasoning: ReasoningStyle | None | bool = False,
+                   pair: CrossVocab | None = None) -> tuple[dict[str, float], list[str]]:
     """`reasoning`: False, or the model's trace form (None: it has none) to score every eval set
-    with thinking on and off (evaluate/reasoning.py)."""
+    with thinking on and off (evaluate/reasoning.py). `pair` when the model speaks another
+    vocabulary than the teacher: the teacher's answers are then scored in the model's own
+    tokens, aligned by bytes (distill/xtok.py)."""
     cfg = recipe.evaluate
     started = time.perf_counter()
-    metrics = teacher_forced_metrics(model, samples, tokenizer.pad_token_id, cfg.batch_size)
+    if pair is None:
+        metrics = teacher_forced_metrics(model, samples, tokenizer.pad_token_id, cfg.batch_size)
+    else:
+        examples = [e for e in (example_of(pair, s, 2048) for s in samples) if e is not None]
+        metrics = teacher_forced_xtok(model, examples, tokenizer.pad_token_id, cfg.batch_size)
     answers = greedy_answers(model, tokenizer, samples, cfg.max_new_tokens or recipe.generate.max_new_tokens,
                              cfg.batch_size)
     metrics |= rouge_by_lang(answers, samples)
@@ -84,6 +95,13 @@ def reasoning_wanted(recipe: Recipe, samples: list[Sample]) -> bool:
                                             and any(s.reasoning is not None for s in samples))
 
 
+def bits_per_byte(metrics: dict[str, float], samples: list[Sample], teacher_tokenizer) -> float:
+    """Teacher-forced nats per answer token (from the perplexity) as bits per byte of answer text."""
+    vocab = VocabMap(teacher_tokenizer)
+    n_bytes = sum(len(b"".join(b for b in token_bytes(s.answer_ids, vocab) if b is not None)) for s in samples)
+    return math.log(metrics["perplexity"]) * metrics["answer_tokens"] / math.log(2) / max(n_bytes, 1)
+
+
 def weights_stamp(path: Path) -> str:
     """Names, sizes and mtimes of a model's weight files: retrained weights are evaluated anew."""
     files = [path] if path.is_file() else sorted(f for f in path.glob("*") if f.suffix in (".safetensors", ".gguf"))
@@ -91,7 +109,8 @@ def weights_stamp(path: Path) -> str:
 
 
 def _evaluate_or_resume(name: str, spec: str, size_path: Path, samples, tasks, recipe: Recipe, run: RunDir,
-                        fingerprint: str, reasoning: bool = False) -> tuple[dict[str, float], list[str]]:
+                        fingerprint: str, reasoning: bool = False, teacher_tokenizer=None
+                        ) -> tuple[dict[str, float], list[str]]:
     saved = run.eval_dir / "models" / f"{name}.json"
     tag = f"{fingerprint}|{weights_stamp(size_path)}"
     if saved.is_file():
@@ -102,7 +121,12 @@ def _evaluate_or_resume(name: str, spec: str, size_path: Path, samples, tasks, r
     reset_peak_rss()
     model, tokenizer, _ = load_causal_lm(spec, recipe.teacher.dtype if name == "teacher" else "float32")
     style = model_style(Path(spec) if Path(spec).is_dir() else None, tokenizer) if reasoning else False
-    metrics, answers = evaluate_model(model, tokenizer, samples, tasks, recipe, style)
+    pair = None
+    if teacher_tokenizer is not None and not vocab_matches(teacher_tokenizer, tokenizer):
+        pair = CrossVocab.build(teacher_tokenizer, tokenizer, run.root / "xtok")
+    metrics, answers = evaluate_model(model, tokenizer, samples, tasks, recipe, style, pair)
+    if pair is None and teacher_tokenizer is not None:  # per byte too, comparable across vocabularies
+        metrics["bits_per_byte"] = bits_per_byte(metrics, samples, teacher_tokenizer)
     if (peak := peak_rss_bytes()) is not None:
         metrics["peak_rss_bytes"] = peak
     metrics["size_bytes"] = size_on_disk(size_path)
@@ -143,14 +167,15 @@ def run_evaluate(recipe: Recipe, run: RunDir, ledger: Ledger) -> dict[str, float
                    for s in samples]
     answers: dict[str, list[str]] = {}
     reasoning = reasoning_wanted(recipe, samples)
+    teacher_tokenizer = load_tokenizer(recipe.teacher.local_model)
     for name, (spec, size_path) in model_paths(recipe, run).items():
         metrics, answers[name] = _evaluate_or_resume(name, spec, size_path, samples, tasks, recipe, run, fingerprint,
-                                                     reasoning)
+                                                     reasoning, teacher_tokenizer)
         ledger.log_metrics("evaluate", name, metrics)
         for row, answer in zip(per_example, answers[name]):
             row[f"{name}_answer"] = answer
-        console.print(f"evaluated {name}: perplexity {metrics['perplexity']:.2f}, "
-                      f"top-1 agreement {metrics['top1_agreement']:.1%}, ROUGE-L {metrics['rouge_l']:.3f}, "
+        console.print(f"evaluated {name}: perplexity {metrics.get('perplexity', math.nan):.2f}, "
+                      f"top-1 agreement {metrics.get('top1_agreement', math.nan):.1%}, ROUGE-L {metrics['rouge_l']:.3f}, "
                       f"chrF {metrics['chrf']:.3f}")
     atomic_write_text(run.eval_dir / "answers.jsonl",
                       "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in per_example))

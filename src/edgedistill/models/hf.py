@@ -431,7 +431,8 @@ def score_sequences(model, tokenizer, sequences: list[tuple[list[int], list[int]
     for row, seq in enumerate(joined):
         input_ids[row, :len(seq)] = torch.tensor(seq)
         mask[row, :len(seq)] = 1
-    hidden = final_hidden(model, input_ids, mask)
+    device = next(model.parameters()).device
+    hidden = final_hidden(model, input_ids.to(device), mask.to(device))
     head = model.get_output_embeddings()
     completions = []
     for row, (prompt, answer) in enumerate(sequences):
@@ -439,7 +440,7 @@ def score_sequences(model, tokenizer, sequences: list[tuple[list[int], list[int]
                                 text=tokenizer.decode(list(answer), skip_special_tokens=True).strip())
         if answer:
             start = len(prompt) - 1  # logits at p predict token p+1
-            top_ids, top_lp, tail = sparse_step(head(hidden[row, start:start + len(answer)]), k)
+            top_ids, top_lp, tail = (t.cpu() for t in sparse_step(head(hidden[row, start:start + len(answer)]), k))
             completion.topk_ids = top_ids.numpy().astype(np.int32)
             completion.topk_logprobs = top_lp.numpy().astype(np.float16)
             completion.tail_logprobs = tail.numpy().astype(np.float32)

@@ -37,6 +37,8 @@ class VocabMap:
         byte_level = bool(ordinary) and all(ch in table for t in ordinary for ch in t)
         self.id_bytes: dict[int, bytes] = {}
         self.special_ids = {vocab[t] for t in special if t in vocab}
+        # SentencePiece's <0xNN> pieces: the tokenizer writes them only for bytes no piece covers.
+        self.byte_fallback_ids: set[int] = set()
         for token, idx in vocab.items():
             if token in special:
                 raw = token.encode("utf-8")
@@ -44,6 +46,8 @@ class VocabMap:
                 raw = bytes(table[ch] for ch in token)
             else:
                 raw = _sentencepiece_bytes(token)
+                if len(token) == 6 and token.startswith("<0x") and token.endswith(">"):
+                    self.byte_fallback_ids.add(idx)
             self.id_bytes[idx] = raw
         self.by_bytes: dict[bytes, int] = {}
         for idx in sorted(self.id_bytes):  # the lowest id wins a (rare) byte collision
