@@ -214,13 +214,17 @@ def serve(target: Annotated[str, typer.Argument(help="A run folder (its exported
           max_tokens: Annotated[int, typer.Option(help="Largest max_tokens a request may ask for.", min=1)] = 2048,
           context: Annotated[int, typer.Option(help="Context tokens per request slot.", min=256)] = 4096,
           log_content: Annotated[bool, typer.Option("--log-content", help="Log prompts and completions "
-                                                    "(off: request ids and token counts only).")] = False) -> None:
+                                                    "(off: request ids and token counts only).")] = False,
+          policy: Annotated[Optional[str], typer.Option("--policy", help="TOML file with system_prompt (sent with "
+                                                        "chat requests that have no system message) and policy (a "
+                                                        "usage policy served at /policy and shown on the chat "
+                                                        "page).")] = None) -> None:
     """A private OpenAI-compatible server (chat, completions, streaming, logprobs) on llama.cpp or
     transformers, with a chat page at /."""
     from edgedistill.serve.server import run_server
 
     run_server(target, host=host, port=port, api_key_env=api_key_env, engine=engine, parallel=parallel, queue_size=queue,
-               max_tokens=max_tokens, context_per_slot=context, log_content=log_content)
+               max_tokens=max_tokens, context_per_slot=context, log_content=log_content, policy=policy)
 
 
 @app.command()

@@ -80,13 +80,19 @@ def api_key(env_name: str | None, host: str) -> str | None:
 
 def run_server(target: str, *, host: str = "127.0.0.1", port: int = 8000, api_key_env: str | None = None,
                engine: str = "auto", parallel: int = 2, queue_size: int = 16, max_tokens: int = 2048,
-               context_per_slot: int = 4096, threads: int = 2, log_content: bool = False) -> None:
+               context_per_slot: int = 4096, threads: int = 2, log_content: bool = False,
+               policy: str | None = None) -> None:
     import uvicorn
 
     from edgedistill.serve.app import ServeSettings, create_app
 
     key = api_key(api_key_env, host)
     served = resolve_model(target, engine)
+    usage_policy = None
+    if policy is not None:
+        from edgedistill.serve.policy import load_policy
+
+        usage_policy = load_policy(policy)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if served.engine == "llamacpp":
         from edgedistill.models.llamacpp import start_llamacpp_server
@@ -101,7 +107,7 @@ def run_server(target: str, *, host: str = "127.0.0.1", port: int = 8000, api_ke
     with runtime:
         settings = ServeSettings(model_id=served.model_id, upstream=f"http://{runtime.host}:{runtime.port}",
                                  api_key=key, max_tokens_cap=max_tokens, parallel=parallel, queue_size=queue_size,
-                                 log_content=log_content)
+                                 log_content=log_content, policy=usage_policy)
         logging.getLogger("edgedistill.serve").info("serving %s (%s, %s) on http://%s:%d", served.model_id,
                                                     served.path.name, served.engine, host, port)
         uvicorn.run(create_app(settings), host=host, port=port, log_level="warning", access_log=False)
