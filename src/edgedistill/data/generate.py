@@ -15,6 +15,8 @@ from functools import cache
 import numpy as np
 
 from edgedistill.console import console, stage_progress
+from edgedistill.data.audit_data import add_audit_prompts, keep_refusals
+from edgedistill.data.canaries import PlacedCanary, canaries_json
 from edgedistill.data.privacy import scrub
 from edgedistill.data.prompts import Prompt, SeedTask, load_prompts, make_prompt
 from edgedistill.data.store import InstructionStore, Sample, SampleStore
@@ -142,7 +144,7 @@ def run_generate(recipe: Recipe, run: RunDir, ledger: Ledger) -> dict[str, float
     prompts = load_prompts(cfg.seeds, cfg.heldout_fraction, cfg.limit_per_source)
     if not any(p.split == "train" for p in prompts):
         raise UserError("generate.seeds: no training prompts after the held-out split — add seeds")
-    scrubbing = recipe.teacher.scrubs_pii
+    scrubbing = recipe.scrubs_pii
     pii: dict[str, int] = {}
     if scrubbing:  # before anything, the bootstrap included, can reach the teacher
         prompts, pii = scrub_prompts(prompts)
@@ -176,6 +178,7 @@ def run_generate(recipe: Recipe, run: RunDir, ledger: Ledger) -> dict[str, float
                         known.add(prompt.id)
                         prompts.append(prompt)
                 metrics |= grown_metrics
+            prompts, canaries = add_audit_prompts(prompts, cfg, recipe.run.seed)
             done = store.stored_ids(settings)
             todo = [p for p in prompts if p.id not in done]
             answer_tokens, seconds = answer_prompts(teacher(), todo, store, settings, cfg.batch_size, flush) \
@@ -193,13 +196,16 @@ def run_generate(recipe: Recipe, run: RunDir, ledger: Ledger) -> dict[str, float
         raise UserError(f"{run.root}: the teacher failed on {missing} of {len(wanted)} prompts after every retry "
                         "(counted in the ledger; the answers it gave are stored) — run the same command again "
                         "to ask for the missing ones")
+    stored, audit = keep_refusals(stored)
+    _record_for_audit(recipe, ledger, canaries)
     # The manifest: which stored samples form this run's distill set (later stages read it).
-    atomic_write_text(run.distill_set_path, json.dumps({"settings": settings, "ids": sorted(wanted)}))
+    atomic_write_text(run.distill_set_path, json.dumps({"settings": settings, "ids": sorted(s.id for s in stored)}))
     from edgedistill.data.export import export_distill_set
 
     export = export_distill_set(stored, run.dataset_dir, run.dataset_jsonl_path)
     usage = meters[0].totals() if meters else {}
-    return metrics | export | {
+    return metrics | export | audit | {
+        "canaries": sum(c.inserted for c in canaries),
         "prompts": len(stored),
         "train_prompts": sum(s.split == "train" for s in stored),
         "heldout_prompts": sum(s.split == "heldout" for s in stored),
@@ -213,6 +219,16 @@ def run_generate(recipe: Recipe, run: RunDir, ledger: Ledger) -> dict[str, float
         "pii_scrubbing": float(scrubbing),
         "pii_replaced": sum(pii.values()),
     } | {f"pii_{kind}": n for kind, n in pii.items()} | {f"teacher_{k}": v for k, v in usage.items()}
+
+
+def _record_for_audit(recipe: Recipe, ledger: Ledger, canaries: list[PlacedCanary]) -> None:
+    """What the later stages need to know about the data: the teacher's licence (model card,
+    GGUF metadata, Modelfile, report) and the canaries put into the prompts (leakage audit)."""
+    from edgedistill.models.licence import licence_json, read_licence
+
+    ledger.set_meta("teacher_licence", licence_json(read_licence(recipe.teacher.model)))
+    ledger.set_meta("teacher_provider", recipe.teacher.provider or "")
+    ledger.set_meta("canaries", canaries_json(canaries))
 
 
 def _self_instruct(teacher: Callable[[], Teacher], prompts: list[Prompt], recipe: Recipe, store: SampleStore,
