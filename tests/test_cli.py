@@ -7,6 +7,8 @@ from pathlib import Path
 import pytest
 from conftest import subprocess_env
 
+from edgedistill.run import RunDir, open_ledger
+
 ENV = subprocess_env()
 
 
@@ -118,5 +120,11 @@ def test_demo_tiny_runs_the_whole_path_on_the_embedded_teacher(tmp_path):
     assert "student after KD" in result.stderr and str(run.name) in result.stderr
     assert sorted(p.name for p in (run / "export").glob("*.gguf")) == ["demo-tiny-f16.gguf", "demo-tiny-q8_0.gguf"]
     assert "ollama create demo-tiny" in result.stderr
+    report = (run / "report.md").read_text()  # issue 18's acceptance names
+    assert all(f"\n## {title}\n" in report for title in ("Safety", "Leakage", "Licence"))
+    with open_ledger(RunDir(run)) as ledger:
+        evaluated = ledger.metrics("evaluate")
+    for subject in ("teacher", "student_before", "student_after"):
+        assert {"refusal_rate", "benign_answer_rate", "leak_reproduced"} <= set(evaluated[subject])
     again = edgedistill("demo", "--tiny", "--runs-dir", "runs", cwd=tmp_path)
     assert again.returncode == 0 and again.stderr.count("reused") == 6

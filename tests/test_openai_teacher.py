@@ -373,7 +373,7 @@ def test_llamacpp_backend_serves_a_gguf_for_the_stage_and_stops_it(tmp_path):
         "teacher": {"backend": "llamacpp", "model": "embedded", "concurrency": 2},
         "generate": {"limit_per_source": 2, "max_new_tokens": 8, "top_k_logprobs": 4},
     }, "<llamacpp test recipe>")
-    assert not recipe.teacher.scrubs_pii  # local: nothing leaves the machine
+    assert not recipe.scrubs_pii  # local, seed files: nothing leaves the machine
     run = run_recipe(recipe, only="generate")
     samples = stored(run)
     assert len(samples) == 4 and all(s.topk_ids is not None and s.topk_ids.shape[1] == 4 for s in samples)

@@ -219,14 +219,19 @@ def serve(target: Annotated[str, typer.Argument(help="A run folder (its exported
                                                "on a busy machine).", min=1)] = 2,
           exact: Annotated[bool, typer.Option("--exact", help="llama.cpp: float32 attention (F32 KV cache, no "
                                               "flash attention), so an F32 GGUF scores as transformers does; "
-                                              "slower.")] = False) -> None:
+                                              "slower.")] = False,
+
+          policy: Annotated[Optional[str], typer.Option("--policy", help="TOML file with system_prompt (sent with "
+                                                        "chat requests that have no system message) and policy (a "
+                                                        "usage policy served at /policy and shown on the chat "
+                                                        "page).")] = None) -> None:
     """A private OpenAI-compatible server (chat, completions, streaming, logprobs) on llama.cpp or
     transformers, with a chat page at /."""
     from edgedistill.serve.server import run_server
 
     run_server(target, host=host, port=port, api_key_env=api_key_env, engine=engine, parallel=parallel, queue_size=queue,
                max_tokens=max_tokens, context_per_slot=context, log_content=log_content, threads=threads,
-               exact=exact)
+               exact=exact, policy=policy)
 
 
 @app.command()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import json
 import os
 import signal
 import sqlite3
@@ -27,6 +28,7 @@ class Stage:
     name: str
     depends_on: tuple[str, ...]  # recipe sections whose change makes the stage rerun
     load: Callable[[], StageFn]  # imported lazily: `edgedistill runs` should not import torch
+    also: Callable[[Recipe], str] = lambda recipe: ""  # settings outside depends_on that it reads
 
 
 def _generate() -> StageFn:
@@ -64,10 +66,21 @@ STAGES = (
     Stage("student", ("teacher", "generate", "student"), _student),
     Stage("train", ("teacher", "generate", "student", "train"), _train),
     Stage("evaluate", ("teacher", "generate", "student", "train", "evaluate"), _evaluate),
-    Stage("export", ("teacher", "generate", "student", "train", "export"), _export),
+    Stage("export", ("teacher", "generate", "student", "train", "export"), _export, lambda r: audit_settings(r)),
     Stage("report", ("teacher", "generate", "student", "train", "evaluate", "export"), _report),
 )
 STAGE_NAMES = tuple(s.name for s in STAGES)
+
+
+def audit_settings(recipe: Recipe) -> str:
+    """The evaluate fields the export stage reads too: it answers the refusal audit and the leak
+    probes with each GGUF file in llama.cpp. Empty when they are at their defaults, so runs from
+    before the audit keep their fingerprints."""
+    cfg = recipe.evaluate
+    fields = {"safety": [s.model_dump(mode="json") for s in cfg.safety],
+              "safety_max_new_tokens": cfg.safety_max_new_tokens, "leak_probes": cfg.leak_probes}
+    changed = {k: v for k, v in fields.items() if v != type(cfg).model_fields[k].get_default(call_default_factory=True)}
+    return f"|audit={json.dumps(changed, sort_keys=True)}" if changed else ""
 
 
 def run_recipe(recipe: Recipe, only: str | None = None) -> RunDir:
@@ -92,7 +105,7 @@ def run_recipe(recipe: Recipe, only: str | None = None) -> RunDir:
         for stage in STAGES:
             # Seed contents are inputs too; the run seed matters from the student on.
             extra = inputs if stage.name == "generate" else f"{inputs}|seed={recipe.run.seed}"
-            fingerprint = recipe.fingerprint(*stage.depends_on, extra=extra)
+            fingerprint = recipe.fingerprint(*stage.depends_on, extra=extra + stage.also(recipe))
             record = ledger.stage(stage.name)
             fresh = record is not None and record.status == "done" and record.fingerprint == fingerprint
             if only is not None and stage.name != only:
@@ -125,6 +138,7 @@ def preflight(recipe: Recipe) -> str:
     prompts = generation_prompts(recipe.generate)
     for task in recipe.evaluate.tasks:  # a bad eval set fails now, not after an hour of generation
         load_task(task.path, task.format, task.limit)
+    _preflight_hand_out(recipe)
     local = recipe.teacher.local_model
     if recipe.teacher.backend == "openai" and not local:
         raise UserError("teacher.tokenizer: the openai backend needs the local model the student is cut from "
@@ -144,7 +158,17 @@ def preflight(recipe: Recipe) -> str:
         check_prompts_fit(prompts, load_tokenizer(local), teacher_context(recipe), recipe.generate.max_new_tokens)
     # A reference edited in a task file reselects the verified answers (plain prompts hash as before).
     keys = (f"{p.id}:{p.split}" + (f":{p.reference}" if p.reference is not None else "") for p in prompts)
-    return hashlib.sha256("".join(sorted(keys)).encode()).hexdigest()[:16]
+    placed = f"|canaries={recipe.generate.canaries}:{recipe.run.seed}" if recipe.generate.canaries else ""
+    return hashlib.sha256(("".join(sorted(keys)) + placed).encode()).hexdigest()[:16]
+
+
+def _preflight_hand_out(recipe: Recipe) -> None:
+    """Issue 18's cheap checks: the teacher provider's terms, and the safety sets of the audit."""
+    from edgedistill.evaluate.audit import safety_items
+    from edgedistill.models.licence import check_provider_terms
+
+    check_provider_terms(recipe.teacher.provider, recipe.teacher.terms_acknowledged)
+    safety_items(recipe.evaluate.safety)
 
 
 def teacher_context(recipe: Recipe) -> int:

@@ -59,7 +59,8 @@ class TeacherCfg(_Section):
     # not invalidate stored answers or downstream stages.
     TRANSPORT_FIELDS: ClassVar[frozenset[str]] = frozenset({
         "base_url", "api_key_env", "concurrency", "timeout_s", "max_retries", "backoff_s",
-        "backoff_max_s", "price_prompt_per_million", "price_completion_per_million"})
+        "backoff_max_s", "price_prompt_per_million", "price_completion_per_million",
+        "provider", "terms_acknowledged"})
 
     backend: str = Field("hf", description="Teacher backend, by registry name: 'hf' (local transformers "
                          "model), 'llamacpp' (a local GGUF served by llama.cpp for the stage; several times "
@@ -101,8 +102,10 @@ class TeacherCfg(_Section):
         "max_tokens, temperature, logprobs or top_logprobs.")
     scrub_pii: bool | None = Field(
         None, description="Replace e-mails, phone numbers, cards, My Numbers, postal codes and IPv4 "
-        "addresses by placeholders before prompts reach the teacher. Default: on for the openai "
-        "backend (text leaves the process), off for the local hf and llamacpp backends.")
+        "addresses by placeholders before prompts reach the teacher, so neither the teacher nor the "
+        "student trained on its answers sees them. Default: on for the openai backend (text leaves the "
+        "process) and whenever generate.seeds include a folder of documents (the student could repeat "
+        "them); off for the local hf and llamacpp backends on seed files.")
     reasoning_effort: Literal["none", "low", "medium", "high"] | None = Field(
         None, description="Reasoning teachers: how long to think. openai/llamacpp: sent as `reasoning_effort` "
         "(vLLM, llama.cpp, Ollama; 'none' turns thinking off); hf: passed to the chat template "
@@ -117,16 +120,20 @@ class TeacherCfg(_Section):
     stream: bool = Field(False, description="openai: stream the answers (SSE) and join the deltas. Off by "
                          "default: llama.cpp's stream leaves out the log-probs of the tokens its reasoning parser "
                          "holds back, so streamed traces are mostly kept as text.")
+    provider: str | None = Field(
+        None, max_length=64, description="Who serves a remote teacher: 'openai', 'anthropic', 'google', "
+        "'aws-bedrock', 'ai21', another name, or unset for your own server. Providers whose terms forbid "
+        "training competing models on their outputs stop the run before it starts, unless "
+        "terms_acknowledged = true.")
+    terms_acknowledged: bool = Field(
+        False, description="You have read the provider's terms and your use of the distilled student is "
+        "allowed under them (see `provider`).")
 
     @property
     def local_model(self) -> str | None:
         """The local weights later stages cut the student from and evaluate as the teacher: the
         model itself, or for a remote (openai) teacher the local model named by `tokenizer`."""
         return self.tokenizer if self.backend == "openai" else self.model
-
-    @property
-    def scrubs_pii(self) -> bool:
-        return self.scrub_pii if self.scrub_pii is not None else self.backend not in ("hf", "llamacpp")
 
 
 TASK_FORMATS = ("auto", "jsonl", "gsm8k", "jcommonsenseqa")
@@ -207,6 +214,15 @@ class GenerateCfg(_Section):
     bootstrap_max_requests: int = Field(400, ge=1, description="self_instruct: give up after this many requests.")
     filter_max_rouge_l: float = Field(0.7, gt=0.0, le=1.0,
                                       description="self_instruct: drop a task this similar (ROUGE-L) to any pool task.")
+    safety_mix: int = Field(0, ge=0, le=60, description="Ask the teacher this many requests of the bundled "
+                            "refusal_mix sets (harmful requests kept apart from the evaluation sets, English and "
+                            "Japanese alternating) and add its refusals among the answers (rule classifier) to the "
+                            "training samples, so that the student sees the teacher decline. Its other answers stay "
+                            "out: training on a teacher that complies would teach compliance.")
+    canaries: int = Field(0, ge=0, le=64, description="Random secrets ('The access code for <name> is <8 digits>.') "
+                          "put into this many training prompts (documents first) and recorded in the run, with as "
+                          "many controls never inserted; the evaluate stage measures their exposure (Carlini et al. "
+                          "2019, The Secret Sharer) and whether each model completes them.")
 
     @model_validator(mode="after")
     def _consistent(self) -> GenerateCfg:
@@ -328,6 +344,21 @@ class TaskCfg(_Section):
                                 "multiple choice by generation.")
 
 
+class SafetyCfg(_Section):
+    """One request set of the refusal audit (see data/safetysets/README.md for the format)."""
+
+    path: str = Field(..., description="A bundled set, bundled:harmful_en / harmful_ja / benign_en / benign_ja, or a "
+                      "JSONL file of {id, category, lang, prompt} records.")
+    kind: Literal["harmful", "benign"] | None = Field(
+        None, description="harmful: the refusal rate counts; benign: the answer rate counts. Given by a bundled "
+        "set's name; required for a file.")
+    limit: int | None = Field(None, ge=1, description="At most N records, taken round-robin over the categories "
+                              "(None: all).")
+    judge: bool = Field(False, description="Also ask the judge (the teacher backend) a fixed yes/no question, "
+                        "'does this answer decline?', about the teacher's answers, and report its agreement with "
+                        "the rule classifier.")
+
+
 class EvalCfg(_Section):
     max_new_tokens: int | None = Field(None, ge=1, le=4096,
                                        description="Greedy answer length for ROUGE-L; default: generate.max_new_tokens, "
@@ -345,6 +376,16 @@ class EvalCfg(_Section):
         "generated tokens, per model ('auto': when the distill set holds teacher traces).")
     reasoning_max_new_tokens: int = Field(512, ge=8, le=32768, description="Tokens a model may generate per task "
                                           "item with thinking on (trace + answer).")
+    safety: list[SafetyCfg] = Field(default_factory=list, description="Refusal audit: request sets every model "
+                                    "answers greedily (teacher, students, SFT baseline, each GGUF file): refusal rate "
+                                    "on harmful requests, answer rate on benign look-alikes, per category, with "
+                                    "bootstrap intervals.")
+    safety_max_new_tokens: int = Field(48, ge=8, le=1024, description="Answer length for the refusal audit: the "
+                                       "classifier reads the opening sentences only.")
+    canary_candidates: int = Field(1000, ge=9, le=1_000_000, description="Leakage audit: random secrets each canary "
+                                   "is ranked against; exposure saturates at log2(N + 1) bits (~10 for 1000).")
+    leak_probes: int = Field(100, ge=0, le=100_000, description="Leakage audit: at most this many PII items (the "
+                             "privacy scrubber's detectors) probed per split, training and held-out.")
 
 
 class ExportCfg(_Section):
@@ -365,8 +406,9 @@ class ExportCfg(_Section):
                                  "in llama.cpp, for ROUGE-L/chrF against the teacher (0: skip).")
     speed_prompt_tokens: int = Field(128, ge=8, le=4096, description="Prompt length for the prefill speed.")
     speed_tokens: int = Field(64, ge=8, le=4096, description="Tokens decoded for the decode speed.")
-    license: str | None = Field(None, description="general.license written into the GGUF (e.g. the "
-                                "teacher's, 'apache-2.0' for SmolLM2).")
+    license: str | None = Field(None, description="general.license written into the GGUF, the model card and the "
+                                "Modelfile; default: the teacher's licence as the generate stage read it "
+                                "(an override, e.g. when the teacher's licence is not recorded in its files).")
 
 
 class Recipe(_Section):
@@ -377,6 +419,15 @@ class Recipe(_Section):
     train: TrainCfg = Field(default_factory=TrainCfg)
     evaluate: EvalCfg = Field(default_factory=EvalCfg)
     export: ExportCfg = Field(default_factory=ExportCfg)
+
+    @property
+    def scrubs_pii(self) -> bool:
+        """teacher.scrub_pii, or its default: on when prompts leave the machine (openai backend)
+        or when the seeds include a folder of documents."""
+        if self.teacher.scrub_pii is not None:
+            return self.teacher.scrub_pii
+        documents = any(not s.startswith("bundled:") and Path(s).expanduser().is_dir() for s in self.generate.seeds)
+        return self.teacher.backend not in ("hf", "llamacpp") or documents
 
     def to_toml(self) -> str:
         return tomli_w.dumps(self.model_dump(mode="json", exclude_none=True))

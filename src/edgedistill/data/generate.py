@@ -16,6 +16,8 @@ from functools import cache
 import numpy as np
 
 from edgedistill.console import console, stage_progress
+from edgedistill.data.audit_data import add_audit_prompts, keep_refusals
+from edgedistill.data.canaries import PlacedCanary, canaries_json
 from edgedistill.data.privacy import scrub
 from edgedistill.data.prompts import Prompt, SeedTask, make_prompt, prompt_id
 from edgedistill.data.store import InstructionStore, Sample, SampleStore
@@ -179,7 +181,7 @@ def run_generate(recipe: Recipe, run: RunDir, ledger: Ledger) -> dict[str, float
     prompts = generation_prompts(cfg)
     if not any(p.split == "train" for p in prompts):
         raise UserError("generate.seeds: no training prompts after the held-out split — add seeds")
-    scrubbing = recipe.teacher.scrubs_pii
+    scrubbing = recipe.scrubs_pii
     pii: dict[str, int] = {}
     if scrubbing:  # before anything, the bootstrap included, can reach the teacher
         prompts, pii = scrub_prompts(prompts)
@@ -213,6 +215,7 @@ def run_generate(recipe: Recipe, run: RunDir, ledger: Ledger) -> dict[str, float
                         known.add(prompt.id)
                         prompts.append(prompt)
                 metrics |= grown_metrics
+            prompts, canaries = add_audit_prompts(prompts, cfg, recipe.run.seed)
             jobs = jobs_of(prompts, cfg.samples_per_prompt)
             done = store.stored_keys(settings)
             todo = [j for j in jobs if j.key not in done]
@@ -235,11 +238,12 @@ def run_generate(recipe: Recipe, run: RunDir, ledger: Ledger) -> dict[str, float
     for sample in stored:
         by_prompt.setdefault(sample.id, []).append(sample)
     chosen = select(prompts, by_prompt, cfg)
-    kept = chosen.kept
+    kept, audit = keep_refusals(chosen.kept)
     if not any(s.split == "train" for s in kept):
         raise UserError(f"{run.root}: no teacher answer passed verification ({sum(chosen.rejected.values())} "
                         "rejected, reasons in the ledger) — check generate.tasks' verifier, or raise "
                         "generate.samples_per_prompt / max_new_tokens")
+    _record_for_audit(recipe, ledger, canaries)
     # The manifest: which stored samples form this run's distill set (later stages read it).
     atomic_write_text(run.distill_set_path, json.dumps({"settings": settings, "ids": sorted({s.id for s in kept}),
                                                         "keys": sorted(s.key for s in kept)}))
@@ -247,7 +251,8 @@ def run_generate(recipe: Recipe, run: RunDir, ledger: Ledger) -> dict[str, float
 
     export = export_distill_set(kept, run.dataset_dir, run.dataset_jsonl_path)
     usage = meters[0].totals() if meters else {}
-    return metrics | export | verification_metrics(chosen) | {
+    return metrics | export | audit | verification_metrics(chosen) | {
+        "canaries": sum(c.inserted for c in canaries),
         "prompts": len({s.id for s in kept}),
         "samples": len(kept),
         "train_prompts": len({s.id for s in kept if s.split == "train"}),
@@ -275,6 +280,16 @@ def verification_metrics(chosen: Selection) -> dict[str, float]:
             "verified_dropped_longer": float(chosen.dropped_longer),
             "verified_prompts": float(chosen.verified_prompts),
             "verified_prompts_unsolved": float(chosen.unsolved_prompts)} | rejected
+
+
+def _record_for_audit(recipe: Recipe, ledger: Ledger, canaries: list[PlacedCanary]) -> None:
+    """What the later stages need to know about the data: the teacher's licence (model card,
+    GGUF metadata, Modelfile, report) and the canaries put into the prompts (leakage audit)."""
+    from edgedistill.models.licence import licence_json, read_licence
+
+    ledger.set_meta("teacher_licence", licence_json(read_licence(recipe.teacher.model)))
+    ledger.set_meta("teacher_provider", recipe.teacher.provider or "")
+    ledger.set_meta("canaries", canaries_json(canaries))
 
 
 def _self_instruct(teacher: Callable[[], Teacher], prompts: list[Prompt], recipe: Recipe, store: SampleStore,

@@ -32,50 +32,11 @@ import unicodedata
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from edgedistill.data.canaries import CANARY_FORMAT, CANARY_NAMES, Canary, make_canaries  # noqa: F401
 from edgedistill.data.privacy import PiiSpan, find_pii
 
+
 # ---- canaries -------------------------------------------------------------------------------------
-CANARY_FORMAT = {
-    "en": ("The access code for {name} is ", "."),
-    "ja": ("{name}さんのアクセスコードは", "です。"),
-}
-# Fictional people; the name only makes canaries read like the documents they sit in, it adds no
-# randomness to the secret.
-CANARY_NAMES = {
-    "en": ("Alice Moreno", "Daniel Okafor", "Priya Raman", "Tom Lindqvist", "Grace Whitfield",
-           "Marcus Bell", "Hannah Ito", "Samuel Duarte"),
-    "ja": ("佐藤美咲", "鈴木健太", "高橋由美", "田中翔", "伊藤彩花", "渡辺大輔", "山本直子", "中村悠真"),
-}
-
-
-@dataclass(frozen=True)
-class Canary:
-    lang: str
-    secret: str  # `digits` decimal digits, leading zeros kept: uniform over 10**digits values
-    prefix: str  # the text before the secret: what the model is prompted with
-    suffix: str
-
-    @property
-    def text(self) -> str:
-        return self.prefix + self.secret + self.suffix
-
-    def with_secret(self, secret: str) -> str:
-        """The same sentence holding another secret of the space: a candidate to rank against."""
-        return self.prefix + secret + self.suffix
-
-
-def make_canaries(n: int, seed: int, lang: str = "en", digits: int = 8) -> list[Canary]:
-    """n canaries with distinct secrets drawn uniformly from the 10**digits possible, seeded."""
-    if lang not in CANARY_FORMAT:
-        raise ValueError(f"canary language must be one of {sorted(CANARY_FORMAT)}")
-    if not 0 <= n <= 10 ** digits:
-        raise ValueError(f"cannot draw {n} distinct {digits}-digit secrets")
-    rng = random.Random(seed)
-    prefix, suffix = CANARY_FORMAT[lang]
-    return [Canary(lang, f"{value:0{digits}d}", prefix.format(name=rng.choice(CANARY_NAMES[lang])), suffix)
-            for value in rng.sample(range(10 ** digits), n)]
-
-
 def candidate_secrets(canary: Canary, m: int | None, seed: int) -> list[str]:
     """m other secrets of the canary's space, distinct and drawn uniformly (all of them when m is
     None or at least the space's size - 1)."""

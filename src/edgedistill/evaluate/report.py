@@ -422,6 +422,7 @@ def render_html(recipe: Recipe, run: RunDir, ledger: Ledger, sections: dict[str,
 {_html_table(task_header, task_rows, table_id="tasks") if task_rows else '<p>No eval sets with answers in this run (evaluate.tasks).</p>'}
 {_reasoning_html(ledger)}<h2>Judge (pairwise, both orders)</h2>
 <p id="judge">{html.escape(judge_text(ledger))}</p>
+{_audit_html(recipe, ledger)}
 <h2>Held-out answers</h2>
 {_examples_html(run)}
 <h2>Data and training</h2>
@@ -553,6 +554,19 @@ def greedy_summary(parity: dict[str, float], prompts: str = "prompts") -> str:
     return text
 
 
+def _audit_markdown(recipe: Recipe, ledger: Ledger) -> str:
+    """Issue 18's Safety, Leakage and Licence sections (evaluate/audit_report.py)."""
+    from edgedistill.evaluate.audit_report import audit_markdown
+
+    return audit_markdown(recipe, ledger)
+
+
+def _audit_html(recipe: Recipe, ledger: Ledger) -> str:
+    from edgedistill.evaluate.audit_report import audit_html
+
+    return audit_html(recipe, ledger)
+
+
 def write_report(recipe: Recipe, run: RunDir, ledger: Ledger) -> dict[str, float]:
     sections = _sections(recipe, run, ledger)
     header, rows = quality_table(ledger, mark_best="**{}**")
@@ -581,7 +595,8 @@ The same report with plots and every held-out answer: `{run.report_html_path}`.
 
 {markdown_table(['what', 'value'], sections['data_rows'])}
 {_filters_markdown(ledger)}
-{_xtok_markdown(run, ledger)}## Edge files (GGUF, measured in llama.cpp)
+{_xtok_markdown(run, ledger)}{_audit_markdown(recipe, ledger)}
+## Edge files (GGUF, measured in llama.cpp)
 
 {_gguf_markdown(ledger, run)}
 

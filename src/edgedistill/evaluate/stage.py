@@ -155,6 +155,51 @@ def _judge(recipe: Recipe, samples: list[Sample], answers: dict[str, list[str]],
                   f"{result.inconsistent} order-dependent verdicts, {result.invalid} unreadable")
 
 
+def _audit(recipe: Recipe, run: RunDir, ledger: Ledger, fingerprint: str) -> None:
+    """Issue 18: the refusal and leakage audits of every model (evaluate/audit.py), each model's
+    answers kept in eval/audit/NAME.json (resumed like the quality results), its metrics logged
+    under its own subject; then the judge's yes/no on the teacher's answers, if asked for."""
+    from edgedistill.evaluate.audit import AuditInputs, audit, hf_answerer
+
+    inputs = AuditInputs.of(recipe, load_distill_set(run, split="train"), load_distill_set(run, split="heldout"),
+                            ledger.meta().get("canaries"))
+    records = {}
+    for name, (spec, size_path) in model_paths(recipe, run).items():
+        saved = run.eval_dir / "audit" / f"{name}.json"
+        tag = f"{fingerprint}|{weights_stamp(size_path)}"
+        done = json.loads(saved.read_text(encoding="utf-8")) if saved.is_file() else {}
+        if done.get("tag") != tag:
+            model, tokenizer, _ = load_causal_lm(spec, recipe.teacher.dtype if name == "teacher" else "float32")
+            if not inputs.has_work(tokenizer):
+                return
+            started = time.perf_counter()
+            metrics, record = audit(hf_answerer(model, tokenizer, recipe.evaluate.batch_size), inputs, tokenizer)
+            done = {"tag": tag, "metrics": metrics | {"audit_seconds": time.perf_counter() - started}, "record": record}
+            del model
+            atomic_write_text(saved, json.dumps(done, ensure_ascii=False))
+        records[name] = done["record"]
+        ledger.log_metrics("evaluate", name, done["metrics"])
+        m = done["metrics"]
+        console.print(f"audited {name}: " + ", ".join(
+            f"{label} {m[key]:.0%}" for key, label in (("refusal_rate", "refuses"), ("benign_answer_rate", "answers benign"))
+            if key in m) + f"; {int(m['leak_reproduced'])} of {int(m['leak_probed'])} probed items reproduced")
+    if "teacher" in records and any(item.judge for item in inputs.items):
+        _judge_refusals(recipe, inputs, [r["answer"] for r in records["teacher"]["safety"]], run, ledger)
+
+
+def _judge_refusals(recipe: Recipe, inputs, teacher_answers: list[str], run: RunDir, ledger: Ledger) -> None:
+    from edgedistill.evaluate.audit import judge_refusals
+    from edgedistill.teachers import build_teacher
+
+    judge = build_teacher(recipe.teacher, recipe.generate)
+    try:
+        metrics, record = judge_refusals(judge, inputs.items, teacher_answers, recipe.evaluate.judge_max_new_tokens)
+    finally:
+        getattr(judge, "close", lambda: None)()
+    ledger.log_metrics("evaluate", "safety_judge", metrics)
+    atomic_write_text(run.eval_dir / "audit" / "judge.json", json.dumps(record, ensure_ascii=False))
+
+
 def run_evaluate(recipe: Recipe, run: RunDir, ledger: Ledger) -> dict[str, float]:
     samples = load_distill_set(run, split="heldout")
     if not samples:
@@ -179,6 +224,7 @@ def run_evaluate(recipe: Recipe, run: RunDir, ledger: Ledger) -> dict[str, float
                       f"chrF {metrics['chrf']:.3f}")
     atomic_write_text(run.eval_dir / "answers.jsonl",
                       "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in per_example))
+    _audit(recipe, run, ledger, fingerprint)
     if recipe.evaluate.judge:
         _judge(recipe, samples, answers, ledger)
     # `edgedistill evaluate RUN` leaves a report at once; the report stage rewrites it after export.

@@ -71,8 +71,9 @@ def template_family(chat_template: str) -> str | None:
 
 
 def modelfile(gguf_name: str, chat_template: str | None, stop_tokens: list[str], context: int = 4096,
-              style: ReasoningStyle | None = None) -> str:
-    """`style`: the trace form the model writes (models/reasoning.py), kept in the template."""
+              style: ReasoningStyle | None = None, licence: str = "") -> str:
+    """`style`: the trace form the model writes (models/reasoning.py), kept in the template;
+    `licence`: the teacher's terms, carried as the Modelfile's LICENSE."""
     family = template_family(chat_template or "")
     lines = ["# Made by edgedistill. Use: ollama create <name> -f Modelfile && ollama run <name>",
              f"FROM ./{gguf_name}"]
@@ -93,11 +94,13 @@ def modelfile(gguf_name: str, chat_template: str | None, stop_tokens: list[str],
     stops = dict.fromkeys(stop_tokens + {"chatml": ["<|im_end|>"], "llama3": ["<|eot_id|>"]}.get(family or "", []))
     lines += [f'PARAMETER stop "{token}"' for token in stops if token]
     lines += ["PARAMETER temperature 0.2", "PARAMETER top_p 0.9", f"PARAMETER num_ctx {context}"]
+    if licence:  # `ollama show --license`; a Modelfile string cannot hold its own closing quotes
+        lines.append(f'LICENSE """{licence.replace(chr(34) * 3, chr(8221) * 3)}"""')
     return "\n".join(lines) + "\n"
 
 
 def write_modelfile(folder: Path, gguf_name: str, chat_template: str | None, stop_tokens: list[str],
-                    context: int = 4096, style: ReasoningStyle | None = None) -> Path:
+                    context: int = 4096, style: ReasoningStyle | None = None, licence: str = "") -> Path:
     path = folder / "Modelfile"
-    atomic_write_text(path, modelfile(gguf_name, chat_template, stop_tokens, context, style))
+    atomic_write_text(path, modelfile(gguf_name, chat_template, stop_tokens, context, style, licence))
     return path

@@ -22,10 +22,13 @@ from pathlib import Path
 from edgedistill.console import console, stage_progress
 from edgedistill.data.store import load_distill_set
 from edgedistill.errors import UserError
+from edgedistill.evaluate.audit import AuditInputs
+from edgedistill.evaluate.audit_report import licence_for_export, licence_text
 from edgedistill.evaluate.metrics import peak_rss_bytes, rouge_by_lang
 from edgedistill.evaluate.report import greedy_summary
 from edgedistill.export.card import write_model_card
 from edgedistill.export.gguf import convert_folder, write_type
+from edgedistill.export.gguf_audit import audit_file
 from edgedistill.export.ollama import write_modelfile
 from edgedistill.export.verify import (
     LlamaCppClient,
@@ -70,6 +73,7 @@ class Checks:
     speed_prompt_tokens: int
     speed_tokens: int
     answer_tokens: int
+    audit: AuditInputs | None = None  # refusal and leakage audits, as the evaluate stage runs them
 
 
 def write_and_check(source: Path, out_dir: Path, name: str, types: list[str], metadata: dict[str, str],
@@ -117,6 +121,8 @@ def write_and_check(source: Path, out_dir: Path, name: str, types: list[str], me
                         answers, ttft = greedy_answers(client, [s.prompt_ids.tolist() for s in checks.quality],
                                                        checks.answer_tokens)
                         row |= rouge_by_lang(answers, checks.quality) | {"time_to_first_token_s": ttft}
+                    if checks.audit is not None:
+                        row |= audit_file(client, checks.audit, tokenizer)
                     if (peak := peak_rss_bytes(server.process.pid)) is not None:
                         row["peak_rss_bytes"] = peak
                 finally:
@@ -140,11 +146,11 @@ def _write_tables(out_dir: Path, title: str, rows: list[dict], parity: dict[str,
     return table
 
 
-def _modelfile(out_dir: Path, name: str, types: list[str], tokenizer, source: Path) -> None:
+def _modelfile(out_dir: Path, name: str, types: list[str], tokenizer, source: Path, licence: str = "") -> None:
     small = next((t for t in ("q8_0", "q4_k_m", "q5_k_m", "q6_k", "q4_0") if t in types), types[-1])
     template = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else None
     write_modelfile(out_dir, f"{name}-{small}.gguf", template, [tokenizer.eos_token] if tokenizer.eos_token else [],
-                    style=model_style(source, tokenizer))
+                    style=model_style(source, tokenizer), licence=licence)
 
 
 def run_export(recipe: Recipe, run: RunDir, ledger: Ledger) -> dict[str, float]:
@@ -157,7 +163,7 @@ def run_export(recipe: Recipe, run: RunDir, ledger: Ledger) -> dict[str, float]:
     types = sorted(dict.fromkeys(cfg.types), key=GGUF_TYPES.index)
     heldout = load_distill_set(run, split="heldout")
     meta = ledger.meta()
-    metadata = {"general.license": cfg.license or "", "edgedistill.run": recipe.run.name,
+    metadata = {"general.license": licence_for_export(recipe, ledger), "edgedistill.run": recipe.run.name,
                 "edgedistill.teacher": meta.get("teacher", recipe.teacher.model),
                 "edgedistill.student": meta.get("student_init", ""),
                 "edgedistill.tokenizer": meta.get("student_tokenizer", ""),
@@ -169,7 +175,8 @@ def run_export(recipe: Recipe, run: RunDir, ledger: Ledger) -> dict[str, float]:
                     quality=heldout[:cfg.quality_prompts], parity_tokens=cfg.parity_tokens,
                     eval_positions=cfg.eval_positions, speed_prompt_tokens=cfg.speed_prompt_tokens,
                     speed_tokens=cfg.speed_tokens,
-                    answer_tokens=recipe.evaluate.max_new_tokens or recipe.generate.max_new_tokens)
+                    answer_tokens=recipe.evaluate.max_new_tokens or recipe.generate.max_new_tokens,
+                    audit=AuditInputs.of(recipe, load_distill_set(run, split="train"), heldout, meta.get("canaries")))
     run.export_dir.mkdir(parents=True, exist_ok=True)
     rows, parity = write_and_check(source, run.export_dir, recipe.run.name, types, metadata, cfg.embeddings_type,
                                    checks, model, tokenizer)
@@ -178,7 +185,7 @@ def run_export(recipe: Recipe, run: RunDir, ledger: Ledger) -> dict[str, float]:
     if parity:
         ledger.log_metrics("export", "parity", parity)
     ledger.set_meta("export_architecture", rows[0]["architecture"])
-    _modelfile(run.export_dir, recipe.run.name, types, tokenizer, source)
+    _modelfile(run.export_dir, recipe.run.name, types, tokenizer, source, licence_text(recipe, ledger))
     table = _write_tables(run.export_dir, f"run `{recipe.run.name}`", rows, parity, types[0])
     write_model_card(recipe, run, ledger, table)
     console.print(table)
@@ -194,6 +201,7 @@ def export_folder(folder: Path, out_dir: Path, types: list[str], *, name: str | 
     English/Japanese seeds and on the model's own greedy answers to them."""
     from edgedistill.data.prompts import load_prompts
     from edgedistill.models.hf import generate_batch, load_causal_lm, resolve_source
+    from edgedistill.models.licence import gguf_licence_name, read_folder_licence
 
     resolve_source(str(folder))  # config.json, safetensors, an architecture transformers knows
     name = name or folder.resolve().name
@@ -208,24 +216,9 @@ def export_folder(folder: Path, out_dir: Path, types: list[str], *, name: str | 
                     parity_tokens=parity_tokens, eval_positions=eval_positions, speed_prompt_tokens=128,
                     speed_tokens=64, answer_tokens=48)
     out_dir.mkdir(parents=True, exist_ok=True)
-    metadata = {"general.license": _folder_licence(folder), "edgedistill.source": str(folder.resolve())}
+    metadata = {"general.license": gguf_licence_name(read_folder_licence(folder)),
+                "edgedistill.source": str(folder.resolve())}
     rows, parity = write_and_check(folder, out_dir, name, types, metadata, embeddings_type, checks, model, tokenizer)
     _modelfile(out_dir, name, types, tokenizer, folder)
     console.print(_write_tables(out_dir, f"`{folder}`", rows, parity, types[0]))
     return rows
-
-
-def _folder_licence(folder: Path) -> str:
-    """The licence a model folder's card declares in its front matter (`license: ...`), if any."""
-    card = folder / "README.md"
-    if not card.is_file():
-        return ""
-    lines = card.read_text(encoding="utf-8", errors="replace").splitlines()
-    if not lines or lines[0].strip() != "---":
-        return ""
-    for line in lines[1:]:
-        if line.strip() == "---":
-            break
-        if line.startswith("license:"):
-            return line.split(":", 1)[1].strip().strip("'\"")
-    return ""

@@ -466,3 +466,39 @@ def save_model(model, tokenizer, target: Path, extra: dict | None = None) -> Non
     if target.exists():
         shutil.rmtree(target)
     os.replace(tmp, target)
+
+
+@torch.inference_mode()
+def greedy_continuations(model, tokenizer, prompts: list[list[int]], max_new_tokens: int) -> list[str]:
+    """Greedy continuations of raw token-id prompts (one left-padded batch), decoded: for text
+    that does not end in a chat turn's opening, such as the leakage probes' prefixes."""
+    input_ids, mask = left_pad(prompts, tokenizer.pad_token_id)
+    out = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                         temperature=None, top_p=None, top_k=None, pad_token_id=tokenizer.pad_token_id)
+    stop_ids = end_of_turn_ids(model, tokenizer)
+    texts = []
+    for tokens in out[:, input_ids.shape[1]:].tolist():
+        end = next((i for i, t in enumerate(tokens) if t in stop_ids), len(tokens))
+        texts.append(tokenizer.decode(tokens[:end], skip_special_tokens=True))
+    return texts
+
+
+@torch.inference_mode()
+def sequence_nll(model, tokenizer, texts: list[str], batch_size: int = 32) -> list[float]:
+    """Each text's negative log-likelihood under the model, summed over its tokens after the
+    first (nats; the log-perplexity of Carlini et al. 2019 up to the base of the log), in
+    right-padded batched forwards."""
+    encoded = [tokenizer(text)["input_ids"] for text in texts]
+    scores: list[float] = []
+    for start in range(0, len(encoded), batch_size):
+        chunk = encoded[start:start + batch_size]
+        width = max(len(ids) for ids in chunk)
+        input_ids = torch.full((len(chunk), width), tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for row, ids in enumerate(chunk):
+            input_ids[row, :len(ids)] = torch.tensor(ids)
+            mask[row, :len(ids)] = 1
+        logprobs = torch.log_softmax(model(input_ids=input_ids, attention_mask=mask).logits[:, :-1].float(), -1)
+        token_lp = logprobs.gather(-1, input_ids[:, 1:, None])[..., 0]  # (B, T-1)
+        scores += (-(token_lp * mask[:, 1:]).sum(-1)).tolist()
+    return scores

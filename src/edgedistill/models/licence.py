@@ -393,3 +393,25 @@ def check_provider_terms(provider: str | None, acknowledged: bool) -> None:
     raise UserError(f"teacher provider '{provider}': the {terms.terms} ({terms.url}) forbid {terms.clause}; "
                     "a student you hand out may breach them — check your use is allowed, then set "
                     "teacher.terms_acknowledged = true")
+
+
+# ---- the licence as the run records it -----------------------------------------------------------------
+def licence_json(licence: Licence) -> str:
+    """The licence as the ledger keeps it (meta 'teacher_licence'), for the report, card and export."""
+    import dataclasses
+    import json
+
+    return json.dumps(dataclasses.asdict(licence), ensure_ascii=False)
+
+
+def licence_from_json(text: str | None) -> Licence | None:
+    """A recorded licence back; None when the run recorded none (a run from before it was read)."""
+    import json
+
+    return Licence(**json.loads(text)) if text else None
+
+
+def gguf_licence_name(licence: Licence) -> str:
+    """What `general.license` says for it: the licence id, the name as found when we do not know
+    it, or "" when nothing was found."""
+    return "" if licence.spdx_or_name == UNKNOWN else licence.spdx_or_name

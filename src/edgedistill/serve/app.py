@@ -48,6 +48,7 @@ from edgedistill.serve.llamacpp_completions import (
     UpstreamError,
     legacy_chunk,
 )
+from edgedistill.serve.policy import Policy, with_system_prompt
 from edgedistill.serve.wire import RequestError, check_request, openai_error
 
 log = logging.getLogger("edgedistill.serve")
@@ -65,6 +66,7 @@ class ServeSettings:
     parallel: int = 2  # requests generating at once (llama.cpp slots)
     queue_size: int = 16  # requests waiting beyond those; more → 503
     log_content: bool = False
+    policy: Policy | None = None  # --policy: system prompt for chat requests, usage policy at /policy
 
 
 class Metrics:
@@ -194,6 +196,12 @@ def create_app(settings: ServeSettings) -> FastAPI:
         return JSONResponse({"object": "list", "data": [
             {"id": settings.model_id, "object": "model", "created": 0, "owned_by": "edgedistill"}]})
 
+    @app.get("/policy")
+    async def policy() -> JSONResponse:
+        if settings.policy is None:
+            return openai_error(404, "This server has no usage policy (start it with --policy FILE).")
+        return JSONResponse(settings.policy.as_json())
+
     @app.get("/", response_class=HTMLResponse)
     async def chat_page() -> HTMLResponse:
         page = resources.files("edgedistill.serve").joinpath("chat.html").read_text(encoding="utf-8")
@@ -228,6 +236,8 @@ def create_app(settings: ServeSettings) -> FastAPI:
             return openai_error(503, "The server is at capacity; retry shortly.", kind="server_error",
                                 code="overloaded", headers={"Retry-After": "1"})
         body["model"] = settings.model_id
+        if endpoint == "chat/completions":
+            body = with_system_prompt(body, settings.policy)
         if settings.log_content:
             log.info("%s %s content=%s", request_id, endpoint, json.dumps(body, ensure_ascii=False)[:2000])
         if body.get("stream"):

@@ -101,13 +101,18 @@ def listen(host: str, port: int) -> socket.socket:
 def run_server(target: str, *, host: str = "127.0.0.1", port: int = 8000, api_key_env: str | None = None,
                engine: str = "auto", parallel: int = 2, queue_size: int = 16, max_tokens: int = 2048,
                context_per_slot: int = 4096, threads: int = 2, log_content: bool = False,
-               exact: bool = False) -> None:
+               exact: bool = False, policy: str | None = None) -> None:
     import uvicorn
 
     from edgedistill.serve.app import ServeSettings, create_app
 
     key = api_key(api_key_env, host)
     served = resolve_model(target, engine)
+    usage_policy = None
+    if policy is not None:
+        from edgedistill.serve.policy import load_policy
+
+        usage_policy = load_policy(policy)
     listener = listen(host, port)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per engine call: echo makes one per token
@@ -135,7 +140,7 @@ def run_server(target: str, *, host: str = "127.0.0.1", port: int = 8000, api_ke
         settings = ServeSettings(model_id=served.model_id, upstream=host_url(runtime.host, runtime.port),
                                  api_key=key, engine=served.engine, upstream_key=runtime.api_key,
                                  max_tokens_cap=max_tokens, parallel=parallel, queue_size=queue_size,
-                                 log_content=log_content)
+                                 log_content=log_content, policy=usage_policy)
         logging.getLogger("edgedistill.serve").info("serving %s (%s, %s) on %s", served.model_id,
                                                     served.path.name, served.engine, host_url(host, port))
         config = uvicorn.Config(create_app(settings), log_level="warning", access_log=False)
