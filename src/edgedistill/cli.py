@@ -194,13 +194,17 @@ def serve(target: Annotated[str, typer.Argument(help="A run folder (its exported
           max_tokens: Annotated[int, typer.Option(help="Largest max_tokens a request may ask for.", min=1)] = 2048,
           context: Annotated[int, typer.Option(help="Context tokens per request slot.", min=256)] = 4096,
           log_content: Annotated[bool, typer.Option("--log-content", help="Log prompts and completions "
-                                                    "(off: request ids and token counts only).")] = False) -> None:
+                                                    "(off: request ids and token counts only).")] = False,
+          draft: Annotated[Optional[str], typer.Option("--draft", help="A run folder (or .gguf) whose student is "
+                                                       "the served model's speculative-decoding draft: same "
+                                                       "vocabulary, same greedy output, faster when it agrees "
+                                                       "(llama.cpp only).")] = None) -> None:
     """A private OpenAI-compatible server (chat, completions, streaming, logprobs) on llama.cpp or
     transformers, with a chat page at /."""
     from edgedistill.serve.server import run_server
 
     run_server(target, host=host, port=port, api_key_env=api_key_env, engine=engine, parallel=parallel, queue_size=queue,
-               max_tokens=max_tokens, context_per_slot=context, log_content=log_content)
+               max_tokens=max_tokens, context_per_slot=context, log_content=log_content, draft=draft)
 
 
 @app.command()
