@@ -99,6 +99,9 @@ def _finish(run) -> None:
         files = ", ".join(sorted(p.name for p in run.export_dir.glob("*.gguf")))
         console.print(f"GGUF for llama.cpp / Ollama: {run.export_dir} ({files}; "
                       f"`ollama create {run.root.name} -f {modelfile}`)")
+    if ptes := sorted(p.name for p in run.export_dir.glob("*.pte")):
+        console.print(f"ExecuTorch for phones: {run.export_dir} ({', '.join(ptes)}); everything to copy to a "
+                      f"phone, with a README: {run.export_dir / 'bundle'}")
     if run.report_path.is_file():
         console.print(f"report: {run.report_path}")
     if run.report_html_path.is_file():
@@ -149,14 +152,22 @@ _stage_command("evaluate", "Compare teacher, student before and after KD (and th
 def export(target: Annotated[Path, typer.Argument(help="Recipe TOML file or run folder.")],
            quant: Annotated[Optional[str], typer.Option("--quant", help="GGUF types, comma separated, e.g. "
                                                         "f16,q8_0,q4_0,q4_k_m (overrides export.types).")] = None,
+           format_: Annotated[Optional[str], typer.Option("--format", help="Formats, comma separated: gguf "
+                                                          "(always written), pte (ExecuTorch, for phones) "
+                                                          "(overrides export.formats).")] = None,
            set_: SetOpt = None, name: NameOpt = None, runs_dir: RunsDirOpt = None) -> None:
     """Write the student as GGUF files (llama.cpp / Ollama) with a Modelfile and a model card, each file
-    checked in llama.cpp. Earlier stages must be done."""
+    checked in llama.cpp; with --format pte also as ExecuTorch programs checked in ExecuTorch; an
+    on-device bundle; the student measured as the teacher's speculative-decoding draft. Earlier
+    stages must be done."""
     from edgedistill.pipeline import run_recipe
 
     overrides = _overrides(set_, name, runs_dir)
     if quant:
         overrides.append(f"export.types={json.dumps([q.strip() for q in quant.split(',') if q.strip()])}")
+    if format_:
+        formats = ["gguf"] + [f.strip() for f in format_.split(",") if f.strip() and f.strip() != "gguf"]
+        overrides.append(f"export.formats={json.dumps(formats)}")
     _finish(run_recipe(_load(target, overrides), only="export"))
 
 _stage_command("report", "Write report.html and report.md from the run's ledger.")

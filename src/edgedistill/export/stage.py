@@ -19,6 +19,7 @@ from edgedistill.errors import UserError
 from edgedistill.evaluate.metrics import peak_rss_bytes, rouge_by_lang
 from edgedistill.evaluate.report import greedy_summary
 from edgedistill.export.card import write_model_card
+from edgedistill.export.edge import export_edge, write_device_bundle
 from edgedistill.export.gguf import export_gguf
 from edgedistill.export.ollama import write_modelfile
 from edgedistill.export.verify import (
@@ -118,10 +119,13 @@ def run_export(recipe: Recipe, run: RunDir, ledger: Ledger) -> dict[str, float]:
     write_modelfile(run.export_dir, f"{recipe.run.name}-{small}.gguf", template,
                     [tokenizer.eos_token] if tokenizer.eos_token else [])
     table = _markdown(rows, parity, reference)
+    edge = export_edge(recipe, run, ledger, model, tokenizer, heldout, rows)  # .pte files, the student as a draft
+    table += edge.markdown
     atomic_write_text(run.export_dir / "export.md", f"# GGUF export — run `{recipe.run.name}`\n\n{table}")
     write_model_card(recipe, run, ledger, table)
     atomic_write_text(run.export_dir / "export.json", json.dumps({"reference": reference, "files": rows,
-                                                                  "parity": parity}, indent=2))
+                                                                  "parity": parity} | edge.record, indent=2))
+    write_device_bundle(recipe, run, tokenizer)  # export/bundle/: the files to copy to a phone
     console.print(table)
     return {"files": len(rows), "reference_bits": rows[0]["bits_per_weight"]} | \
         {f"parity_{k}": v for k, v in parity.items()}
