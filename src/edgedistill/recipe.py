@@ -34,6 +34,10 @@ OBJECTIVES = ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_revers
 XTOK_LOSSES = ("mapped_kl", "alm", "uld")
 # GGUF types, highest precision first (the first one a run writes is the parity reference).
 GGUF_TYPES = ("f32", "f16", "bf16", "q8_0", "q6_k", "q5_k_m", "q5_0", "q4_k_m", "q4_1", "q4_0")
+# Export formats: GGUF for llama.cpp / Ollama, ExecuTorch .pte for phones; and the .pte variants,
+# highest precision first (the first is the reference the others are measured against).
+EXPORT_FORMATS = ("gguf", "pte")
+PTE_TYPES = ("fp32", "8da4w")
 # OpenAI's cap on top_logprobs, which vLLM and llama.cpp follow by default (and our server too).
 TOP_LOGPROBS_CAP = 20
 
@@ -409,6 +413,37 @@ class ExportCfg(_Section):
     license: str | None = Field(None, description="general.license written into the GGUF, the model card and the "
                                 "Modelfile; default: the teacher's licence as the generate stage read it "
                                 "(an override, e.g. when the teacher's licence is not recorded in its files).")
+    # -- ExecuTorch .pte and the student as a draft (export/pte.py, export/draft.py) --
+    formats: list[Literal[EXPORT_FORMATS]] = Field(
+        default_factory=lambda: ["gguf"], min_length=1,
+        description="What to write: 'gguf' (llama.cpp / Ollama; always written: the card, the Modelfile, the "
+        "bundle and the draft check are built on it) and 'pte' (an ExecuTorch program for phones, XNNPACK; "
+        "needs the pte extra: pip install 'edgedistill[pte]').")
+    pte_types: list[Literal[PTE_TYPES]] = Field(
+        default_factory=lambda: ["fp32", "8da4w"], min_length=1,
+        description="pte: 'fp32', and '8da4w' (int8 dynamic activations x int4 weights in groups of 32, the "
+        "embedding 4-bit too: ExecuTorch's own LLM recipe). Each lowering takes minutes for a 24-layer model.")
+    pte_max_seq_len: int = Field(1024, ge=16, le=32768, description="pte: the static KV cache, in tokens "
+                                 "(prompt + answer); memory and per-token attention cost grow with it.")
+    pte_eval_positions: int = Field(256, ge=0, le=100_000, description="pte: held-out token positions for KL and "
+                                    "top-1 agreement of each .pte against the first (0: skip).")
+    pte_quality_prompts: int = Field(0, ge=0, le=10_000, description="pte: held-out prompts each .pte answers "
+                                     "greedily in ExecuTorch, for ROUGE-L/chrF against the teacher (0: skip).")
+    draft_prompts: int = Field(8, ge=0, le=1000, description="Held-out prompts the teacher answers in llama.cpp "
+                               "alone and with the student (before and after KD) as its speculative-decoding "
+                               "draft, when they share a vocabulary (0: skip).")
+    draft_tokens: int = Field(64, ge=8, le=4096, description="Greedy tokens per draft prompt.")
+    draft_max: int = Field(8, ge=1, le=64, description="Tokens the draft proposes per step (llama.cpp --draft-max).")
+    draft_min: int = Field(0, ge=0, le=64, description="Fewest tokens drafted per step (--draft-min).")
+    draft_p_min: float = Field(0.0, ge=0.0, le=1.0, description="Stop a draft when its top probability falls "
+                               "below this (--draft-p-min; 0: always draft draft_max tokens).")
+
+    @model_validator(mode="after")
+    def _gguf_always(self) -> ExportCfg:
+        if "gguf" not in self.formats:
+            raise ValueError("'gguf' is always written (the card, Modelfile, bundle and draft use it) — "
+                             "list it, e.g. formats = [\"gguf\", \"pte\"]")
+        return self
 
 
 class Recipe(_Section):

@@ -50,6 +50,7 @@ COLUMNS = [
     Column("prefill_tokens_per_s", "prefill tok/s ↑", "f0", "high"),
     Column("time_to_first_token_s", "first token s ↓", "f3", "low"),
     Column("peak_rss_bytes", "peak RSS MB ↓", "mb", "low"),
+    Column("draft_acceptance", "draft acceptance ↑", "pct", "high"),
 ]
 TERMINAL_COLUMNS = ("parameters", "perplexity", "top1_agreement", "rouge_l", "chrf", "decode_tokens_per_s")
 TASK_METRICS = {"exact_match": "exact match", "mc_loglik_acc": "MC log-likelihood", "mc_generate_acc": "MC generation"}
@@ -70,10 +71,42 @@ def model_rows(ledger: Ledger) -> list[tuple[str, str, dict[str, float]]]:
     rows = [(name, label, results[name]) for name, label in ROW_LABELS.items() if name in results]
     if not exports_current(ledger):
         return rows
-    for subject, metrics in ledger.metrics("export").items():
+    export = ledger.metrics("export")
+    for subject, metrics in export.items():
         if subject.startswith("gguf:"):
             rows.append((subject, f"GGUF {subject.removeprefix('gguf:')} (llama.cpp)", metrics))
-    return rows
+    rows += [(subject, f"ExecuTorch {subject.removeprefix('pte:')} (XNNPACK)", metrics)
+             for subject, metrics in export.items() if subject.startswith("pte:")]
+    return _with_draft_acceptance(rows, export.get("draft", {}))
+
+
+def _with_draft_acceptance(rows: list[tuple[str, str, dict[str, float]]], draft: dict[str, float]
+                           ) -> list[tuple[str, str, dict[str, float]]]:
+    """The students before and after KD get their acceptance rate as the teacher's draft."""
+    keys = {"student_before": "draft_acceptance_before", "student_after": "draft_acceptance_after"}
+    return [(key, label, m | {"draft_acceptance": draft[keys[key]]} if keys.get(key) in draft else m)
+            for key, label, m in rows]
+
+
+DRAFT_TITLE = "Speculative decoding (the student as the teacher's draft)"
+
+
+def draft_text(ledger: Ledger) -> str | None:
+    """Speculative decoding in words: the teacher in llama.cpp with the student as its draft."""
+    draft = ledger.metrics("export").get("draft") if exports_current(ledger) else None
+    if not draft or "teacher_tokens_per_s" not in draft:
+        return None
+    parts = [f"{words}: {draft[f'draft_acceptance_{label}']:.1%} of drafted tokens accepted, "
+             f"{draft[f'draft_tokens_per_s_{label}']:.1f} tokens/s ({draft[f'draft_speedup_{label}']:.2f}x), "
+             f"output identical to the teacher's on {int(draft[f'draft_identical_{label}'])} of "
+             f"{int(draft['draft_prompts'])} prompts"
+             for label, words in (("before", "student before KD"), ("after", "student after KD"))
+             if f"draft_acceptance_{label}" in draft]
+    return (f"The teacher in llama.cpp, greedy, on {int(draft['draft_prompts'])} held-out prompts, alone "
+            f"{draft['teacher_tokens_per_s']:.1f} tokens/s (median), and with the student as its speculative-"
+            f"decoding draft (up to {int(draft['draft_max'])} tokens per step) — " + "; ".join(parts)
+            + ". Speed-ups are medians of side-by-side requests on this machine; acceptance is the share of the "
+            "student's proposals the teacher keeps, a direct measure of how closely it imitates the teacher.")
 
 
 def exports_current(ledger: Ledger) -> bool:
@@ -129,7 +162,7 @@ def quality_table(ledger: Ledger, keys: tuple[str, ...] | None = None,
 
 def task_table(ledger: Ledger) -> tuple[list[str], list[list[str]]]:
     """Task accuracy: one row per model, one column per (eval set, scoring)."""
-    rows = [(k, label, m) for k, label, m in model_rows(ledger) if not k.startswith("gguf:")]
+    rows = [(k, label, m) for k, label, m in model_rows(ledger) if not k.startswith(("gguf:", "pte:"))]
     keys = sorted({k for _, _, m in rows for k in m if k.startswith("task_") and not k.endswith("_items")})
     if not keys:
         return [], []
@@ -407,6 +440,8 @@ def render_html(recipe: Recipe, run: RunDir, ledger: Ledger, sections: dict[str,
                        for t, png in plots(run, ledger).items())
     task_header, task_rows = task_table(ledger)
     line = headline(ledger)
+    spec = draft_text(ledger)
+    draft_html = f'<h2>{html.escape(DRAFT_TITLE)}</h2>\n<p id="draft">{html.escape(spec)}</p>' if spec else ""
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width,initial-scale=1">
 <title>edgedistill report — {html.escape(recipe.run.name)}</title><style>{CSS}</style></head>
@@ -418,6 +453,7 @@ def render_html(recipe: Recipe, run: RunDir, ledger: Ledger, sections: dict[str,
 {_quality_html(ledger)}
 <p class="note">{html.escape(sections['quality_note'])} Bold: the best student value in each column.</p>
 {pictures}
+{draft_html}
 <h2>Task accuracy</h2>
 {_html_table(task_header, task_rows, table_id="tasks") if task_rows else '<p>No eval sets with answers in this run (evaluate.tasks).</p>'}
 {_reasoning_html(ledger)}<h2>Judge (pairwise, both orders)</h2>
@@ -534,6 +570,40 @@ def _gguf_markdown(ledger: Ledger, run: RunDir) -> str:
             f"{'identical' if parity.get('template_match') else 'different'}. Files: `{run.export_dir}`.")
 
 
+def pte_markdown(rows: list[tuple[str, dict]]) -> str:
+    """ExecuTorch programs, (type, metrics): size, KL and top-1 against the fp32 student in
+    transformers, speed next to the llama.cpp file of comparable bits, and each program's parity
+    with the transformers model of its own numerics. For export.md, the model card and report.md."""
+    if not rows:
+        return ""
+    lines = [f"ExecuTorch programs (.pte, XNNPACK, static KV cache of {int(rows[0][1].get('max_seq_len', 0))} "
+             "tokens, one token per call), run in ExecuTorch's Python runtime on this machine:", "",
+             markdown_table(["type", "size MB", "KL vs fp32 student", "top-1 vs fp32 student", "prefill tok/s",
+                             "decode tok/s", "llama.cpp file of comparable bits: MB, decode tok/s"],
+                            [[kind, f"{m['size_bytes'] / 1e6:.1f}",
+                              f"{m['kl_vs_reference']:.4f}" if "kl_vs_reference" in m else "—",
+                              f"{m['top1_vs_reference']:.1%}" if "top1_vs_reference" in m else "—",
+                              f"{m.get('prefill_tokens_per_s', 0):.0f}", f"{m.get('decode_tokens_per_s', 0):.1f}",
+                              f"{m.get('gguf_twin', 'GGUF')} {m['gguf_twin_size_bytes'] / 1e6:.1f} MB, "
+                              f"{m['gguf_twin_decode_tokens_per_s']:.1f}" if "gguf_twin_size_bytes" in m else "—"]
+                             for kind, m in rows])]
+    for kind, m in rows:
+        if "greedy_prompts" in m:
+            against = "the student" if kind == "fp32" else "the student quantized the same way by torchao"
+            lines += ["", f"Parity of the {kind} program with {against}, in transformers: ExecuTorch's C++ "
+                      f"tokenizer {'identical' if m.get('tokenizer_match') else 'DIFFERENT'} on a mixed "
+                      f"English/Japanese/emoji text, {greedy_summary(m)}, largest log-prob difference "
+                      f"{m.get('max_logprob_diff', float('nan')):.2e} over {int(m.get('compared_positions', 0))} "
+                      "listed entries."]
+    return "\n".join(lines) + "\n"
+
+
+def _pte_ledger_markdown(ledger: Ledger) -> str:
+    export = ledger.metrics("export") if exports_current(ledger) else {}
+    rows = [(subject.removeprefix("pte:"), m) for subject, m in export.items() if subject.startswith("pte:")]
+    return "\n" + pte_markdown(sorted(rows, key=lambda r: r[1].get("size_bytes", 0), reverse=True)) if rows else ""
+
+
 FILTER_NOTE = ("What happened to each task the teacher proposed, by the language of its instruction; the kept "
                "share is kept / proposed. The length cap counts English words (Japanese characters converted at "
                "the ratio measured on parallel text), near duplicates compare words and Japanese character pairs.")
@@ -572,6 +642,8 @@ def write_report(recipe: Recipe, run: RunDir, ledger: Ledger) -> dict[str, float
     header, rows = quality_table(ledger, mark_best="**{}**")
     task_header, task_rows = task_table(ledger)
     line = headline(ledger)
+    spec = draft_text(ledger)
+    draft_md = f"## {DRAFT_TITLE}\n\n{spec}\n\n" if spec else ""
     text = f"""# edgedistill report — run `{recipe.run.name}`
 
 {sections['intro']} edgedistill {__version__}.
@@ -583,7 +655,7 @@ The same report with plots and every held-out answer: `{run.report_html_path}`.
 
 {sections['quality_note']} Bold: the best student value in each column.
 
-## Task accuracy
+{draft_md}## Task accuracy
 
 {markdown_table(task_header, task_rows) if task_rows else 'No eval sets with answers in this run (evaluate.tasks).'}
 
@@ -599,7 +671,7 @@ The same report with plots and every held-out answer: `{run.report_html_path}`.
 ## Edge files (GGUF, measured in llama.cpp)
 
 {_gguf_markdown(ledger, run)}
-
+{_pte_ledger_markdown(ledger)}
 ## Teacher usage (cost ledger, every attempt)
 
 {markdown_table(*sections['usage'])}

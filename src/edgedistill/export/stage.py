@@ -27,6 +27,7 @@ from edgedistill.evaluate.audit_report import licence_for_export, licence_text
 from edgedistill.evaluate.metrics import peak_rss_bytes, rouge_by_lang
 from edgedistill.evaluate.report import greedy_summary
 from edgedistill.export.card import write_model_card
+from edgedistill.export.edge import export_edge, write_device_bundle
 from edgedistill.export.gguf import convert_folder, write_type
 from edgedistill.export.gguf_audit import audit_file
 from edgedistill.export.ollama import write_modelfile
@@ -138,11 +139,13 @@ def _numbers(row: dict) -> dict[str, float]:
     return flat | {f"parity_{k}": v for k, v in (row.get("parity") or {}).items()}
 
 
-def _write_tables(out_dir: Path, title: str, rows: list[dict], parity: dict[str, float], reference: str) -> str:
-    table = _markdown(rows, parity, reference)
+def _write_tables(out_dir: Path, title: str, rows: list[dict], parity: dict[str, float], reference: str,
+                  edge_markdown: str = "", edge_record: dict | None = None) -> str:
+    """export.md and export.json; `edge_*`: the .pte files and the draft check of a run."""
+    table = _markdown(rows, parity, reference) + edge_markdown
     atomic_write_text(out_dir / "export.md", f"# GGUF export — {title}\n\n{table}")
-    atomic_write_text(out_dir / "export.json", json.dumps({"reference": reference, "files": rows, "parity": parity},
-                                                          indent=2))
+    atomic_write_text(out_dir / "export.json", json.dumps({"reference": reference, "files": rows, "parity": parity}
+                                                          | (edge_record or {}), indent=2))
     return table
 
 
@@ -186,8 +189,11 @@ def run_export(recipe: Recipe, run: RunDir, ledger: Ledger) -> dict[str, float]:
         ledger.log_metrics("export", "parity", parity)
     ledger.set_meta("export_architecture", rows[0]["architecture"])
     _modelfile(run.export_dir, recipe.run.name, types, tokenizer, source, licence_text(recipe, ledger))
-    table = _write_tables(run.export_dir, f"run `{recipe.run.name}`", rows, parity, types[0])
+    edge = export_edge(recipe, run, ledger, model, tokenizer, heldout, rows)  # .pte files, the student as a draft
+    table = _write_tables(run.export_dir, f"run `{recipe.run.name}`", rows, parity, types[0], edge.markdown,
+                          edge.record)
     write_model_card(recipe, run, ledger, table)
+    write_device_bundle(recipe, run, tokenizer)  # export/bundle/: the files to copy to a phone
     console.print(table)
     return {"files": len(rows), "reference_bits": rows[0]["bits_per_weight"]} | \
         {f"parity_{k}": v for k, v in parity.items()}

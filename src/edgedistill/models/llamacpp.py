@@ -84,8 +84,38 @@ def _set_reasoning(params, options: ReasoningOptions) -> None:
         params.sampling.reasoning_budget_message = options.message
 
 
+@dataclass(frozen=True)
+class DraftSettings:
+    """Speculative decoding: a small model of the same vocabulary proposes up to `n_max` tokens,
+    the served model verifies them in one batch (llama-server's --model-draft, --draft-max,
+    --draft-min, --draft-p-min). Greedy output is unchanged; responses then carry
+    `timings.draft_n` and `timings.draft_n_accepted`."""
+
+    path: Path
+    n_max: int = 8
+    n_min: int = 0
+    p_min: float = 0.0  # stop drafting when the draft's own top probability falls below this
+
+    def args(self) -> list[str]:
+        return ["--draft", str(self.path), "--draft-max", str(self.n_max), "--draft-min", str(self.n_min),
+                "--draft-p-min", str(self.p_min)]
+
+
+def _set_draft(params, draft: DraftSettings, threads: int) -> None:
+    import xllamacpp
+
+    settings = params.speculative.draft
+    settings.mparams.path = str(draft.path)
+    settings.n_max, settings.n_min, settings.p_min = draft.n_max, draft.n_min, draft.p_min
+    settings.n_gpu_layers = 0
+    settings.cpuparams.n_threads = settings.cpuparams_batch.n_threads = threads
+    # Without a speculative type the server loads the draft and never drafts (xllamacpp 2026.10).
+    params.speculative.types = [xllamacpp.common_speculative_type.COMMON_SPECULATIVE_TYPE_DRAFT_SIMPLE]
+
+
 def _serve(gguf: str, host: str, port: int, parallel: int, ctx_per_slot: int, threads: int, alias: str,
-           parent: int | None = None, exact: bool = False, reasoning: ReasoningOptions | None = None) -> None:
+           parent: int | None = None, exact: bool = False, reasoning: ReasoningOptions | None = None,
+           draft: DraftSettings | None = None) -> None:
     import threading
 
     import xllamacpp
@@ -110,6 +140,8 @@ def _serve(gguf: str, host: str, port: int, parallel: int, ctx_per_slot: int, th
         params.cache_type_k = params.cache_type_v = xllamacpp.ggml_type.GGML_TYPE_F32
         params.flash_attn_type = xllamacpp.llama_flash_attn_type.LLAMA_FLASH_ATTN_TYPE_DISABLED
     _set_reasoning(params, reasoning or ReasoningOptions())
+    if draft is not None:
+        _set_draft(params, draft, threads)
     server = xllamacpp.Server(params)  # noqa: F841  (kept alive until the process is stopped)
     threading.Event().wait()
 
@@ -146,21 +178,25 @@ class LlamaCppServer:
 def start_llamacpp_server(gguf: Path, *, port: int | None = None, host: str = "127.0.0.1", parallel: int = 4,
                           ctx_per_slot: int = 2048, threads: int = 2, alias: str = "model",
                           ready_timeout_s: float = 120.0, exact: bool = False,
-                          api_key: str | None = None, reasoning: ReasoningOptions | None = None) -> LlamaCppServer:
+                          api_key: str | None = None, reasoning: ReasoningOptions | None = None,
+                          draft: DraftSettings | None = None) -> LlamaCppServer:
     """Start the server in a child process and return once /health answers 200.
 
     `exact` keeps attention in float32 (F32 KV cache, no flash attention): an F32 GGUF then
     agrees with transformers within the 1e-4 log-prob that tests/test_export.py asserts (the
     defaults drift up to ~0.01), for checking a conversion; slower and twice the KV memory, so
-    never the default. With `api_key` the server answers only requests that carry it."""
-    if not gguf.is_file():
-        raise UserError(f"{gguf}: GGUF file not found")
+    never the default. With `api_key` the server answers only requests that carry it. `draft`
+    serves it with a draft model (speculative decoding)."""
+    for path in (gguf, draft.path) if draft else (gguf,):
+        if not path.is_file():
+            raise UserError(f"{path}: GGUF file not found")
     if importlib.util.find_spec("xllamacpp") is None:
         raise UserError("the llama.cpp runtime is missing — `pip install xllamacpp` (or `make setup`)")
     port = port or free_port()
     command = [sys.executable, "-m", "edgedistill.models.llamacpp", str(gguf), "--host", host, "--port", str(port),
                "--parallel", str(parallel), "--ctx-per-slot", str(ctx_per_slot), "--threads", str(threads),
-               "--alias", alias, "--parent", str(os.getpid())] + (["--exact"] if exact else [])
+               "--alias", alias, "--parent", str(os.getpid())] + (["--exact"] if exact else []) + \
+        (draft.args() if draft else [])
     command += (reasoning or ReasoningOptions()).args()
     return spawn_server(command, host, port, f"{gguf}: llama.cpp", ready_timeout_s, api_key)
 
@@ -206,11 +242,16 @@ def main(argv: list[str] | None = None) -> int:
                         help="Where a thinking template's trace goes (deepseek: message.reasoning_content).")
     parser.add_argument("--reasoning-budget", type=int, default=None, help="Most trace tokens (then forced to end).")
     parser.add_argument("--reasoning-budget-message", default=None, help="Text injected before the forced end.")
+    parser.add_argument("--draft", type=Path, default=None, help="Draft model GGUF (speculative decoding).")
+    parser.add_argument("--draft-max", type=int, default=8)
+    parser.add_argument("--draft-min", type=int, default=0)
+    parser.add_argument("--draft-p-min", type=float, default=0.0)
     args = parser.parse_args(argv)
+    draft = DraftSettings(args.draft, args.draft_max, args.draft_min, args.draft_p_min) if args.draft else None
     reasoning = ReasoningOptions(args.reasoning_format, args.reasoning_budget, args.reasoning_budget_message)
     try:
         _serve(str(args.gguf), args.host, args.port, args.parallel, args.ctx_per_slot, args.threads, args.alias,
-               args.parent, args.exact, reasoning)
+               args.parent, args.exact, reasoning, draft)
     except KeyboardInterrupt:
         pass
     except RuntimeError as exc:  # xllamacpp's one error: bad file, port in use

@@ -71,6 +71,19 @@ def resolve_model(target: str, engine: str = "auto") -> ServedModel:
     raise UserError(f"{path}: not a run folder with a trained student (no student/config.json, no export/*.gguf)")
 
 
+def draft_for(draft: str | None, served: ServedModel):
+    """`--draft RUN`: the run's student GGUF (the file a run serves) as the speculative-decoding
+    draft of the served model — the teacher kept on-prem, answering faster where the student agrees."""
+    if draft is None:
+        return None
+    from edgedistill.models.llamacpp import DraftSettings
+
+    if served.engine != "llamacpp":
+        raise UserError("--draft: speculative decoding runs in llama.cpp — serve a .gguf file, a run's GGUF or "
+                        "'embedded'")
+    return DraftSettings(resolve_model(draft, "llamacpp").path)
+
+
 def api_key(env_name: str | None, host: str) -> str | None:
     """The key from the named variable; required whenever the server listens beyond loopback."""
     key = os.environ.get(env_name) if env_name else None
@@ -101,7 +114,7 @@ def listen(host: str, port: int) -> socket.socket:
 def run_server(target: str, *, host: str = "127.0.0.1", port: int = 8000, api_key_env: str | None = None,
                engine: str = "auto", parallel: int = 2, queue_size: int = 16, max_tokens: int = 2048,
                context_per_slot: int = 4096, threads: int = 2, log_content: bool = False,
-               exact: bool = False, policy: str | None = None) -> None:
+               exact: bool = False, policy: str | None = None, draft: str | None = None) -> None:
     import uvicorn
 
     from edgedistill.serve.app import ServeSettings, create_app
@@ -113,6 +126,7 @@ def run_server(target: str, *, host: str = "127.0.0.1", port: int = 8000, api_ke
         from edgedistill.serve.policy import load_policy
 
         usage_policy = load_policy(policy)
+    draft_settings = draft_for(draft, served)
     listener = listen(host, port)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per engine call: echo makes one per token
@@ -127,7 +141,7 @@ def run_server(target: str, *, host: str = "127.0.0.1", port: int = 8000, api_ke
             # A thinking template's trace comes back in `reasoning_content`, apart from the answer.
             runtime = start_llamacpp_server(served.path, parallel=parallel, ctx_per_slot=context_per_slot,
                                             threads=threads, alias=served.model_id, exact=exact, api_key=engine_key,
-                                            reasoning=ReasoningOptions("deepseek"))
+                                            reasoning=ReasoningOptions("deepseek"), draft=draft_settings)
         else:  # one request computes at a time in the transformers engine; the rest wait in the front's queue
             from edgedistill.serve.hf_engine import start_hf_engine
 

@@ -1,0 +1,202 @@
+"""What the export stage adds beside the GGUF files: the student as ExecuTorch programs for
+phones (each checked in ExecuTorch's runtime as the GGUF files are in llama.cpp), the student
+before and after KD as the teacher's speculative-decoding draft, and the on-device bundle.
+
+Ledger (stage `export`): subjects `pte:<type>` (size, speed, KL/top-1 against the fp32 student
+in transformers, parity with the transformers model of the program's own numerics), and `draft`
+(`draft_acceptance_before` / `draft_acceptance_after` in 0-1, tokens/s, speed-ups, identical
+outputs). export.json gets a `pte` list, a `draft` object and the seconds each part took.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+from edgedistill.console import console
+from edgedistill.data.store import Sample
+from edgedistill.errors import UserError
+from edgedistill.evaluate.metrics import rouge_by_lang
+from edgedistill.evaluate.report import pte_markdown
+from edgedistill.export.bundle import write_bundle
+from edgedistill.export.draft import NO_DRAFT, measure_drafts
+from edgedistill.export.pte import (
+    PteClient,
+    byte_fallback_tokenizer,
+    check_executorch,
+    export_pte,
+    quantized_reference,
+    transformers_distributions,
+    write_runner_tokenizer,
+)
+from edgedistill.export.verify import (
+    check_parity,
+    greedy_answers,
+    sparse_kl_top1,
+    speed,
+    teacher_forced,
+)
+from edgedistill.recipe import GGUF_TYPES, PTE_TYPES, Recipe
+from edgedistill.run import Ledger, RunDir
+
+# The llama.cpp file each .pte is compared with: the same bits where there is one, else the nearest.
+GGUF_TWINS = {"fp32": ("f32", "f16", "bf16"), "8da4w": ("q4_k_m", "q4_0", "q4_1", "q5_0", "q5_k_m", "q6_k", "q8_0")}
+
+
+@dataclass
+class EdgeExport:
+    """What export/edge.py measured, for export.json (`record`) and export.md / the card (`markdown`)."""
+
+    record: dict = field(default_factory=dict)
+    markdown: str = ""
+
+
+def draft_type(gguf_types: list[str]) -> str:
+    """The run's GGUF file used as the draft: the highest-precision quantised one (q8_0 in the
+    demo), the order `edgedistill serve` picks a run's file in; else the reference."""
+    return next((t for t in GGUF_TYPES if t.startswith("q") and t in gguf_types), gguf_types[0])
+
+
+def _twin(pte_type: str, gguf_rows: list[dict]) -> dict | None:
+    by_type = {r["type"]: r for r in gguf_rows}
+    return next((by_type[t] for t in GGUF_TWINS[pte_type] if t in by_type), None)
+
+
+def pte_files(recipe: Recipe, run: RunDir, ledger: Ledger, model, tokenizer, heldout: list[Sample],
+              gguf_rows: list[dict]) -> list[dict]:
+    """Write and check one .pte per export.pte_types; return the export.json rows. Each program is
+    checked against the transformers model with its own numerics (fp32: the student; 8da4w: the
+    student quantized by torchao in PyTorch) for tokens and log-probs, and against the fp32
+    student for KL and top-1 agreement: the cost of the quantization."""
+    cfg = recipe.export
+    check_executorch()
+    write_runner_tokenizer(run.student_dir, run.export_dir)
+    sequences = [(s.prompt_ids.tolist() + s.answer_ids.tolist())[:cfg.pte_max_seq_len - 1] for s in heldout]
+    reference_dist = transformers_distributions(model, sequences, cfg.pte_eval_positions) \
+        if cfg.pte_eval_positions else None
+    max_new = recipe.evaluate.max_new_tokens or recipe.generate.max_new_tokens
+    fitting = lambda n: [s for s in heldout if len(s.prompt_ids) + n < cfg.pte_max_seq_len]  # noqa: E731  (static cache)
+    rows = []
+    for pte_type in sorted(dict.fromkeys(cfg.pte_types), key=PTE_TYPES.index):
+        path = run.export_dir / f"{recipe.run.name}-{pte_type}.pte"
+        console.print(f"ExecuTorch {pte_type}: export and XNNPACK lowering (minutes for a 24-layer model) …")
+        result = export_pte(run.student_dir, path, pte_type, max_seq_len=cfg.pte_max_seq_len)
+        row = {"file": path.name, "type": pte_type, "size_bytes": result.size_bytes,
+               "bits_per_weight": result.size_bytes * 8 / result.parameters, "parameters": result.parameters,
+               "max_seq_len": result.max_seq_len, "attention": result.attention, "export_seconds": result.export_s,
+               "lower_seconds": result.lower_s, "export_lower_cpu_seconds": result.cpu_s,
+               "xnnpack_partitions": result.delegated_partitions,
+               "portable_ops": result.portable_ops}
+        client = PteClient(path, run.export_dir)
+        if cfg.parity_prompts and (asked := fitting(cfg.parity_tokens)[:cfg.parity_prompts]):
+            reference = model if pte_type == "fp32" else quantized_reference(run.student_dir)
+            check = check_parity(client, reference, tokenizer, [s.prompt_messages for s in asked], cfg.parity_tokens)
+            row |= check.as_metrics()
+            if check.first_difference:
+                console.print(f"[yellow]parity note ({pte_type}): {check.first_difference}[/]")
+        if reference_dist is not None:
+            row |= sparse_kl_top1(reference_dist, teacher_forced(client, sequences, cfg.pte_eval_positions))
+        prompt = (sum(sequences, []) * 8)[:min(cfg.speed_prompt_tokens, cfg.pte_max_seq_len - cfg.speed_tokens - 1)]
+        row |= speed(client, prompt, cfg.speed_tokens)
+        if cfg.pte_quality_prompts and (asked := fitting(max_new)[:cfg.pte_quality_prompts]):
+            answers, ttft = greedy_answers(client, [s.prompt_ids.tolist() for s in asked], max_new)
+            row |= rouge_by_lang(answers, asked) | {"time_to_first_token_s": ttft}
+        client.close()
+        if (twin := _twin(pte_type, gguf_rows)) is not None:
+            row |= {"gguf_twin": twin["type"], "gguf_twin_size_bytes": twin["size_bytes"],
+                    "gguf_twin_prefill_tokens_per_s": twin["prefill_tokens_per_s"],
+                    "gguf_twin_decode_tokens_per_s": twin["decode_tokens_per_s"]}
+        rows.append(row)
+        ledger.log_metrics("export", f"pte:{pte_type}", {k: v for k, v in row.items()
+                                                         if isinstance(v, (int, float)) and not isinstance(v, bool)})
+    return rows
+
+
+def draft_check(recipe: Recipe, run: RunDir, ledger: Ledger, tokenizer, heldout: list[Sample],
+                gguf_rows: list[dict]) -> dict:
+    """The teacher in llama.cpp alone and with the student before / after KD as its draft."""
+    from edgedistill.export.gguf import export_gguf
+    from edgedistill.models.hf import encode_prompts, load_tokenizer, resolve_source
+    from edgedistill.models.vocab import vocab_matches
+
+    cfg = recipe.export
+    local = recipe.teacher.local_model
+    if not cfg.draft_prompts or not heldout or not local:
+        return {}
+    if not vocab_matches(load_tokenizer(local), tokenizer):
+        console.print("[yellow]draft check skipped: the student's vocabulary is not the teacher's[/]")
+        return {"skipped": "the student's vocabulary is not the teacher's"}
+    kind = draft_type([r["type"] for r in gguf_rows])
+    work = run.export_dir / "draft"
+    source = resolve_source(local)
+    if source.gguf_file:
+        teacher = source.folder / source.gguf_file
+    else:  # a Hugging Face teacher: its GGUF at the draft's type, written once per export
+        teacher = work / f"teacher-{kind}.gguf"
+        export_gguf(source.folder, teacher, kind, name="teacher", embeddings_type=cfg.embeddings_type)
+    drafts = {"after": run.export_dir / f"{recipe.run.name}-{kind}.gguf"}
+    if (run.student_init_dir / "config.json").is_file():
+        drafts = {"before": work / f"{recipe.run.name}-before-kd-{kind}.gguf"} | drafts
+        export_gguf(run.student_init_dir, drafts["before"], kind, name=f"{recipe.run.name}-before-kd",
+                    embeddings_type=cfg.embeddings_type)
+    prompts = encode_prompts(tokenizer, [s.prompt_messages for s in heldout[:cfg.draft_prompts]])
+    console.print(f"draft check: {teacher.name} alone and with the student as draft ({', '.join(drafts)} KD), "
+                  f"{len(prompts)} prompts …")
+    try:
+        result = measure_drafts(teacher, drafts, prompts, cfg.draft_tokens, n_max=cfg.draft_max,
+                                n_min=cfg.draft_min, p_min=cfg.draft_p_min)
+    except UserError as exc:  # llama.cpp refuses the pair (e.g. special tokens differ): say so, keep the export
+        console.print(f"[yellow]draft check skipped: {exc}[/]")
+        return {"skipped": str(exc)}
+    metrics = {"teacher_tokens_per_s": result[NO_DRAFT]["tokens_per_s"], "draft_prompts": len(prompts),
+               "draft_max": cfg.draft_max}
+    for label in drafts:
+        r = result[label]
+        metrics |= {f"draft_acceptance_{label}": r["acceptance"], f"draft_tokens_per_s_{label}": r["tokens_per_s"],
+                    f"draft_speedup_{label}": r["speedup"], f"draft_identical_{label}": r["identical"],
+                    f"draft_drafted_{label}": r["drafted"]}
+    ledger.log_metrics("export", "draft", {k: v for k, v in metrics.items() if not math.isnan(v)})
+    return {"teacher": teacher.name, "draft_file_type": kind, "prompts": len(prompts), "tokens": cfg.draft_tokens,
+            "n_max": cfg.draft_max, "n_min": cfg.draft_min, "p_min": cfg.draft_p_min} | result
+
+
+def draft_markdown(draft: dict) -> str:
+    if not draft:
+        return ""
+    if "skipped" in draft:
+        return f"\nSpeculative decoding: not measured ({draft['skipped']}).\n"
+    parts = []
+    for label, words in (("before", "before KD"), ("after", "after KD")):
+        if label in draft:
+            r = draft[label]
+            parts.append(f"{words}: acceptance {r['acceptance']:.1%} ({r['accepted']}/{r['drafted']} drafted tokens), "
+                         f"{r['tokens_per_s']:.1f} tok/s ({r['speedup']:.2f}x), output identical on "
+                         f"{r['identical']}/{r['prompts']} prompts")
+    return (f"\nSpeculative decoding: the teacher `{draft['teacher']}` in llama.cpp, greedy, {draft['prompts']} held-out "
+            f"prompts × ≤{draft['tokens']} tokens, draft = the student's {draft['draft_file_type']} file "
+            f"(≤{draft['n_max']} tokens per step); teacher alone {draft[NO_DRAFT]['tokens_per_s']:.1f} tok/s (median); "
+            + "; ".join(parts) + ".\n")
+
+
+def export_edge(recipe: Recipe, run: RunDir, ledger: Ledger, model, tokenizer, heldout: list[Sample],
+                gguf_rows: list[dict]) -> EdgeExport:
+    """The .pte files and the draft check (before the model card, which lists them)."""
+    started = time.perf_counter()
+    pte_rows = pte_files(recipe, run, ledger, model, tokenizer, heldout, gguf_rows) \
+        if "pte" in recipe.export.formats else []
+    pte_done = time.perf_counter()
+    draft = draft_check(recipe, run, ledger, tokenizer, heldout, gguf_rows)
+    seconds = {"pte": pte_done - started, "draft": time.perf_counter() - pte_done}  # what each adds to the stage
+    console.print(f"ExecuTorch export and checks {seconds['pte']:.0f} s, draft check {seconds['draft']:.0f} s")
+    record = ({"pte": pte_rows} if pte_rows else {}) | ({"draft": draft} if draft else {}) | {"seconds": seconds}
+    table = "\n" + pte_markdown([(r["type"], r) for r in pte_rows]) if pte_rows else ""
+    return EdgeExport(record, table + draft_markdown(draft))
+
+
+def write_device_bundle(recipe: Recipe, run: RunDir, tokenizer) -> None:
+    """export/bundle/ (after the model card, which it carries)."""
+    example = tokenizer.apply_chat_template([{"role": "user", "content": "Hello"}], tokenize=False,
+                                            add_generation_prompt=True)
+    fallback = (run.export_dir / "tokenizer.json").is_file() and byte_fallback_tokenizer(run.export_dir)
+    write_bundle(run.export_dir, recipe.run.name, example, fallback)
