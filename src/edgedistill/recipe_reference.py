@@ -15,7 +15,7 @@ from annotated_types import Ge, Gt, Le, Lt, MaxLen, MinLen
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
-from edgedistill.recipe import BUNDLED_RECIPES, Recipe, TaskCfg
+from edgedistill.recipe import BUNDLED_RECIPES, Recipe
 
 INTRO = """# Recipe reference
 
@@ -38,6 +38,8 @@ def _type_name(annotation: Any) -> str:
     if origin is typing.Annotated:
         return _type_name(args[0])
     if origin in (list, tuple):
+        if args and isinstance(args[0], type) and issubclass(args[0], BaseModel):
+            return f"list of [{args[0].__name__}](#{args[0].__name__.lower()})"
         return f"list of {_type_name(args[0])}" if args else "list"
     if origin is dict:
         return "table"
@@ -45,7 +47,7 @@ def _type_name(annotation: Any) -> str:
         names = [_type_name(a) for a in args if a is not type(None)]
         return " \\| ".join(names) + (" or unset" if type(None) in args else "")
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return f"list of [{annotation.__name__}](#{annotation.__name__.lower()})"
+        return f"[{annotation.__name__}](#{annotation.__name__.lower()})"
     return getattr(annotation, "__name__", str(annotation))
 
 
@@ -74,10 +76,23 @@ def _default(info: FieldInfo) -> str:
     return f"`{json.dumps(value, ensure_ascii=False)}`"
 
 
-def _section(title: str, model: type[BaseModel], anchor: str | None = None) -> str:
-    lines = [f"## {title}" + (f" {{#{anchor}}}" if anchor else ""), ""]
-    if model.__doc__ and model is TaskCfg:
-        lines += [" ".join(model.__doc__.split()), ""]
+def _entry_models(model: type[BaseModel]) -> list[tuple[str, type[BaseModel]]]:
+    """The models of a section's list-of-tables fields ([[generate.tasks]], ...), as (field, model)."""
+    found = []
+    for name, info in model.model_fields.items():
+        args = typing.get_args(info.annotation)
+        if typing.get_origin(info.annotation) is list and args and isinstance(args[0], type) \
+                and issubclass(args[0], BaseModel):
+            found.append((name, args[0]))
+    return found
+
+
+def _section(title: str, model: type[BaseModel], intro: str = "") -> str:
+    # Plain headings only: GitHub derives the anchor from the text (`[run]` -> #run, TaskCfg ->
+    # #taskcfg); it does not honour {#id}, and the type column links to these anchors.
+    lines = [f"## {title}", ""]
+    if intro:
+        lines += [intro, ""]
     lines += ["| field | type | default | range | what it does |", "|---|---|---|---|---|"]
     for name, info in model.model_fields.items():
         help_text = " ".join((info.description or "").split()).replace("|", "\\|")
@@ -87,9 +102,13 @@ def _section(title: str, model: type[BaseModel], anchor: str | None = None) -> s
 
 def render() -> str:
     parts = [INTRO.format(bundled=", ".join(f"`{name}`" for name in BUNDLED_RECIPES))]
+    entries = []
     for name, info in Recipe.model_fields.items():
         parts.append(_section(f"`[{name}]`", info.annotation))
-    parts.append(_section("TaskCfg: one `[[evaluate.tasks]]` entry", TaskCfg, "taskcfg"))
+        entries += [(f"{name}.{field}", model) for field, model in _entry_models(info.annotation)]
+    for table, model in entries:
+        doc = " ".join((model.__doc__ or "").split())
+        parts.append(_section(model.__name__, model, f"One `[[{table}]]` entry. {doc}".strip()))
     return "\n".join(parts)
 
 
