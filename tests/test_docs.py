@@ -95,5 +95,5 @@ def test_readme_first_screen():
     """What a new reader needs within the first screen: the two commands, the result table and
     how to use their own teacher."""
     head = "\n".join((ROOT / "README.md").read_text(encoding="utf-8").splitlines()[:60])
-    for needle in ("make demo", "make test", "| student after KD", "teacher.backend"):
+    for needle in ("make demo", "make test", "| student after KD", "## Use your own teacher", "backend = \"openai\""):
         assert needle in head, needle
