@@ -4,6 +4,7 @@ README.md and docs/ reaches a file and, when it names one, a heading of that fil
 from __future__ import annotations
 
 import re
+import unicodedata
 from pathlib import Path
 from urllib.parse import unquote
 
@@ -37,7 +38,6 @@ def slug(heading: str) -> str:
 
 
 def _is_mark(ch: str) -> bool:
-    import unicodedata
     return unicodedata.category(ch).startswith("M")
 
 
