@@ -327,6 +327,29 @@ def test_report_md_and_model_card_hold_the_ledgers_numbers(tiny_run):
     assert judge["wins"] + judge["ties"] + judge["losses"] == evaluate["stage"]["heldout_samples"]
     assert f"{int(judge['wins'])} wins, {int(judge['ties'])} ties" in report
     assert "mc_ja MC log-likelihood (n=3)" in report and str(run.report_html_path) in report
+    # Speeds: every row measured in the same interleaved rounds, the anchor beside them in the report.
+    speed = evaluate["speed"]
+    assert all(evaluate[row]["speed_rounds"] == recipe.evaluate.speed_rounds for row in folders)
+    assert speed["speed_anchor_gflops"] > 0 and speed["speed_unreliable"] == float(speed["speed_anchor_spread"] > 0.3)
+    assert f"median of {recipe.evaluate.speed_rounds} rounds" in report
+    assert f"{speed['speed_anchor_gflops']:.1f} GFLOP/s" in report
+    # The teacher's greedy held-out answers are the stored ones, not generated a second time.
+    from edgedistill.data.store import load_distill_set
+    from edgedistill.evaluate.stage import teacher_answers_stored
+
+    heldout = load_distill_set(run, split="heldout")
+    assert teacher_answers_stored(recipe, heldout)
+    teacher_row = json.loads((run.eval_dir / "models" / "teacher.json").read_text(encoding="utf-8"))
+    assert teacher_row["answers"] == [s.answer for s in heldout]
+
+
+def test_a_moving_anchor_marks_the_speeds_unreliable():
+    from edgedistill.evaluate.metrics import anchor_summary
+
+    steady = anchor_summary([10.0, 12.0, 11.0, 13.0])  # moved 30%: still comparable
+    assert steady == {"speed_anchor_gflops": 11.5, "speed_anchor_spread": pytest.approx(0.3), "speed_unreliable": 0.0}
+    moved = anchor_summary([20.0, 10.0, 19.0])  # halved mid-measurement (this machine drifts up to 2x)
+    assert moved["speed_unreliable"] == 1.0 and moved["speed_anchor_spread"] == pytest.approx(1.0)
 
 
 def test_evaluate_reuses_finished_models_and_redoes_retrained_ones(tiny_run):

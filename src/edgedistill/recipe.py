@@ -370,6 +370,9 @@ class EvalCfg(_Section):
     batch_size: int = Field(8, ge=1, le=256, description="Prompts per generation batch.")
     speed_prompts: int = Field(2, ge=1, le=64, description="Prompts decoded at batch 1 to time decode speed.")
     speed_tokens: int = Field(48, ge=8, le=1024, description="Tokens generated per speed prompt.")
+    speed_rounds: int = Field(3, ge=1, le=20, description="Rounds of the speed measurement: every model decodes the "
+                              "speed prompts once per round, in turns (A B C, A B C, …); the median is reported, "
+                              "with the matmul anchor measured between rounds.")
     tasks: list[TaskCfg] = Field(default_factory=list, description="Eval sets with answers: task accuracy per "
                                  "model (exact match, multiple choice by log-likelihood and by generation).")
     judge: bool = Field(False, description="Pairwise LLM-as-judge, both orders: the KD student against the "

@@ -98,6 +98,50 @@ def size_on_disk(path: str | Path) -> float:
 
 
 @torch.inference_mode()
+def matmul_gflops(n: int = 1024, repeat: int = 5) -> float:
+    """The machine's speed right now: float32 matmul GFLOP/s at the threads torch uses. The anchor
+    beside every speed we report (bench/demo_timings.py measures the same)."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    started = time.perf_counter()
+    for _ in range(repeat):
+        a @ b
+    return 2 * n**3 * repeat / (time.perf_counter() - started) / 1e9
+
+
+UNRELIABLE_SPREAD = 0.3  # the anchor moved more than this during a measurement: speeds are not comparable
+
+
+def interleaved_speeds(models: dict, samples: list[Sample], n_tokens: int, rounds: int = 3
+                       ) -> tuple[dict[str, dict[str, float]], dict[str, float]]:
+    """Each model's speed_profile measured in turns (A B C, A B C, …) and its median per model,
+    with the matmul anchor measured before every round and after the last. A shared machine
+    whose speed drifts (up to 2x here) then slows every model alike in a round, and the spread
+    of the anchor says whether the numbers can be compared at all: `speed_unreliable` = 1 when
+    it moved more than 30%. `models`: {name: (model, tokenizer)}."""
+    import statistics
+
+    anchors = [matmul_gflops()]
+    draws: dict[str, list[dict[str, float]]] = {name: [] for name in models}
+    for _ in range(rounds):
+        for name, (model, tokenizer) in models.items():
+            draws[name].append(speed_profile(model, tokenizer, samples, n_tokens))
+        anchors.append(matmul_gflops())
+    medians = {name: {key: statistics.median(d[key] for d in runs) for key in runs[0]} | {"speed_rounds": rounds}
+               for name, runs in draws.items()}
+    return medians, anchor_summary(anchors)
+
+
+def anchor_summary(anchors: list[float]) -> dict[str, float]:
+    """The anchor's median, how far it moved (max/min - 1), and whether that makes the speeds
+    measured beside it unreliable (moved more than 30%)."""
+    import statistics
+
+    spread = max(anchors) / min(anchors) - 1
+    return {"speed_anchor_gflops": statistics.median(anchors), "speed_anchor_spread": spread,
+            "speed_unreliable": float(spread > UNRELIABLE_SPREAD)}
+
+
 def speed_profile(model, tokenizer, samples: list[Sample], n_tokens: int) -> dict[str, float]:
     """Batch-1 speed on real prompts: decode tokens/s (prefill excluded; every prompt forced to
     n_tokens new tokens), prefill tokens/s and time to first token."""

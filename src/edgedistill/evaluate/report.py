@@ -127,6 +127,27 @@ def best_values(rows: list[tuple[str, str, dict[str, float]]], columns: list[Col
     return best
 
 
+SPEED_KEYS = ("decode_tokens_per_s", "prefill_tokens_per_s", "time_to_first_token_s")
+
+
+def speed_unreliable(ledger: Ledger) -> bool:
+    return bool(ledger.metrics("evaluate").get("speed", {}).get("speed_unreliable"))
+
+
+def speed_note(ledger: Ledger) -> str:
+    """How the HF rows' speeds were measured, with the anchor beside them."""
+    speed = ledger.metrics("evaluate").get("speed")
+    if not speed:
+        return ""
+    rounds = next((int(m["speed_rounds"]) for _, _, m in model_rows(ledger) if "speed_rounds" in m), 0)
+    note = (f" HF speeds are the median of {rounds} rounds measured in turns across the models, with the machine's "
+            f"float32 matmul speed beside them: {speed['speed_anchor_gflops']:.1f} GFLOP/s, which moved "
+            f"{speed['speed_anchor_spread']:.0%} during the measurement.")
+    if speed.get("speed_unreliable"):
+        note += " More than 30%: the speed columns are marked unreliable — compare them only as rough orders."
+    return note
+
+
 def _present(rows, columns: list[Column]) -> list[Column]:
     return [c for c in columns if any(c.key in m for _, _, m in rows)]
 
@@ -146,7 +167,9 @@ def quality_cells(ledger: Ledger, keys: tuple[str, ...] | None = None
             if col.key in best and key != "teacher" and col.key in m and m[col.key] == best[col.key]:
                 marked.add((r, c))
         table.append(cells)
-    return ["model"] + [c.title for c in columns], table, marked
+    unreliable = speed_unreliable(ledger)
+    titles = [c.title + (" (unreliable)" if unreliable and c.key in SPEED_KEYS else "") for c in columns]
+    return ["model"] + titles, table, marked
 
 
 def quality_table(ledger: Ledger, keys: tuple[str, ...] | None = None,
@@ -521,8 +544,10 @@ def _sections(recipe: Recipe, run: RunDir, ledger: Ledger) -> dict:
                     "the model's greedy answer with the teacher's (Japanese by character); speed is batch 1 on this "
                     "machine (transformers for HF rows, llama.cpp for GGUF rows); peak RSS is the process's peak "
                     "while that model was loaded and evaluated (for HF rows an upper bound: the process keeps memory "
-                    "from the rows before; GGUF rows are the llama.cpp server's own). The teacher's own ROUGE-L/chrF are below 1 when "
-                    "batched greedy decoding drifts at near-ties: read them as the noise floor.")
+                    "from the rows before; GGUF rows are the llama.cpp server's own). The teacher's own ROUGE-L/chrF are 1 when its stored "
+                    "greedy answers are reused, and below 1 where they were regenerated and batched greedy decoding "
+                    "drifted at near-ties: read them as the noise floor.")
+    quality_note += speed_note(ledger)
     if "xtok_byte_coverage" in train:
         quality_note += (" The student speaks another vocabulary: its perplexity is per token of its own tokenizer, "
                          "not comparable with the teacher's; bits per byte (nats of every answer token over the "

@@ -20,11 +20,11 @@ from edgedistill.distill.xtok import CrossVocab, example_of, teacher_forced_xtok
 from edgedistill.errors import UserError
 from edgedistill.evaluate.metrics import (
     greedy_answers,
+    interleaved_speeds,
     peak_rss_bytes,
     reset_peak_rss,
     rouge_by_lang,
     size_on_disk,
-    speed_profile,
     teacher_forced_metrics,
 )
 from edgedistill.evaluate.reasoning import reasoning_metrics
@@ -59,8 +59,11 @@ def model_paths(recipe: Recipe, run: RunDir) -> dict[str, tuple[str, Path]]:
 
 def evaluate_model(model, tokenizer, samples: list[Sample], tasks: dict[str, list[TaskItem]],
                    recipe: Recipe, reasoning: ReasoningStyle | None | bool = False,
-                   pair: CrossVocab | None = None) -> tuple[dict[str, float], list[str]]:
-    """`reasoning`: False, or the model's trace form (None: it has none) to score every eval set
+                   pair: CrossVocab | None = None, stored_answers: list[str] | None = None
+                   ) -> tuple[dict[str, float], list[str]]:
+    """Quality of one model (speed is measured for all models together: `measure_speeds`).
+    `stored_answers`: the model's greedy answers, when the distill set already holds them (the
+    teacher's, see `teacher_answers_stored`). `reasoning`: False, or the model's trace form (None: it has none) to score every eval set
     with thinking on and off (evaluate/reasoning.py). `pair` when the model speaks another
     vocabulary than the teacher: the teacher's answers are then scored in the model's own
     tokens, aligned by bytes (distill/xtok.py)."""
@@ -71,10 +74,9 @@ def evaluate_model(model, tokenizer, samples: list[Sample], tasks: dict[str, lis
     else:
         examples = [e for e in (example_of(pair, s, 2048) for s in samples) if e is not None]
         metrics = teacher_forced_xtok(model, examples, tokenizer.pad_token_id, cfg.batch_size)
-    answers = greedy_answers(model, tokenizer, samples, cfg.max_new_tokens or recipe.generate.max_new_tokens,
-                             cfg.batch_size)
+    answers = stored_answers if stored_answers is not None else greedy_answers(
+        model, tokenizer, samples, cfg.max_new_tokens or recipe.generate.max_new_tokens, cfg.batch_size)
     metrics |= rouge_by_lang(answers, samples)
-    metrics |= speed_profile(model, tokenizer, samples[:cfg.speed_prompts], cfg.speed_tokens)
     for task in cfg.tasks:
         scores = score_task(model, tokenizer, tasks[task.name], task.max_new_tokens, cfg.batch_size)
         metrics |= {f"task_{task.name}_{key}": value for key, value in scores.items()}
@@ -86,6 +88,31 @@ def evaluate_model(model, tokenizer, samples: list[Sample], tasks: dict[str, lis
     metrics["parameters"] = count_parameters(model)
     metrics["eval_seconds"] = time.perf_counter() - started
     return metrics, answers
+
+
+def teacher_answers_stored(recipe: Recipe, samples: list[Sample]) -> bool:
+    """The held-out answers in the distill set are what the teacher row would generate: greedy,
+    as long, from the same local model (the hf backend), no trace split off, none unanswered."""
+    gen = recipe.generate
+    return (recipe.teacher.backend == "hf" and gen.temperature == 0.0 and gen.samples_per_prompt == 1
+            and (recipe.evaluate.max_new_tokens or gen.max_new_tokens) == gen.max_new_tokens
+            and all(s.reasoning is None and s.sample == 0 for s in samples))
+
+
+def measure_speeds(recipe: Recipe, run: RunDir, samples: list[Sample], ledger: Ledger) -> None:
+    """Decode and prefill speed of every model row, interleaved (evaluate/metrics.interleaved_speeds),
+    logged with the anchor: all rows are in memory together for this step only."""
+    cfg = recipe.evaluate
+    models = {name: load_causal_lm(spec, recipe.teacher.dtype if name == "teacher" else "float32")[:2]
+              for name, (spec, _) in model_paths(recipe, run).items()}
+    medians, anchor = interleaved_speeds(models, samples[:cfg.speed_prompts], cfg.speed_tokens, cfg.speed_rounds)
+    del models
+    for name, metrics in medians.items():
+        ledger.log_metrics("evaluate", name, metrics)
+    ledger.log_metrics("evaluate", "speed", anchor)
+    console.print(f"speeds: median of {cfg.speed_rounds} interleaved rounds, anchor "
+                  f"{anchor['speed_anchor_gflops']:.1f} GFLOP/s (moved {anchor['speed_anchor_spread']:.0%})"
+                  + (" — unreliable, the machine's speed moved too much" if anchor["speed_unreliable"] else ""))
 
 
 def reasoning_wanted(recipe: Recipe, samples: list[Sample]) -> bool:
@@ -124,7 +151,8 @@ def _evaluate_or_resume(name: str, spec: str, size_path: Path, samples, tasks, r
     pair = None
     if teacher_tokenizer is not None and not vocab_matches(teacher_tokenizer, tokenizer):
         pair = CrossVocab.build(teacher_tokenizer, tokenizer, run.root / "xtok")
-    metrics, answers = evaluate_model(model, tokenizer, samples, tasks, recipe, style, pair)
+    stored = [s.answer for s in samples] if name == "teacher" and teacher_answers_stored(recipe, samples) else None
+    metrics, answers = evaluate_model(model, tokenizer, samples, tasks, recipe, style, pair, stored)
     if pair is None and teacher_tokenizer is not None:  # per byte too, comparable across vocabularies
         metrics["bits_per_byte"] = bits_per_byte(metrics, samples, teacher_tokenizer)
     if (peak := peak_rss_bytes()) is not None:
@@ -222,6 +250,7 @@ def run_evaluate(recipe: Recipe, run: RunDir, ledger: Ledger) -> dict[str, float
         console.print(f"evaluated {name}: perplexity {metrics.get('perplexity', math.nan):.2f}, "
                       f"top-1 agreement {metrics.get('top1_agreement', math.nan):.1%}, ROUGE-L {metrics['rouge_l']:.3f}, "
                       f"chrF {metrics['chrf']:.3f}")
+    measure_speeds(recipe, run, samples, ledger)
     atomic_write_text(run.eval_dir / "answers.jsonl",
                       "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in per_example))
     _audit(recipe, run, ledger, fingerprint)
