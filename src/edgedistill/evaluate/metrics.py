@@ -139,7 +139,7 @@ def anchor_summary(anchors: list[float]) -> dict[str, float]:
 
     spread = max(anchors) / min(anchors) - 1
     return {"speed_anchor_gflops": statistics.median(anchors), "speed_anchor_spread": spread,
-            "speed_unreliable": float(spread > UNRELIABLE_SPREAD)}
+            "speed_unreliable": float(round(spread, 9) > UNRELIABLE_SPREAD)}
 
 
 def speed_profile(model, tokenizer, samples: list[Sample], n_tokens: int) -> dict[str, float]:
