@@ -68,3 +68,20 @@ def test_block_influence_drops_low_influence_layers_but_never_the_last():
     states[5] = states[4].clone()  # last layer: no change, but always kept
     kept, _ = block_influence(states, 1)
     assert kept == [0, 2, 3, 4]
+
+
+def test_a_saved_model_keeps_its_kv_cache_on(tokenizer, tmp_path):
+    # Training turns the cache off; a student saved that way was refused by the .pte export
+    # ("The model must have caching enabled") and decodes without a cache in transformers.
+    import json
+
+    from edgedistill.models.hf import load_causal_lm, save_model
+
+    model = build_tiny_model(tokenizer, "llama", layers=2)
+    model.config.use_cache = False
+    save_model(model, tokenizer, tmp_path / "student")
+    assert json.loads((tmp_path / "student" / "config.json").read_text())["use_cache"] is True
+    config = json.loads((tmp_path / "student" / "config.json").read_text())
+    (tmp_path / "student" / "config.json").write_text(json.dumps(config | {"use_cache": False}))  # saved before the fix
+    loaded, _, _ = load_causal_lm(str(tmp_path / "student"))
+    assert loaded.config.use_cache is True

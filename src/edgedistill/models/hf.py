@@ -244,6 +244,7 @@ def load_causal_lm(spec: str, dtype: str = "float32"):
         raise _load_error(folder, exc) from None
     prepare_tokenizer(tokenizer)
     model.eval()
+    model.config.use_cache = True  # for inference (training saves its models with the cache off)
     return model, tokenizer, source
 
 
@@ -458,6 +459,7 @@ def save_model(model, tokenizer, target: Path, extra: dict | None = None) -> Non
     with `extra` as edgedistill.json (how the model was made: read back by reports and cards)."""
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
+    model.config.use_cache = True  # a saved model is for inference: training turns the cache off
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
     if extra is not None:
