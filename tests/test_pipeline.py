@@ -22,7 +22,7 @@ def test_end_to_end_then_rerun_reuses_every_stage(tiny_recipe):
         assert [s.status for s in ledger.stages()] == ["done"] * len(STAGE_NAMES)
         results = {k: v for k, v in ledger.metrics("evaluate").items() if k != "stage"}
         attempts = {s.name: s.attempts for s in ledger.stages()}
-    assert set(results) == {"teacher", "student_before", "student_after", "student_sft", "judge"}
+    assert set(results) == {"teacher", "student_before", "student_after", "student_sft", "judge", "speed"}
     assert results["teacher"]["top1_agreement"] == 1.0  # greedy answers are the teacher's argmax
     assert results["student_after"]["parameters"] < results["teacher"]["parameters"]
     # The trained student moved towards the teacher on held-out answers.
