@@ -170,3 +170,30 @@ def test_leak_result_counts_per_kind():
     assert result == LeakResult(3, 2, {"phone": (1, 2), "email": (1, 1)})
     assert result.rate == pytest.approx(2 / 3)
     assert math.isnan(leak_result([], []).rate)
+
+
+def test_sequence_nll_runs_a_shared_prefix_once_and_scores_like_one_text_at_a_time(tiny_teacher_dir):
+    """The canary audit's scorer: texts sharing a prefix (a canary and its candidates, of
+    different lengths) get each text's own NLL, summed by hand from a forward of it alone."""
+    import torch
+
+    from edgedistill.models.hf import (
+        _common_prefix_length,
+        load_causal_lm,
+        sequence_nll,
+    )
+
+    model, tokenizer, _ = load_causal_lm(str(tiny_teacher_dir), "float32")
+    shared = [f"The access code for Hanako Sato is {secret}." for secret in ("00000042", "7", "31415926535")]
+    unrelated = ["Hello there.", "秘密の番号は 1234 です。"]
+    for texts in (shared, unrelated):
+        expected = []
+        for text in texts:
+            ids = torch.tensor([tokenizer(text)["input_ids"]])
+            with torch.no_grad():
+                logprobs = torch.log_softmax(model(ids).logits[0, :-1].float(), -1)
+            expected.append(-float(logprobs.gather(-1, ids[0, 1:, None]).sum()))
+        assert sequence_nll(model, tokenizer, texts, batch_size=2) == pytest.approx(expected, abs=1e-4)
+    encoded = [tokenizer(text)["input_ids"] for text in shared]
+    assert 2 <= _common_prefix_length(encoded) < min(map(len, encoded))  # the prefix path was taken
+    assert _common_prefix_length([[1, 2], [1, 2]]) == 1  # each text keeps a token of its own

@@ -489,18 +489,68 @@ def greedy_continuations(model, tokenizer, prompts: list[list[int]], max_new_tok
 def sequence_nll(model, tokenizer, texts: list[str], batch_size: int = 32) -> list[float]:
     """Each text's negative log-likelihood under the model, summed over its tokens after the
     first (nats; the log-perplexity of Carlini et al. 2019 up to the base of the log), in
-    right-padded batched forwards."""
+    right-padded batched forwards.
+
+    Texts that share a token prefix (a canary and its candidate secrets: the same sentence up
+    to the secret) run that prefix once and only their own suffixes after it, from a copy of
+    its KV cache: the canary audit's 201 texts of 19 tokens need 8 suffix tokens each."""
     encoded = [tokenizer(text)["input_ids"] for text in texts]
+    if not encoded:
+        return []
+    shared = _common_prefix_length(encoded)
+    with torch.inference_mode():
+        if shared < 2:
+            return _nll_batches(model, tokenizer.pad_token_id, encoded, batch_size)
+        prefix = torch.tensor([encoded[0][:shared]])
+        out = model(input_ids=prefix, use_cache=True)
+        prefix_lp = torch.log_softmax(out.logits[0].float(), -1)
+        prefix_nll = -float(prefix_lp[:-1].gather(-1, prefix[0, 1:, None]).sum())
+        suffix_nll = _nll_batches(model, tokenizer.pad_token_id, [ids[shared:] for ids in encoded], batch_size,
+                                  past=(out.past_key_values, prefix_lp[-1]))
+    return [prefix_nll + nll for nll in suffix_nll]
+
+
+def _common_prefix_length(encoded: list[list[int]]) -> int:
+    """Tokens every sequence starts with, leaving each at least one token of its own."""
+    shortest = min(len(ids) for ids in encoded)
+    length = 0
+    while length < shortest - 1 and all(ids[length] == encoded[0][length] for ids in encoded):
+        length += 1
+    return length
+
+
+def _cache_keyword(model) -> str:
+    """`cache` from transformers 5.2x on (`past_key_values` warns there, and goes in 5.40)."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def _nll_batches(model, pad_id: int, encoded: list[list[int]], batch_size: int, past=None) -> list[float]:
+    """Summed NLL of each sequence's tokens after its first; with `past` = (the KV cache of a
+    shared prefix, the log-probs after it) every token is scored, the first from the prefix."""
+    import copy
+
     scores: list[float] = []
     for start in range(0, len(encoded), batch_size):
         chunk = encoded[start:start + batch_size]
         width = max(len(ids) for ids in chunk)
-        input_ids = torch.full((len(chunk), width), tokenizer.pad_token_id, dtype=torch.long)
+        input_ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
         mask = torch.zeros((len(chunk), width), dtype=torch.long)
         for row, ids in enumerate(chunk):
             input_ids[row, :len(ids)] = torch.tensor(ids)
             mask[row, :len(ids)] = 1
-        logprobs = torch.log_softmax(model(input_ids=input_ids, attention_mask=mask).logits[:, :-1].float(), -1)
-        token_lp = logprobs.gather(-1, input_ids[:, 1:, None])[..., 0]  # (B, T-1)
-        scores += (-(token_lp * mask[:, 1:]).sum(-1)).tolist()
+        if past is None:
+            logprobs = torch.log_softmax(model(input_ids=input_ids, attention_mask=mask).logits[:, :-1].float(), -1)
+            targets, target_mask = input_ids[:, 1:], mask[:, 1:]
+        else:
+            cache, first_lp = past
+            cache = copy.deepcopy(cache)
+            cache.batch_repeat_interleave(len(chunk))
+            full_mask = torch.cat([torch.ones((len(chunk), cache.get_seq_length()), dtype=torch.long), mask], 1)
+            logits = model(input_ids=input_ids, attention_mask=full_mask, **{_cache_keyword(model): cache}).logits[:, :-1]
+            logprobs = torch.cat([first_lp.expand(len(chunk), 1, -1), torch.log_softmax(logits.float(), -1)], 1)
+            targets, target_mask = input_ids, mask
+        token_lp = logprobs.gather(-1, targets[..., None])[..., 0]
+        scores += (-(token_lp * target_mask).sum(-1)).tolist()
     return scores
