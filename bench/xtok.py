@@ -15,6 +15,10 @@ Variants, same data, same batch order, same steps (`--epochs` over the training 
 - gemma_mapped_kl    + forward KL on mapped ids + rest at 1:1 tokens (alpha_ce 0.5);
 - gemma_mapped_alm   + mapped KL and ALM chunk likelihoods at n:m groups (the default);
 - gemma_uld          + ULD alone (sorted-probability L1, no map: the GOLD/ULD family's signal);
+- gemma_gold         + GOLD alone (TRL's hybrid ULD, the baseline to beat: JSD(0.5) on teacher tokens
+                     whose vocabulary string is exactly a student token's, sorted L1 on the rest,
+                     at every group start with the group's later tokens multiplied in, GOLD's
+                     adaptive weights; distill/xtok.py says where the cached top-k makes it differ);
 - cut_sft / cut_kd   reference: the teacher cut to `--cut-layers` evenly spaced layers, same
                      vocabulary, SFT and same-vocabulary KD on the same answers.
 Held out: ROUGE-L / chrF of greedy answers against the teacher's, bits per byte of the
@@ -66,6 +70,7 @@ VARIANTS = {  # name: (student, TrainCfg overrides)
     "gemma_mapped_kl": ("gemma", {"xtok_weights": {"mapped_kl": 1.0}}),
     "gemma_mapped_alm": ("gemma", {"xtok_weights": {"mapped_kl": 1.0, "alm": 1.0}}),
     "gemma_uld": ("gemma", {"xtok_weights": {"uld": 1.0}}),
+    "gemma_gold": ("gemma", {"xtok_weights": {"gold": 1.0}}),
     "cut_sft": ("cut", {"mode": "sft", "alpha_ce": 1.0}),
     "cut_kd": ("cut", {}),
 }

@@ -17,6 +17,7 @@ from conftest import build_tiny_model, build_tiny_spm_tokenizer, build_tiny_toke
 
 from edgedistill.distill.losses import (
     alm_chunk_loss,
+    gold_hybrid_loss,
     kd_sparse,
     mapped_kd,
     uld_sorted_l1,
@@ -190,6 +191,87 @@ def test_uld_golden_value():
     assert float(uld_sorted_l1(Q, Q[:, [2, 0, 1]])) == pytest.approx(0.0, abs=1e-6)
 
 
+def _jsd_term(p: float, q: float, beta: float = 0.5) -> float:
+    m = beta * p + (1 - beta) * q
+    return beta * p * math.log(p / m) + (1 - beta) * q * math.log(q / m)
+
+
+def test_gold_golden_value():
+    """Student Q; student ids 0, 1, 2 are exact-string images of teacher tokens, 3 is not.
+    A (a 1:1 group): teacher top-3 0.6 → student 0, 0.2 → student 1, 0.15 unmatched (tail 0.05):
+      matched JSD(½) of (0.6, 0.5) and (0.2, 0.25) = 0.0036676; unmatched [0.15] against the
+      student's largest unmatched [0.125]: 0.025; 0.6·0.0036676 + 0.4·0.025 = 0.0122006.
+    B (a merged group): teacher ×0.8 = [0.48, 0.16, 0.12] with only the first matched (→ 0), the
+      student ×0.5 = [0.25, 0.125, 0.0625, 0.0625]: JSD(0.48, 0.25) = 0.0184287; unmatched
+      [0.16, 0.12] against [0.0625, 0] (one unmatched student id: zero-padded as GOLD pads):
+      0.2175; 0.6·0.0184287 + 0.4·0.2175 = 0.0980572.
+    Sequences [A] and [B, A]: GOLD's per-sequence mean, then the mean: (A + (B + A)/2)/2."""
+    matched = torch.tensor([True, True, True, False])
+    teacher = torch.tensor([[0.6, 0.2, 0.15]]).log()
+    a = gold_hybrid_loss(Q, torch.zeros(1), torch.tensor([[0, 1, -1]]), teacher, matched,
+                         torch.zeros(1, dtype=torch.long), 0.6, 0.4)
+    jsd_a = _jsd_term(0.6, 0.5) + _jsd_term(0.2, 0.25)
+    assert jsd_a == pytest.approx(0.0036676, abs=1e-7)
+    assert float(a) == pytest.approx(0.6 * jsd_a + 0.4 * 0.025, abs=1e-7)
+    assert float(a) == pytest.approx(0.0122006, abs=1e-6)
+    b = gold_hybrid_loss(Q, torch.tensor([math.log(0.5)]), torch.tensor([[0, -1, -1]]), teacher + math.log(0.8),
+                         matched, torch.zeros(1, dtype=torch.long), 0.6, 0.4)
+    assert float(b) == pytest.approx(0.6 * _jsd_term(0.48, 0.25) + 0.4 * 0.2175, abs=1e-7)
+    assert float(b) == pytest.approx(0.0980572, abs=1e-6)
+    both = gold_hybrid_loss(Q.repeat(3, 1), torch.tensor([0.0, math.log(0.5), 0.0]),
+                            torch.tensor([[0, 1, -1], [0, -1, -1], [0, 1, -1]]),
+                            torch.cat([teacher, teacher + math.log(0.8), teacher]), matched,
+                            torch.tensor([0, 1, 1]), 0.6, 0.4)
+    assert float(both) == pytest.approx((float(a) + (float(b) + float(a)) / 2) / 2, abs=1e-7)
+    # β = 0 is forward KL on the matched entries, unnormalised: 0.6 ln(0.6/0.5) + 0.2 ln(0.2/0.25)
+    forward = gold_hybrid_loss(Q, torch.zeros(1), torch.tensor([[0, 1, -1]]), teacher, matched,
+                               torch.zeros(1, dtype=torch.long), 1.0, 0.0, beta=0.0)
+    assert float(forward) == pytest.approx(0.6 * math.log(0.6 / 0.5) + 0.2 * math.log(0.2 / 0.25), abs=1e-7)
+
+
+def _gold_dense_reference(student: torch.Tensor, teacher: torch.Tensor, teacher_to_student: dict[int, int],
+                          beta: float, w_matched: float, w_unmatched: float) -> torch.Tensor:
+    """GOLD's hybrid loss on one sequence's merged probability rows (G, V_s) and (G, V_t), written
+    from its description (distill/xtok.py): JSD(β) on the log-clamped matched columns, sorted L1
+    on the zero-padded unmatched columns, each summed and divided by the number of groups."""
+    t_ids = sorted(teacher_to_student)
+    s_ids = [teacher_to_student[i] for i in t_ids]
+    t_lp, s_lp = teacher[:, t_ids].clamp_min(1e-8).log(), student[:, s_ids].clamp_min(1e-8).log()
+    mix = torch.logsumexp(torch.stack([s_lp + math.log(1 - beta), t_lp + math.log(beta)]), 0)
+    matched = (beta * t_lp.exp() * (t_lp - mix) + (1 - beta) * s_lp.exp() * (s_lp - mix)).sum() / len(student)
+    t_rest = teacher[:, [i for i in range(teacher.shape[1]) if i not in t_ids]].sort(-1, descending=True).values
+    s_rest = student[:, [i for i in range(student.shape[1]) if i not in s_ids]].sort(-1, descending=True).values
+    width = max(t_rest.shape[1], s_rest.shape[1])
+    t_rest = torch.nn.functional.pad(t_rest, (0, width - t_rest.shape[1]))
+    s_rest = torch.nn.functional.pad(s_rest, (0, width - s_rest.shape[1]))
+    unmatched = (t_rest - s_rest).abs().sum() / len(student)
+    return w_matched * matched + w_unmatched * unmatched
+
+
+def test_gold_is_golds_loss_when_the_whole_teacher_is_cached():
+    """Teacher top-k = its whole vocabulary (6 ids, shuffled), 3 of them matching student ids by
+    string, 3 unmatched on each side, merged rows (factors), adaptive weight 3/6: the value is a
+    dense reference of GOLD's hybrid loss, and the gradient is finite."""
+    torch.manual_seed(0)
+    groups = 4
+    teacher = torch.softmax(torch.randn(groups, 6) * 2, -1)
+    student_lp = torch.log_softmax(torch.randn(groups, 6), -1).requires_grad_()
+    teacher_factor, student_factor = torch.rand(groups).log(), torch.rand(groups).log()
+    teacher_to_student = {0: 4, 3: 1, 5: 2}
+    order = torch.stack([torch.randperm(6) for _ in range(groups)])
+    exact = torch.tensor([[teacher_to_student.get(int(i), -1) for i in row] for row in order])
+    student_matched = torch.zeros(6, dtype=torch.bool)
+    student_matched[list(teacher_to_student.values())] = True
+    merged_teacher = teacher.log() + teacher_factor[:, None]
+    got = gold_hybrid_loss(student_lp, student_factor, exact, merged_teacher.gather(-1, order), student_matched,
+                           torch.zeros(groups, dtype=torch.long), 0.5, 0.5, beta=0.5)
+    expected = _gold_dense_reference((student_lp + student_factor[:, None]).exp(), merged_teacher.exp(),
+                                     teacher_to_student, 0.5, 0.5, 0.5)
+    assert got.item() == pytest.approx(expected.item(), abs=1e-6)
+    got.backward()
+    assert torch.isfinite(student_lp.grad).all() and student_lp.grad.abs().sum() > 0
+
+
 # ---- examples, batches, the same-vocabulary path ---------------------------------------------------
 def test_examples_carry_aligned_targets_and_coverage(bpe, spm, tmp_path):
     """A teacher answer 'Write a poem' + end of turn with a made-up top-2 per token: 1:1 rows get
@@ -227,6 +309,56 @@ def test_examples_carry_aligned_targets_and_coverage(bpe, spm, tmp_path):
     assert batch.rows.tolist() == [1, 2, 3, 5, n + 1, n + 2, n + 3, n + 5]
     assert batch.chunk_rows.tolist() == [0, 4, n, n + 4] and batch.chunk_of.tolist() == [0, 1, 2, 3]
     assert torch.equal(batch.labels[batch.rows[:4]], torch.tensor(student)[[1, 2, 3, 5]])
+    # gold: GOLD's exact-string match ('Ġa' is not '▁a', though they map by bytes), the teacher's
+    # factor of each group's later tokens (W|r|it|e: 3 of them at 0.5, e|m: 1)
+    assert e.start_exact_ids[:, 0].tolist() == [spm.convert_tokens_to_ids(t) if t else -1
+                                                for t in ("W", None, None, "o", "e", None)]
+    assert (e.start_exact_ids[:, 1] == -1).all() and e.mapped_ids[0, 0] >= 0
+    assert e.start_teacher_factor.tolist() == pytest.approx([3 * math.log(0.5), 0, 0, 0, math.log(0.5), 0])
+    assert batch.start_example.tolist() == [0] * 6 + [1] * 6
+    vocab = spm.get_vocab()
+    assert float(batch.exact_matched_share) == pytest.approx(sum(t in vocab for t in bpe.get_vocab()) / len(bpe))
+
+
+def test_gold_term_merges_the_students_later_tokens(bpe, spm, tmp_path):
+    """Teacher SentencePiece, student byte-level BPE: '▁Write' is the student's Ġ|W|r|it|e, so the
+    student's factor of that group is its log-probs of W, r, it, e; xtok_losses' gold is
+    gold_hybrid_loss on those rows, and a group cut by max_seq_len is left out."""
+    from edgedistill.distill.losses import Objective
+    from edgedistill.distill.xtok import (
+        CrossVocab,
+        build_example,
+        collate_xtok,
+        student_answer_ids,
+        xtok_losses,
+    )
+
+    pair = CrossVocab.build(spm, bpe, tmp_path)
+    answer = spm("Write a poem", add_special_tokens=False)["input_ids"] + [spm.eos_token_id]
+    topk_ids = np.array([[a, spm.convert_tokens_to_ids("o")] for a in answer])
+    topk_lp = np.log(np.array([[0.5, 0.25]] * len(answer), dtype=np.float32))
+    tail = np.log(np.full(len(answer), 0.25, dtype=np.float32))
+    student = student_answer_ids(pair, pair.teacher_text(answer), finished=True)
+    assert bpe.convert_ids_to_tokens(student[:5]) == ["Ġ", "W", "r", "it", "e"]
+    e = build_example(pair, answer, topk_ids, topk_lp, tail, [1, 2], student, 512, "en")
+    assert e.start_ends[0] == 5 and e.start_teacher_factor[0] == 0
+    cut = build_example(pair, answer, topk_ids, topk_lp, tail, [1, 2], student, 2 + 2, "en")
+    assert cut.starts.tolist() == [0] and np.isnan(cut.start_teacher_factor).all()
+    batch = collate_xtok([e, cut], pad_id=0)
+    assert batch.start_factor_rows[:4].tolist() == [1, 2, 3, 4] and batch.start_factor_of[:4].tolist() == [0] * 4
+    torch.manual_seed(0)
+    logprobs = torch.log_softmax(torch.randn(len(batch.labels), len(bpe)), -1)
+    got = xtok_losses(logprobs, batch, Objective("jsd", beta=0.5), terms=("gold",), gold_matched_weight=0.6)["gold"]
+    n = len(e.starts)
+    factor = torch.zeros(n)
+    factor[0] = logprobs[[1, 2, 3, 4], batch.labels[[1, 2, 3, 4]]].sum()
+    for g in range(1, n):
+        later = range(int(e.starts[g]) + 1, int(e.start_ends[g]))
+        factor[g] = sum((logprobs[r, batch.labels[r]] for r in later), torch.tensor(0.0))
+    expected = gold_hybrid_loss(logprobs[e.starts], factor, torch.from_numpy(e.start_exact_ids),
+                                torch.from_numpy(e.start_logprobs), torch.from_numpy(pair.exact.student_matched),
+                                torch.zeros(n, dtype=torch.long), 0.6, 0.4)
+    assert float(got) == pytest.approx(float(expected), abs=1e-6)
 
 
 def test_the_same_vocabulary_step_is_the_fused_loss_bit_for_bit(bpe):
@@ -331,7 +463,7 @@ def other_vocab_run(tiny_teacher_dir, tmp_path_factory):
     recipe = recipe.model_copy(update={
         "student": recipe.student.model_copy(update={"init": "checkpoint", "model": str(other)}),
         "train": recipe.train.model_copy(update={"epochs": 1, "xtok_weights": {"mapped_kl": 1.0, "alm": 1.0,
-                                                                                "uld": 0.5}}),
+                                                                                "uld": 0.5, "gold": 0.5}}),
         "evaluate": recipe.evaluate.model_copy(update={"judge": False, "tasks": []})})
     for stage in ("generate", "student"):
         run_recipe(recipe, only=stage)
@@ -386,7 +518,9 @@ def test_a_run_with_another_vocabulary_trains_on_the_teachers_logits(other_vocab
     assert {"xtok_byte_coverage_en", "xtok_byte_coverage_ja", "xtok_mass_coverage_ja"} <= train.keys()
 
     log = [json.loads(line) for line in (run.root / "train_log.jsonl").read_text().splitlines()]
-    assert log and all("xtok_mapped_kl" in r and "xtok_alm" in r and "xtok_uld" in r for r in log)
+    assert log and all("xtok_mapped_kl" in r and "xtok_alm" in r and "xtok_uld" in r and "xtok_gold" in r
+                       for r in log)
+    assert any(r["xtok_gold"] > 0 for r in log)
     assert sum(r["kd"] > 0 for r in log) >= len(log) - 1  # (a batch of two random answers may align nowhere)
     sft = [json.loads(line) for line in (run.root / "train_log_sft.jsonl").read_text().splitlines()]
     assert sft and all("kd" not in r for r in sft)
@@ -405,6 +539,7 @@ def test_xtok_weights_are_validated_in_the_recipe():
 
     recipe = build_recipe({}, "<t>", ["train.xtok_weights={uld = 1.0, alm = 0.5}"])
     assert recipe.train.xtok_weights == {"uld": 1.0, "alm": 0.5}
-    for bad in ("{alm = -1.0, uld = 1.0}", "{alm = 0.0}", "{}", "{gold = 1.0}"):
+    assert build_recipe({}, "<t>", ["train.xtok_weights={gold = 1.0}"]).train.xtok_weights == {"gold": 1.0}
+    for bad in ("{alm = -1.0, uld = 1.0}", "{alm = 0.0}", "{}", "{gkd = 1.0}"):
         with pytest.raises(UserError, match="xtok_weights"):
             build_recipe({}, "<t>", [f"train.xtok_weights={bad}"])

@@ -31,7 +31,7 @@ from edgedistill.errors import UserError
 # Name lists and limits, each defined here once; the stages import them.
 OBJECTIVES = ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd")
 # Cross-tokenizer KD terms (distill/xtok.py), used when the student speaks another vocabulary.
-XTOK_LOSSES = ("mapped_kl", "alm", "uld")
+XTOK_LOSSES = ("mapped_kl", "alm", "uld", "gold")
 # GGUF types, highest precision first (the first one a run writes is the parity reference).
 GGUF_TYPES = ("f32", "f16", "bf16", "q8_0", "q6_k", "q5_k_m", "q5_0", "q4_k_m", "q4_1", "q4_0")
 # Export formats: GGUF for llama.cpp / Ollama, ExecuTorch .pte for phones; and the .pte variants,
@@ -321,10 +321,16 @@ class TrainCfg(_Section):
         "sum of 'mapped_kl' (the objective on the teacher's top-k moved to student ids by bytes, plus one rest "
         "bucket for the unmapped and tail mass, where both tokenizations have a 1:1 token), 'alm' (approximate "
         "likelihood matching, arXiv 2503.20083: the teacher's and the student's log-likelihood of the same "
-        "byte span, for the n:m token groups) and 'uld' (sorted-probability L1, arXiv 2402.12030, at the start "
-        "of every group). Weights >= 0, at least one > 0; alpha_ce still weighs the CE on the teacher's text.")
+        "byte span, for the n:m token groups), 'uld' (sorted-probability L1, arXiv 2402.12030, at the start "
+        "of every group) and 'gold' (the baseline: TRL's GOLD hybrid loss, JSD(beta) on the teacher tokens whose "
+        "vocabulary string is exactly a student token's + sorted L1 on the rest, at every group start with the "
+        "group's later tokens multiplied in). Weights >= 0, at least one > 0; alpha_ce still weighs the CE on the "
+        "teacher's text.")
     xtok_alm_temperature: float = Field(1.0, gt=0.0, le=100.0, description="alm: τ, chunk likelihoods p^(1/τ) "
                                         "(above 1 softens long chunks whose likelihood is near 0).")
+    xtok_gold_matched_weight: float | None = Field(
+        None, ge=0.0, le=1.0, description="gold: weight of the matched (JSD) part, 1 minus it for the unmatched "
+        "(sorted L1) part; unset is GOLD's adaptive weight, the share of teacher tokens with an exact match.")
     sft_baseline: bool = Field(False, description="Also train the same student on the teacher's text only "
                                "(alpha_ce = 1; same data, order, steps, seed) into student_sft/: the baseline "
                                "row that shows what the logits add. Doubles the training time.")

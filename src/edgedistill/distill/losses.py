@@ -258,3 +258,75 @@ def uld_sorted_l1(student_logprobs: torch.Tensor, topk_logprobs: torch.Tensor) -
     teacher = topk_logprobs.float().exp().sort(-1, descending=True).values
     student = student_logprobs.float().topk(k, -1).values.exp()
     return _masked_mean((teacher - student).abs().sum(-1), None)
+
+
+# GOLD clamps every probability it takes the log of at 1e-8 (its matched JSD and its merge factors).
+_GOLD_LOG_EPS = math.log(1e-8)
+
+
+def _gjsd_entries(teacher_lp: torch.Tensor, student_lp: torch.Tensor, beta: float) -> torch.Tensor:
+    """Elementwise generalized JSD(β) terms as TRL's GKD/GOLD write them (β = 0 forward KL,
+    β = 1 reverse KL), on entries that need not sum to 1."""
+    if beta <= 0.0:
+        return teacher_lp.exp() * (teacher_lp - student_lp)
+    if beta >= 1.0:
+        return student_lp.exp() * (student_lp - teacher_lp)
+    mixture = torch.logaddexp(teacher_lp + math.log(beta), student_lp + math.log1p(-beta))
+    return beta * teacher_lp.exp() * (teacher_lp - mixture) + (1 - beta) * student_lp.exp() * (student_lp - mixture)
+
+
+def gold_hybrid_loss(student_logprobs: torch.Tensor, student_log_factor: torch.Tensor, exact_ids: torch.Tensor,
+                     teacher_logprobs: torch.Tensor, student_matched: torch.Tensor, example_of: torch.Tensor,
+                     matched_weight: float, unmatched_weight: float, beta: float = 0.5) -> torch.Tensor:
+    """GOLD's hybrid ULD loss (TRL `trl/experimental/gold`, `uld_use_hybrid_loss`), the baseline
+    next to ours, on the teacher's cached top-k (distill/xtok.py's docstring: what GOLD computes and
+    where this differs). Per aligned group, both sides' "merged" rows: the distribution of the
+    group's first token times the probability of the group's later tokens (a scalar, 1 at 1:1
+    groups; unnormalised, as in GOLD). Then
+      matched    Σ over the teacher's top-k entries whose token string is exactly a student token
+                 string: generalized JSD(β) terms between the two merged probabilities (each
+                 clamped at 1e-8 before the log, no renormalisation);
+      unmatched  Σ_r |t_r - s_r| over probabilities sorted in decreasing order: the teacher's
+                 unmatched top-k entries against the student's largest probabilities on ids that
+                 are no teacher token's exact-string image, over the ranks the cache determines
+                 (as many as the teacher has unmatched entries in its top-k);
+    row loss = matched_weight·matched + unmatched_weight·unmatched, averaged over each sequence's
+    groups and then over the sequences (GOLD's reduction).
+
+    Args:
+        student_logprobs: (H, V) the student's log-softmax rows at each group's first token.
+        student_log_factor: (H,) the student's summed log-probs of the group's later tokens.
+        exact_ids: (H, k) student id with the same token string per teacher entry, -1 for none.
+        teacher_logprobs: (H, k) the teacher's merged log-probs of its top-k entries.
+        student_matched: (V_s,) bool, student ids that some teacher token matches exactly
+            (padded with False, or cut, to V).
+        example_of: (H,) which sequence each row belongs to.
+        matched_weight, unmatched_weight: GOLD's hybrid weights.
+        beta: the JSD's β (GOLD's `beta`).
+    Returns:
+        The scalar loss (0 for H = 0).
+    """
+    if not student_logprobs.shape[0]:
+        return student_logprobs.sum() * 0.0
+    k = teacher_logprobs.shape[-1]
+    student = student_logprobs.float() + student_log_factor.float()[:, None]  # (H, V) merged
+    teacher = teacher_logprobs.float()
+    known = torch.isfinite(teacher)
+    matched = known & (exact_ids >= 0)
+    unmatched = known & ~matched
+    entries = _gjsd_entries(teacher.clamp(min=_GOLD_LOG_EPS),
+                            student.gather(-1, exact_ids.clamp(min=0).long()).clamp(min=_GOLD_LOG_EPS), beta)
+    matched_rows = torch.where(matched, entries, torch.zeros_like(entries)).sum(-1)
+    width = student.shape[-1]
+    mask = student_matched.to(device=student.device, dtype=torch.bool)[:width]
+    mask = torch.cat([mask, mask.new_zeros(width - len(mask))])
+    student_sorted = student.masked_fill(mask, float("-inf")).topk(min(k, width), -1).values.exp()
+    student_sorted = torch.cat([student_sorted, student_sorted.new_zeros(len(student), k - student_sorted.shape[-1])], -1)
+    teacher_sorted = torch.where(unmatched, teacher.exp(), torch.zeros_like(teacher)).sort(-1, descending=True).values
+    ranks = torch.arange(k, device=student.device)[None, :] < unmatched.sum(-1, keepdim=True)
+    unmatched_rows = torch.where(ranks, (teacher_sorted - student_sorted).abs(), torch.zeros_like(teacher_sorted)).sum(-1)
+    rows = matched_weight * matched_rows + unmatched_weight * unmatched_rows
+    _, sequence = torch.unique(example_of, return_inverse=True)
+    sums = rows.new_zeros(int(sequence.max()) + 1).index_add(0, sequence, rows)
+    counts = torch.bincount(sequence, minlength=len(sums)).to(rows.dtype)
+    return (sums / counts).mean()

@@ -355,7 +355,8 @@ def xtok_words(recipe: Recipe, covered: dict[str, float]) -> str:
     target = (f"the cached sparse top-{recipe.generate.top_k_logprobs} target" if cfg.mode == "offline"
               else f"the live teacher's top-{cfg.online_top_k or recipe.generate.top_k_logprobs} + tail")
     terms = {"mapped_kl": f"{cfg.objective} on the mapped ids + rest at 1:1 tokens",
-             "alm": "ALM chunk likelihoods at n:m groups", "uld": "ULD sorted-probability L1 at group starts"}
+             "alm": "ALM chunk likelihoods at n:m groups", "uld": "ULD sorted-probability L1 at group starts",
+             "gold": f"GOLD hybrid (JSD({cfg.beta:g}) on exact-string matches + sorted L1) at group starts"}
     kd = " + ".join(f"{w:g}·{terms[name]}" for name, w in cfg.xtok_weights.items() if w > 0)
     return (f"{cfg.mode} cross-tokenizer logit KD: loss = {cfg.alpha_ce:g}·CE(teacher's text in student tokens) + "
             f"{1 - cfg.alpha_ce:g}·({kd}) on {target}, aligned by UTF-8 bytes (answer bytes in 1:1 groups: "
