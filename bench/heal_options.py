@@ -24,7 +24,8 @@ from pathlib import Path
 from demo_timings import matmul_gflops
 
 OPTIONS = {"all": {}, "lora": {"lora": True, "lr": 1e-3}, "around_cut": {"trainable": "around_cut"},
-           "around_cut4": {"trainable": "around_cut", "around_cut_layers": 4}}
+           "around_cut4": {"trainable": "around_cut", "around_cut_layers": 4},
+           "all_random_batches": {"group_by_length": False}}  # the batch order before train.group_by_length
 
 
 def train_once(run_dir: Path, option: str, work: Path) -> dict:

@@ -316,7 +316,7 @@ def test_report_md_and_model_card_hold_the_ledgers_numbers(tiny_run):
         parameter_bytes = sum(t.numel() * t.element_size() for f in weights for t in load_file(f).values())
         assert m["peak_rss_bytes"] >= parameter_bytes and m["time_to_first_token_s"] > 0  # the weights were in memory
         # chrF recounted from the answers stored in eval/answers.jsonl (sacrebleu's sentence chrF, mean)
-        chrf = [CHRF().sentence_score(r[f"{row}_answer"], [r["teacher_answer"]]).score / 100 for r in stored]
+        chrf = [CHRF().sentence_score(r[f"{row}_answer"], [r["reference_answer"]]).score / 100 for r in stored]
         assert len(stored) == evaluate["stage"]["heldout_samples"] and m["chrf"] == pytest.approx(sum(chrf) / len(chrf))
         assert m["task_arith_en_items"] == 3  # (per-item task answers are not stored: no recount of the accuracies)
     assert "SFT baseline (text only)" in report and "GGUF q8_0 (llama.cpp)" in report

@@ -332,3 +332,26 @@ def test_training_around_the_cut_changes_only_those_layers_and_the_final_norm(ba
     trained = {f"model.layers.{i}." for i in (junction - 1, junction)}
     assert changed and all(name.startswith(tuple(trained)) or name == "model.norm.weight" for name in changed), changed
     assert "model.embed_tokens.weight" not in changed and any(n.startswith(tuple(trained)) for n in changed)
+
+
+def test_length_grouped_order_is_a_seeded_permutation_with_less_padding():
+    """train.group_by_length: every sample once per epoch, the same order for the same seed
+    (resume), and batches that pad far less than the random order, which stays as it was."""
+    import random
+
+    import torch
+    from torch.utils.data import RandomSampler
+
+    from edgedistill.distill.train import epoch_order
+
+    lengths = [random.Random(i).choice([20, 40, 80, 300]) + i % 7 for i in range(102)]
+
+    def padded(order: list[int]) -> int:
+        return sum(max(lengths[i] for i in order[s:s + 8]) * len(order[s:s + 8]) for s in range(0, len(order), 8))
+
+    grouped, shuffled = epoch_order(lengths, 8, 3, True), epoch_order(lengths, 8, 3, False)
+    assert sorted(grouped) == list(range(102)) and grouped == epoch_order(lengths, 8, 3, True)
+    assert grouped != epoch_order(lengths, 8, 4, True)
+    assert shuffled == list(RandomSampler(range(102), generator=torch.Generator().manual_seed(3)))
+    assert padded(grouped) < 0.8 * padded(shuffled), (padded(grouped), padded(shuffled), sum(lengths))
+    assert max(lengths[i] for i in grouped[:8]) == max(lengths)  # the longest batch first: memory fails early

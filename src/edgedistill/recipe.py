@@ -282,6 +282,9 @@ class TrainCfg(_Section):
     epochs: int = Field(3, ge=1, le=1000, description="Passes over the training samples.")
     max_minutes: float | None = Field(None, gt=0, description="Stop training after this long (checked per step).")
     batch_size: int = Field(8, ge=1, le=1024, description="Sequences per optimizer step.")
+    group_by_length: bool = Field(True, description="Batch samples of similar length (transformers' length-grouped "
+                                  "order: random megabatches, sorted inside): less padding to compute. Measured on "
+                                  "the demo: 1.59x the real tokens padded in random batches, 1.25x grouped.")
     lr: float = Field(1e-4, gt=0.0, le=1.0, description="Peak AdamW learning rate.")
     weight_decay: float = Field(0.0, ge=0.0, le=1.0, description="AdamW weight decay.")
     warmup_fraction: float = Field(0.05, ge=0.0, lt=1.0, description="Share of steps with linear warm-up.")

@@ -100,6 +100,19 @@ def _scaled(per_token_mean: torch.Tensor, local_tokens: int, global_tokens: int,
     return per_token_mean * (local_tokens * world / max(global_tokens, 1))
 
 
+def epoch_order(lengths: list[int], batch_size: int, seed: int, group_by_length: bool) -> list[int]:
+    """The sample order of one epoch, seeded: random, or length-grouped (transformers'
+    `get_length_grouped_indices`: random megabatches of about 50 batches, or fewer for a small set,
+    each sorted by length, the longest batch first) so a batch's sequences need little padding.
+    On a CPU the padded positions cost as much as real ones."""
+    generator = torch.Generator().manual_seed(seed)
+    if not group_by_length:
+        return list(RandomSampler(range(len(lengths)), generator=generator))
+    from transformers.trainer_pt_utils import get_length_grouped_indices
+
+    return [int(i) for i in get_length_grouped_indices(lengths, batch_size, generator=generator)]
+
+
 def step_loss(model, batch: Batch, cfg: TrainCfg, head=None, teacher=None, teacher_head=None,
               use_logits: bool = True) -> tuple[torch.Tensor, dict[str, float]]:
     """The loss of one (sub)batch as a mean over its answer tokens, and its parts for logging.
@@ -472,7 +485,8 @@ def train_student(recipe: Recipe, run: RunDir, ledger: Ledger, examples: list[Ex
             for epoch in range(totals.epoch, cfg.epochs):
                 # One seeded order per epoch: a resumed run sees the batches it would have seen. Every
                 # process walks the same global batches and takes its share (split_batches semantics).
-                order = RandomSampler(examples, generator=torch.Generator().manual_seed(recipe.run.seed + epoch))
+                order = epoch_order([len(e.input_ids) for e in examples], cfg.batch_size * cfg.grad_accum_steps,
+                                    recipe.run.seed + epoch, cfg.group_by_length)
                 loader = DataLoader(examples, batch_size=cfg.batch_size, sampler=order, collate_fn=lambda ex: ex)
                 for index, global_batch in enumerate(loader):
                     if index < totals.batches_in_epoch:

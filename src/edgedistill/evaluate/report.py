@@ -428,8 +428,12 @@ def _examples_html(run: RunDir) -> str:
         return "<p>No answers recorded.</p>"
     parts = []
     for record in (json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()):
+        # the distill set's answer, shown apart only where the teacher row's greedy answer differs from it
+        reference = [("reference_answer", "reference (distill set)")] \
+            if record.get("reference_answer", record.get("teacher_answer")) != record.get("teacher_answer") else []
         answers = "".join(f"<b>{html.escape(label)}</b><div>{html.escape(record[field])}</div>"
-                          for field, label in (("teacher_answer", "teacher"), ("student_before_answer", "before KD"),
+                          for field, label in (*reference, ("teacher_answer", "teacher"),
+                                               ("student_before_answer", "before KD"),
                                                ("student_after_answer", "after KD"),
                                                ("student_sft_answer", "SFT baseline")) if field in record)
         prompt = record["prompt"]

@@ -236,7 +236,8 @@ def run_evaluate(recipe: Recipe, run: RunDir, ledger: Ledger) -> dict[str, float
     record = ledger.stage("evaluate")
     fingerprint = record.fingerprint if record else "adhoc"
     ledger.clear_metrics("evaluate")  # rows of an earlier configuration (e.g. a dropped baseline) go
-    per_example = [{"id": s.id, "lang": s.lang, "prompt": s.prompt_messages[-1]["content"], "teacher_answer": s.answer}
+    per_example = [{"id": s.id, "lang": s.lang, "prompt": s.prompt_messages[-1]["content"],
+                    "reference_answer": s.answer}  # what every row is scored against; the teacher row adds its own
                    for s in samples]
     answers: dict[str, list[str]] = {}
     reasoning = reasoning_wanted(recipe, samples)
