@@ -6,8 +6,10 @@ answers the run stored, with the real classifier and probe matcher."""
 
 from __future__ import annotations
 
+import html as htmllib
 import json
 import math
+import re
 import shutil
 
 import gguf
@@ -23,6 +25,7 @@ from edgedistill.data.canaries import canaries_from_json, place_canaries
 from edgedistill.data.prompts import load_prompts
 from edgedistill.data.refusals import is_refusal
 from edgedistill.data.safety_sets import (
+    CATEGORIES,
     load_safety_set,
     refusal_mix_requests,
     spread_over_categories,
@@ -32,6 +35,7 @@ from edgedistill.errors import UserError
 from edgedistill.evaluate.audit import safety_items, safety_metrics
 from edgedistill.evaluate.judge import bootstrap_interval
 from edgedistill.evaluate.leakage import reproduced
+from edgedistill.evaluate.report import ROW_LABELS
 from edgedistill.pipeline import preflight, run_recipe
 from edgedistill.recipe import GenerateCfg, SafetyCfg, build_recipe
 from edgedistill.run import open_ledger
@@ -106,6 +110,17 @@ def test_tiny_run_audits_every_model_and_carries_the_licence(tiny_teacher_dir, t
         assert f"\n## {title}\n" in report and f">{title}</h2>" in html
     after = evaluated["student_after"]
     assert f"{after['refusal_rate']:.0%} ({after['refusal_rate_ci_low']:.0%}–" in report
+    # Per category, every model and GGUF file: rate, bootstrap interval and count, as the ledger holds them.
+    subjects = {**{ROW_LABELS[k]: m for k, m in evaluated.items() if k in ROW_LABELS},
+                **{f"GGUF {k.removeprefix('gguf:')} (llama.cpp)": m for k, m in exported.items() if k.startswith("gguf:")}}
+    for table in (_markdown_rows(report, "| category | requests |"), _html_rows(html, "safety-categories")):
+        header, rows = table
+        assert set(header[2:]) == set(subjects) and len(subjects) == 6
+        assert [r[0] for r in rows] == [c for c in CATEGORIES for _ in range(2)]  # harmful, benign in each
+        for category, requests, *cells in rows:
+            key = {"harmful refused": "refusal_rate", "benign answered": "benign_answer_rate"}[requests]
+            for label, cell in zip(header[2:], cells, strict=True):
+                _assert_cell(cell, subjects[label], f"{key}[{category}]")
     assert "licensed under the Gemma Terms of Use (`gemma`" in report
     card = (run.export_dir / "README.md").read_text()
     modelfile = (run.export_dir / "Modelfile").read_text()
@@ -114,6 +129,33 @@ def test_tiny_run_audits_every_model_and_carries_the_licence(tiny_teacher_dir, t
     assert 'LICENSE """Distilled from' in modelfile and "prohibited_use_policy" in modelfile
     reader = gguf.GGUFReader(next(run.export_dir.glob("*-q8_0.gguf")))
     assert reader.fields["general.license"].contents() == "gemma"
+
+
+def _markdown_rows(report: str, starts: str) -> tuple[list[str], list[list[str]]]:
+    """The cells of the markdown table whose header line starts with `starts`."""
+    lines = report[report.index(starts):].split("\n\n")[0].splitlines()
+    cells = [[c.strip() for c in line.strip("|").split("|")] for line in lines]
+    return cells[0], cells[2:]
+
+
+def _html_rows(page: str, table_id: str) -> tuple[list[str], list[list[str]]]:
+    table = page[page.index(f'<table id="{table_id}">'):]
+    table = table[:table.index("</table>")]
+    header = [htmllib.unescape(c) for c in re.findall(r"<th>(.*?)</th>", table)]
+    rows = [[htmllib.unescape(c) for c in re.findall(r"<td[^>]*>(.*?)</td>", row)]
+            for row in re.findall(r"<tr>(.*?)</tr>", table.split("<tbody>")[1])]
+    return header, rows
+
+
+def _assert_cell(cell: str, metrics: dict[str, float], key: str) -> None:
+    """'rate [low–high] (n=N)' in whole percent, read back against the ledger's unrounded values."""
+    found = re.fullmatch(r"(\d+)% \[(\d+)%–(\d+)%\] \(n=(\d+)\)", cell)
+    assert found, (key, cell)
+    shown = [int(x) / 100 for x in found.groups()[:3]]
+    logged = [metrics[key], metrics[f"{key}_ci_low"], metrics[f"{key}_ci_high"]]
+    assert shown == pytest.approx(logged, abs=0.005 + 1e-9), (key, cell, logged)
+    assert int(found.group(4)) == metrics[f"{key}_n"] > 0
+    assert metrics[f"{key}_ci_low"] <= metrics[key] <= metrics[f"{key}_ci_high"]
 
 
 def test_provider_terms_stop_the_preflight_unless_acknowledged(tiny_teacher_dir, tmp_path):

@@ -163,3 +163,53 @@ def test_edgedistill_serve_passes_llamacpps_reasoning_content_through(think_gguf
         assert "think>" not in message["content"]
     finally:
         server.stop()
+
+
+def test_each_gguf_file_is_scored_with_thinking_on_and_off_as_transformers_scores_it(tmp_path):
+    """Issue 16: the export stage scores every eval set in llama.cpp with thinking on and off, by
+    the transformers rows' rules, and the report's Reasoning table carries the GGUF row."""
+    from edgedistill.evaluate.reasoning import METRICS, hf_generator, reasoning_metrics
+    from edgedistill.evaluate.report import _reasoning_markdown, reasoning_table
+    from edgedistill.evaluate.tasks import TaskItem
+    from edgedistill.export.gguf_reasoning import ThinkingSets
+    from edgedistill.export.stage import Checks, _numbers, write_and_check
+    from edgedistill.models.hf import load_causal_lm
+    from edgedistill.models.reasoning import model_style
+    from edgedistill.run import Ledger
+
+    # The crafted thinker answers `<think>Two plus three</think>yes` after any prompt. Thinking off,
+    # the prompt ends in an empty block and it thinks anyway: the whole text is then its answer.
+    tok = build_tiny_think_tokenizer("qwen3")
+    trace = tok("Two plus three", add_special_tokens=False)["input_ids"]
+    answer = tok("yes", add_special_tokens=False)["input_ids"]
+    chain = [tok.convert_tokens_to_ids("<think>"), *trace, tok.convert_tokens_to_ids("</think>"), *answer,
+             tok.eos_token_id]
+    folder = tmp_path / "thinker"
+    build_chain_model(tok, chain, encode_prompts(tok, [QUESTION])[0][-1]).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    model, tokenizer, _ = load_causal_lm(str(folder))
+    style = model_style(folder, tokenizer)
+    items = [TaskItem([{"role": "user", "content": "Is 2+3 five? Say yes or no."}], "en", answer="yes"),
+             TaskItem([{"role": "user", "content": "Is 2+3 six? Say yes or no."}], "en", answer="no")]
+    checks = Checks(conversations=[], sequences=[], quality=[], parity_tokens=0, eval_positions=0,
+                    speed_prompt_tokens=16, speed_tokens=8, answer_tokens=8,
+                    thinking=ThinkingSets({"yn": (items, 8)}, 24, style))
+    [row], _ = write_and_check(folder, tmp_path, "thinker", ["f16"], {}, "q8_0", checks, model, tokenizer)
+
+    gguf = {key: row[f"reasoning_yn_{key}"] for key in METRICS}
+    generated = len(chain)  # on: the whole chain, end of turn included; off: cut at 8 tokens
+    assert gguf == {"accuracy_on": 0.5, "accuracy_off": 0.0, "thinking_tokens": len(trace),
+                    "accuracy_per_1k_on": 1000 / (2 * generated), "accuracy_per_1k_off": 0.0}
+    assert gguf == reasoning_metrics(hf_generator(model, tokenizer, 2, style), items, max_new_tokens_on=24,
+                                     max_new_tokens_off=8)
+
+    ledger = Ledger(tmp_path / "run.db")
+    for stage in ("evaluate", "export"):
+        ledger.start_stage(stage, "f")
+        ledger.end_stage(stage, "done")
+    ledger.log_metrics("export", "gguf:f16", _numbers(row))
+    header, rows = reasoning_table(ledger)
+    assert rows == [["GGUF f16 (llama.cpp)", "yn", "50.0%", "0.0%", f"{len(trace):.1f}",
+                     f"{1000 / (2 * generated):.2f}", "0.00"]]
+    assert "| GGUF f16 (llama.cpp) | yn | 50.0% |" in _reasoning_markdown(ledger)
+    ledger.close()

@@ -99,6 +99,7 @@ def test_full_and_budget_reasoning_students_learn_from_different_examples(tiny_t
         generate = ledger.metrics("generate", "stage")["stage"]
         train = ledger.metrics("train", "stage")["stage"]
         evaluate = ledger.metrics("evaluate")
+        export = ledger.metrics("export")
         meta = ledger.meta()
     assert generate["reasoning_samples"] == 8 and generate["text_only_traces"] == 0
     assert train["reasoning_samples"] == 6 and train["reasoning_cut_samples"] == 6  # the budget run's
@@ -107,7 +108,12 @@ def test_full_and_budget_reasoning_students_learn_from_different_examples(tiny_t
     for model in ("teacher", "student_before", "student_after", "student_sft"):
         assert {"reasoning_arith_en_accuracy_on", "reasoning_arith_en_accuracy_off",
                 "reasoning_arith_en_thinking_tokens"} <= set(evaluate[model]), model
-    assert "## Reasoning" in run.report_path.read_text(encoding="utf-8")
+    # And per GGUF file, in llama.cpp (issue 16), under its own row of the same table.
+    for subject in ("gguf:f16", "gguf:q8_0"):
+        assert {"reasoning_arith_en_accuracy_on", "reasoning_arith_en_accuracy_off", "reasoning_arith_en_thinking_tokens",
+                "reasoning_mc_ja_accuracy_per_1k_off"} <= set(export[subject]), subject
+    report = run.report_path.read_text(encoding="utf-8")
+    assert "## Reasoning" in report and "| GGUF q8_0 (llama.cpp) | arith_en |" in report
     assert ".Thinking" in (run.export_dir / "Modelfile").read_text(encoding="utf-8")
     # The examples the two modes build from the same stored samples.
     samples = load_distill_set(run, split="train")

@@ -72,6 +72,25 @@ def test_runs_made_before_reasoning_settings_keep_their_fingerprints():
         assert [recipe.fingerprint(s) for s in ("teacher", "generate", "train", "evaluate")] == sections
 
 
+def test_the_export_fingerprint_takes_the_eval_sets_only_where_it_scores_thinking(tmp_path):
+    # The export stage scores each GGUF file with thinking on and off when the evaluate stage does
+    # (issue 16): its eval sets then enter the export's fingerprint; runs without traces keep theirs.
+    from edgedistill.pipeline import thinking_settings
+    from edgedistill.run import Ledger
+
+    data = tomllib.loads(bundled_recipe("demo_tiny").to_toml())
+    ledger = Ledger(tmp_path / "run.db")
+    recipe = build_recipe(data, "<t>")
+    assert recipe.evaluate.tasks and recipe.evaluate.reasoning == "auto"
+    assert thinking_settings(recipe, ledger) == ""  # no teacher traces: nothing is scored
+    ledger.log_metrics("generate", "stage", {"reasoning_samples": 3})
+    scored = thinking_settings(recipe, ledger)
+    assert scored.startswith("|thinking=")
+    assert thinking_settings(build_recipe(data, "<t>", ["evaluate.reasoning_max_new_tokens=64"]), ledger) != scored
+    assert thinking_settings(build_recipe(data, "<t>", ["evaluate.reasoning='off'"]), ledger) == ""
+    ledger.close()
+
+
 def test_reasoning_settings_are_checked():
     recipe = bundled_recipe("gpt_oss")
     assert recipe.generate.samples_per_prompt == 4 and recipe.generate.tasks[0].verifier == "numeric"

@@ -28,7 +28,7 @@ class Stage:
     name: str
     depends_on: tuple[str, ...]  # recipe sections whose change makes the stage rerun
     load: Callable[[], StageFn]  # imported lazily: `edgedistill runs` should not import torch
-    also: Callable[[Recipe], str] = lambda recipe: ""  # settings outside depends_on that it reads
+    also: Callable[[Recipe, Ledger], str] = lambda recipe, ledger: ""  # settings outside depends_on that it reads
 
 
 def _generate() -> StageFn:
@@ -66,7 +66,8 @@ STAGES = (
     Stage("student", ("teacher", "generate", "student"), _student),
     Stage("train", ("teacher", "generate", "student", "train"), _train),
     Stage("evaluate", ("teacher", "generate", "student", "train", "evaluate"), _evaluate),
-    Stage("export", ("teacher", "generate", "student", "train", "export"), _export, lambda r: audit_settings(r)),
+    Stage("export", ("teacher", "generate", "student", "train", "export"), _export,
+          lambda r, ledger: audit_settings(r) + thinking_settings(r, ledger)),
     Stage("report", ("teacher", "generate", "student", "train", "evaluate", "export"), _report),
 )
 STAGE_NAMES = tuple(s.name for s in STAGES)
@@ -81,6 +82,19 @@ def audit_settings(recipe: Recipe) -> str:
               "safety_max_new_tokens": cfg.safety_max_new_tokens, "leak_probes": cfg.leak_probes}
     changed = {k: v for k, v in fields.items() if v != type(cfg).model_fields[k].get_default(call_default_factory=True)}
     return f"|audit={json.dumps(changed, sort_keys=True)}" if changed else ""
+
+
+def thinking_settings(recipe: Recipe, ledger: Ledger) -> str:
+    """The evaluate fields the export stage reads when it scores each GGUF file with thinking on
+    and off (export/gguf_reasoning.py): only when it does — asked for, or ('auto') the generate
+    stage kept teacher traces — so runs without traces keep their fingerprints."""
+    cfg = recipe.evaluate
+    traces = ledger.metrics("generate").get("stage", {}).get("reasoning_samples", 0) > 0
+    if not cfg.tasks or cfg.reasoning == "off" or (cfg.reasoning == "auto" and not traces):
+        return ""
+    fields = {"tasks": [t.model_dump(mode="json") for t in cfg.tasks],
+              "reasoning_max_new_tokens": cfg.reasoning_max_new_tokens}
+    return f"|thinking={json.dumps(fields, sort_keys=True)}"
 
 
 def run_recipe(recipe: Recipe, only: str | None = None) -> RunDir:
@@ -105,7 +119,7 @@ def run_recipe(recipe: Recipe, only: str | None = None) -> RunDir:
         for stage in STAGES:
             # Seed contents are inputs too; the run seed matters from the student on.
             extra = inputs if stage.name == "generate" else f"{inputs}|seed={recipe.run.seed}"
-            fingerprint = recipe.fingerprint(*stage.depends_on, extra=extra + stage.also(recipe))
+            fingerprint = recipe.fingerprint(*stage.depends_on, extra=extra + stage.also(recipe, ledger))
             record = ledger.stage(stage.name)
             fresh = record is not None and record.status == "done" and record.fingerprint == fingerprint
             if only is not None and stage.name != only:

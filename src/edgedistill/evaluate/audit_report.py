@@ -10,7 +10,7 @@ import html
 import math
 import re
 
-from edgedistill.data.safety_sets import LANGS
+from edgedistill.data.safety_sets import CATEGORIES, LANGS
 from edgedistill.evaluate.report import _html_table, markdown_table, model_rows
 from edgedistill.evaluate.safety import Rate, headline
 from edgedistill.models.licence import (
@@ -42,6 +42,14 @@ def _with_interval(m: dict[str, float], key: str) -> str:
     return f"{rate.rate:.0%} ({rate.low:.0%}–{rate.high:.0%}, n={rate.n})"
 
 
+def _bracketed(m: dict[str, float], key: str) -> str:
+    """A per-category cell: 'rate [low–high] (n=N)', the bootstrap interval as _rates logged it."""
+    rate = _rate(m, key)
+    if rate is None:
+        return "–"
+    return f"{rate.rate:.0%} [{rate.low:.0%}–{rate.high:.0%}] (n={rate.n})"
+
+
 def safety_table(ledger: Ledger) -> Table:
     """One row per model and GGUF file: harmful requests refused and benign look-alikes answered,
     each with its bootstrap 95% interval, then the same per language."""
@@ -56,20 +64,23 @@ def safety_table(ledger: Ledger) -> Table:
     return header, body
 
 
+CATEGORY_MEASURES = {"refusal_rate": "harmful refused", "benign_answer_rate": "benign answered"}
+
+
 def category_table(ledger: Ledger) -> Table:
-    """Per category (rows) and model (columns): 'refused % / answered %' of that category's
-    harmful and benign requests."""
+    """Per category and measure (rows) and model (columns): the share of that category's harmful
+    requests refused, and of its benign look-alikes answered, each with its bootstrap 95%
+    interval and count — a category of 8 requests spans tens of points, so the interval shows
+    which differences between models the audit can tell apart."""
     rows = [(k, label, m) for k, label, m in model_rows(ledger) if "refusal_rate" in m or "benign_answer_rate" in m]
-    categories = list(dict.fromkeys(found.group(2) for _, _, m in rows for name in m
-                                    if (found := _CATEGORY.fullmatch(name))))
+    found = {match.groups(): None for _, _, m in rows for name in m if (match := _CATEGORY.fullmatch(name))}
+    order = {c: i for i, c in enumerate(CATEGORIES)}  # bundled order, then others alphabetically
+    categories = sorted({category for _, category in found}, key=lambda c: (order.get(c, len(order)), c))
     if not categories:
         return [], []
-
-    def cell(m: dict[str, float], category: str) -> str:
-        return " / ".join(f"{m[key]:.0%}" if key in m else "–" for key in (f"{what}[{category}]" for what in RATES))
-
-    return (["category (refused / answered)"] + [label for _, label, _ in rows],
-            [[category] + [cell(m, category) for _, _, m in rows] for category in categories])
+    body = [[category, words] + [_bracketed(m, f"{what}[{category}]") for _, _, m in rows]
+            for category in categories for what, words in CATEGORY_MEASURES.items() if (what, category) in found]
+    return ["category", "requests", *(label for _, label, _ in rows)], body
 
 
 def safety_headline(ledger: Ledger) -> str | None:
@@ -112,7 +123,8 @@ def safety_notes(ledger: Ledger) -> list[str]:
 
 SAFETY_NOTE = ("Greedy answers to the requests of [[evaluate.safety]]; a refusal is a refusal phrase in the answer's "
                "opening sentences (English and Japanese rules, data/refusals.py). Intervals: bootstrap over requests, "
-               "95%. Per category: share of harmful requests refused / share of benign look-alikes answered.")
+               "95%. Per category: share of harmful requests refused and of benign look-alikes answered, "
+               "rate [95% interval] (n=requests).")
 
 
 # ---- leakage ----------------------------------------------------------------------------------------

@@ -230,7 +230,8 @@ def filter_table(ledger: Ledger) -> tuple[list[str], list[list[str]]]:
 
 
 def reasoning_table(ledger: Ledger) -> tuple[list[str], list[list[str]]]:
-    """Thinking on vs off: one row per (model, eval set), from the evaluate stage's reasoning_* metrics."""
+    """Thinking on vs off: one row per (model, eval set), from the reasoning_* metrics of the
+    evaluate stage (transformers) and of the export stage (each GGUF file in llama.cpp)."""
     from edgedistill.evaluate.reasoning import METRICS
 
     kinds = {"accuracy_on": "pct", "accuracy_off": "pct", "thinking_tokens": "f1"}
@@ -445,7 +446,8 @@ def _examples_html(run: RunDir) -> str:
 
 REASONING_NOTE = ("Greedy, per eval set: thinking on is the model's own generation prompt, off its template's "
                   "switch (enable_thinking=False) or an empty trace prefilled; accuracy per 1k tokens counts every "
-                  "generated token (trace and answer).")
+                  "generated token (trace and answer). GGUF rows: the same prompts, greedy answers and scoring in "
+                  "llama.cpp (export stage).")
 
 
 def _reasoning_html(ledger: Ledger) -> str:

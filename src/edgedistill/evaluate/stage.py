@@ -27,7 +27,11 @@ from edgedistill.evaluate.metrics import (
     size_on_disk,
     teacher_forced_metrics,
 )
-from edgedistill.evaluate.reasoning import reasoning_metrics
+from edgedistill.evaluate.reasoning import (
+    hf_generator,
+    reasoning_metrics,
+    reasoning_wanted,
+)
 from edgedistill.evaluate.tasks import TaskItem, load_task, score_task
 from edgedistill.models.align import token_bytes
 from edgedistill.models.hf import (
@@ -77,12 +81,12 @@ def evaluate_model(model, tokenizer, samples: list[Sample], tasks: dict[str, lis
     answers = stored_answers if stored_answers is not None else greedy_answers(
         model, tokenizer, samples, cfg.max_new_tokens or recipe.generate.max_new_tokens, cfg.batch_size)
     metrics |= rouge_by_lang(answers, samples)
+    generate = hf_generator(model, tokenizer, cfg.batch_size, reasoning) if reasoning is not False else None
     for task in cfg.tasks:
         scores = score_task(model, tokenizer, tasks[task.name], task.max_new_tokens, cfg.batch_size)
         metrics |= {f"task_{task.name}_{key}": value for key, value in scores.items()}
-        if reasoning is not False:
-            thinking = reasoning_metrics(model, tokenizer, tasks[task.name], batch_size=cfg.batch_size, style=reasoning,
-                                         max_new_tokens_on=cfg.reasoning_max_new_tokens,
+        if generate is not None:
+            thinking = reasoning_metrics(generate, tasks[task.name], max_new_tokens_on=cfg.reasoning_max_new_tokens,
                                          max_new_tokens_off=task.max_new_tokens)
             metrics |= {f"reasoning_{task.name}_{key}": value for key, value in thinking.items()}
     metrics["parameters"] = count_parameters(model)
@@ -113,13 +117,6 @@ def measure_speeds(recipe: Recipe, run: RunDir, samples: list[Sample], ledger: L
     console.print(f"speeds: median of {cfg.speed_rounds} interleaved rounds, anchor "
                   f"{anchor['speed_anchor_gflops']:.1f} GFLOP/s (moved {anchor['speed_anchor_spread']:.0%})"
                   + (" — unreliable, the machine's speed moved too much" if anchor["speed_unreliable"] else ""))
-
-
-def reasoning_wanted(recipe: Recipe, samples: list[Sample]) -> bool:
-    """Thinking on/off per eval set: asked for, or ('auto') the teacher wrote traces."""
-    setting = recipe.evaluate.reasoning
-    return bool(recipe.evaluate.tasks) and (setting == "on" or setting == "auto"
-                                            and any(s.reasoning is not None for s in samples))
 
 
 def bits_per_byte(metrics: dict[str, float], samples: list[Sample], teacher_tokenizer) -> float:

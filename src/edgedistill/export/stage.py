@@ -6,10 +6,12 @@ the recipe is written from that file. Each file is then loaded in llama.cpp and 
 against transformers — tokenizer ids on mixed English/Japanese/emoji text, the chat template,
 greedy tokens and log-probabilities (near-ties counted apart) — and measured: size, bits per
 weight, prefill/decode speed, KL and top-1 agreement against the highest-precision file on
-held-out text, and (in a run) ROUGE-L/chrF of its greedy answers against the teacher's, so GGUF
-rows join the evaluate table. Results go to the ledger (subjects `gguf:<type>` and `parity`),
-`export.md` and `export.json` (each file with its architecture and parity figures); an Ollama
-Modelfile points at the best small file and a model card (README.md) goes with the files.
+held-out text, and (in a run) ROUGE-L/chrF of its greedy answers against the teacher's, the
+refusal and leakage audits and, when the evaluate stage scores thinking, task accuracy with
+thinking on and off, so GGUF rows join the evaluate tables. Results go to the ledger (subjects
+`gguf:<type>` and `parity`), `export.md` and `export.json` (each file with its architecture and
+parity figures); an Ollama Modelfile points at the best small file and a model card
+(README.md) goes with the files.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from edgedistill.export.card import write_model_card
 from edgedistill.export.edge import export_edge, write_device_bundle
 from edgedistill.export.gguf import convert_folder, write_type
 from edgedistill.export.gguf_audit import audit_file
+from edgedistill.export.gguf_reasoning import ThinkingSets, reasoning_file
 from edgedistill.export.ollama import write_modelfile
 from edgedistill.export.verify import (
     LlamaCppClient,
@@ -75,6 +78,7 @@ class Checks:
     speed_tokens: int
     answer_tokens: int
     audit: AuditInputs | None = None  # refusal and leakage audits, as the evaluate stage runs them
+    thinking: ThinkingSets | None = None  # eval sets with thinking on and off, as the evaluate stage scores them
 
 
 def write_and_check(source: Path, out_dir: Path, name: str, types: list[str], metadata: dict[str, str],
@@ -124,6 +128,8 @@ def write_and_check(source: Path, out_dir: Path, name: str, types: list[str], me
                         row |= rouge_by_lang(answers, checks.quality) | {"time_to_first_token_s": ttft}
                     if checks.audit is not None:
                         row |= audit_file(client, checks.audit, tokenizer)
+                    if checks.thinking is not None:
+                        row |= reasoning_file(client, checks.thinking, tokenizer)
                     if (peak := peak_rss_bytes(server.process.pid)) is not None:
                         row["peak_rss_bytes"] = peak
                 finally:
@@ -179,7 +185,8 @@ def run_export(recipe: Recipe, run: RunDir, ledger: Ledger) -> dict[str, float]:
                     eval_positions=cfg.eval_positions, speed_prompt_tokens=cfg.speed_prompt_tokens,
                     speed_tokens=cfg.speed_tokens,
                     answer_tokens=recipe.evaluate.max_new_tokens or recipe.generate.max_new_tokens,
-                    audit=AuditInputs.of(recipe, load_distill_set(run, split="train"), heldout, meta.get("canaries")))
+                    audit=AuditInputs.of(recipe, load_distill_set(run, split="train"), heldout, meta.get("canaries")),
+                    thinking=ThinkingSets.of(recipe, heldout, model_style(source, tokenizer)))
     run.export_dir.mkdir(parents=True, exist_ok=True)
     rows, parity = write_and_check(source, run.export_dir, recipe.run.name, types, metadata, cfg.embeddings_type,
                                    checks, model, tokenizer)

@@ -228,12 +228,17 @@ def speed(client: LlamaCppClient, prompt_ids: list[int], n_predict: int) -> dict
             "decode_tokens_per_s": float(timings.get("predicted_per_second", 0.0))}
 
 
+def greedy_completions(client: LlamaCppClient, prompts: list[list[int]], n_predict: int) -> list[dict]:
+    """The runtime's raw greedy replies to chat prompts (token ids), no prompt cache: what every
+    answering check of a file (held-out answers, audit, thinking on/off) is built on."""
+    return [client.complete(prompt_ids, n_predict, cache_prompt=False) for prompt_ids in prompts]
+
+
 def greedy_answers(client: LlamaCppClient, prompts: list[list[int]], n_predict: int) -> tuple[list[str], float]:
     """The file's greedy answers to chat prompts (token ids), and the mean time to first token
     (prompt evaluation + one decoded token, llama.cpp's own timings, no prompt cache)."""
     answers, first_token = [], []
-    for prompt_ids in prompts:
-        out = client.complete(prompt_ids, n_predict, cache_prompt=False)
+    for out in greedy_completions(client, prompts, n_predict):
         answers.append(str(out.get("content", "")).strip())
         t = out.get("timings", {})
         if t.get("predicted_n"):

@@ -339,18 +339,29 @@ def sampled_step(logits: torch.Tensor, k: int, generator: torch.Generator) -> tu
     return ids, logweights, torch.full((logits.shape[0],), float("-inf"))
 
 
-def _split_reasoning(completion: Completion, tokens: list[int], tokenizer, style: ReasoningStyle) -> None:
-    """Move the trace of a completion out of its answer, target rows included. Split on each
-    token's text with special tokens kept (decoding with them skipped glues harmony's channel
-    names onto the text: 'analysis…assistantfinal5')."""
+def split_token_ids(tokens: list[int], tokenizer, style: ReasoningStyle, finished: bool
+                    ) -> tuple[list[int], list[int]] | None:
+    """Positions of the trace and of the answer in generated tokens (None: no trace), split on
+    each token's text with special tokens kept (decoding with them skipped glues harmony's
+    channel names onto the text: 'analysis…assistantfinal5'). Shared by every runtime that
+    returns token ids, so traces are counted alike in transformers and llama.cpp."""
     pieces = tokenizer.batch_decode([[t] for t in tokens], skip_special_tokens=False)
     split = split_pieces(pieces, style)
     if not split.has_trace:
-        return
+        return None
     trace, answer = list(split.trace), list(split.answer)
     last = len(tokens) - 1
-    if completion.finished and last not in trace and last not in answer:
+    if finished and last not in trace and last not in answer:
         answer.append(last)  # harmony's <|return|> closes the final message: it ends the answer
+    return trace, answer
+
+
+def _split_reasoning(completion: Completion, tokens: list[int], tokenizer, style: ReasoningStyle) -> None:
+    """Move the trace of a completion out of its answer, target rows included."""
+    positions = split_token_ids(tokens, tokenizer, style, completion.finished)
+    if positions is None:
+        return
+    trace, answer = positions
     rows = None
     if completion.topk_ids is not None:
         rows = (completion.topk_ids[trace], completion.topk_logprobs[trace], completion.tail_logprobs[trace])
