@@ -213,3 +213,18 @@ def test_each_gguf_file_is_scored_with_thinking_on_and_off_as_transformers_score
                      f"{1000 / (2 * generated):.2f}", "0.00"]]
     assert "| GGUF f16 (llama.cpp) | yn | 50.0% |" in _reasoning_markdown(ledger)
     ledger.close()
+
+
+def test_parity_counts_a_finished_answer_as_identical(chain_dir, tmp_path):
+    """Greedy parity on an answer that ends before the token limit: transformers keeps its
+    end-of-turn token and this llama.cpp build returns it too — the same answer either way,
+    not a split at a 0.0000 gap (what the check reported before)."""
+    from edgedistill.export.stage import Checks, write_and_check
+    from edgedistill.models.hf import load_causal_lm
+
+    folder = chain_dir[0]
+    model, tokenizer, _ = load_causal_lm(str(folder))
+    checks = Checks(conversations=[QUESTION], sequences=[], quality=[], parity_tokens=24, eval_positions=0,
+                    speed_prompt_tokens=16, speed_tokens=8, answer_tokens=8)
+    [row], parity = write_and_check(folder, tmp_path, "chain", ["f16"], {}, "q8_0", checks, model, tokenizer)
+    assert parity["greedy_match"] == 1 and parity["greedy_near_ties"] == 0, parity

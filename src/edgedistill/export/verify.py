@@ -108,7 +108,7 @@ def check_parity(client: LlamaCppClient, model, tokenizer, conversations: list[l
     `greedy_cache` keeps transformers' greedy answers between files of the same model."""
     import torch
 
-    from edgedistill.models.hf import encode_prompts
+    from edgedistill.models.hf import encode_prompts, end_of_turn_ids
 
     notes: list[str] = []
     hf_ids = tokenizer(PROBE_TEXT, add_special_tokens=False)["input_ids"]
@@ -121,6 +121,7 @@ def check_parity(client: LlamaCppClient, model, tokenizer, conversations: list[l
         notes.append("chat template renders differently")
     greedy_match, compared, max_diff, split_gaps = 0, 0, 0.0, []
     eos = tokenizer.eos_token_id
+    ends = end_of_turn_ids(model, tokenizer) | {eos}
     id_bytes = VocabMap(tokenizer).id_bytes
     for prompt in encode_prompts(tokenizer, conversations):
         answer = client.complete(prompt, max_new_tokens, n_probs)
@@ -136,9 +137,9 @@ def check_parity(client: LlamaCppClient, model, tokenizer, conversations: list[l
             # transformers' log-probs along llama.cpp's own tokens, plus the position after the last one
             logprobs = torch.log_softmax(model(torch.tensor([prompt + tokens])).logits[0, len(prompt) - 1:].float(), -1)
         reference = out[0, len(prompt):].tolist()
-        if reference and reference[-1] == eos:
-            reference = reference[:-1]  # llama.cpp does not return the end-of-turn token
-        if reference == tokens:
+        # a finished answer ends in an end-of-turn token: transformers keeps it, llama.cpp builds
+        # differ on returning it (xllamacpp 2026.10 does) — compare the answers without it
+        if _without_end(reference, ends) == _without_end(tokens, ends):
             greedy_match += 1
         else:
             at, gap = _greedy_split(reference, tokens, logprobs, eos)
@@ -151,6 +152,10 @@ def check_parity(client: LlamaCppClient, model, tokenizer, conversations: list[l
     near_ties = sum(gap <= 2 * max_diff for gap in split_gaps)
     return Parity(hf_ids == gguf_ids, template_match, greedy_match, near_ties, len(conversations), compared,
                   max_diff, notes[0] if notes else "")
+
+
+def _without_end(tokens: list[int], ends: set[int]) -> list[int]:
+    return tokens[:-1] if tokens and tokens[-1] in ends else tokens
 
 
 def _same_prompt(client: LlamaCppClient, tokenizer, messages: list[dict[str, str]]) -> bool:
