@@ -18,6 +18,9 @@ from __future__ import annotations
 
 import json
 import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -94,42 +97,52 @@ def write_and_check(source: Path, out_dir: Path, name: str, types: list[str], me
     with tempfile.TemporaryDirectory(dir=out_dir, prefix=".convert-") as tmp, stage_progress() as progress:
         task = progress.add_task("export", total=len(types) + 1, rate="converting (llama.cpp's converter)")
         f32 = Path(tmp) / "f32.gguf"
+        started = time.perf_counter()
         architecture = convert_folder(source, f32, name=name, metadata=metadata)
+        convert_seconds = round(time.perf_counter() - started, 2)
         progress.update(task, advance=1, rate=f"{architecture}")
         for export_type in types:
             path = out_dir / f"{name}-{export_type}.gguf"
-            result = write_type(f32, path, export_type, architecture, embeddings_type)
             row: dict = {"file": path.name, "type": export_type, "architecture": architecture,
-                         "size_bytes": result.size_bytes, "bits_per_weight": result.bits_per_weight,
-                         "parameters": result.parameters, "tensor_types": result.tensor_types}
+                         "seconds": {"convert_f32": convert_seconds} if not rows else {}}
+            with _timed(row, "write"):
+                result = write_type(f32, path, export_type, architecture, embeddings_type)
+            row |= {"size_bytes": result.size_bytes, "bits_per_weight": result.bits_per_weight,
+                    "parameters": result.parameters, "tensor_types": result.tensor_types}
             with serve(path) as server:
                 client = LlamaCppClient(server)
                 try:
                     if checks.conversations:
-                        check = check_parity(client, model, tokenizer, checks.conversations, checks.parity_tokens,
-                                             greedy_cache=greedy_cache)
+                        with _timed(row, "parity"):
+                            check = check_parity(client, model, tokenizer, checks.conversations, checks.parity_tokens,
+                                                 greedy_cache=greedy_cache)
                         row["parity"] = check.as_metrics()
                         if export_type == types[0]:
                             reference_parity = row["parity"]
                             if check.first_difference:
                                 console.print(f"[yellow]parity note ({export_type}): {check.first_difference}[/]")
                     if checks.eval_positions and checks.sequences and len(types) > 1:
-                        dist = teacher_forced(client, checks.sequences, checks.eval_positions)
+                        with _timed(row, "kl_positions"):
+                            dist = teacher_forced(client, checks.sequences, checks.eval_positions)
                         if export_type == types[0]:
                             reference_dist = dist
                         else:
                             row |= sparse_kl_top1(reference_dist, dist)
                     prompt = (sum(checks.sequences, []) * 8)[:checks.speed_prompt_tokens] or encode_prompts(
                         tokenizer, [[{"role": "user", "content": "Hello"}]])[0]
-                    row |= speed(client, prompt, checks.speed_tokens)
+                    with _timed(row, "speed"):
+                        row |= speed(client, prompt, checks.speed_tokens)
                     if checks.quality:  # the same comparison as the evaluate stage, in llama.cpp
-                        answers, ttft = greedy_answers(client, [s.prompt_ids.tolist() for s in checks.quality],
-                                                       checks.answer_tokens)
+                        with _timed(row, "answers"):
+                            answers, ttft = greedy_answers(client, [s.prompt_ids.tolist() for s in checks.quality],
+                                                           checks.answer_tokens)
                         row |= rouge_by_lang(answers, checks.quality) | {"time_to_first_token_s": ttft}
                     if checks.audit is not None:
-                        row |= audit_file(client, checks.audit, tokenizer)
+                        with _timed(row, "audit"):
+                            row |= audit_file(client, checks.audit, tokenizer)
                     if checks.thinking is not None:
-                        row |= reasoning_file(client, checks.thinking, tokenizer)
+                        with _timed(row, "thinking"):
+                            row |= reasoning_file(client, checks.thinking, tokenizer)
                     if (peak := peak_rss_bytes(server.process.pid)) is not None:
                         row["peak_rss_bytes"] = peak
                 finally:
@@ -137,6 +150,15 @@ def write_and_check(source: Path, out_dir: Path, name: str, types: list[str], me
             rows.append(row)
             progress.update(task, advance=1, rate=f"{export_type}: {row['decode_tokens_per_s']:.0f} tok/s decode")
     return rows, reference_parity
+
+
+@contextmanager
+def _timed(row: dict, step: str) -> Iterator[None]:
+    """Wall seconds of one step of a file's checks, kept in export.json (`seconds`): where the
+    export stage's time goes."""
+    started = time.perf_counter()
+    yield
+    row["seconds"][step] = round(time.perf_counter() - started, 2)
 
 
 def _numbers(row: dict) -> dict[str, float]:
