@@ -355,3 +355,6 @@ def test_length_grouped_order_is_a_seeded_permutation_with_less_padding():
     assert shuffled == list(RandomSampler(range(102), generator=torch.Generator().manual_seed(3)))
     assert padded(grouped) < 0.8 * padded(shuffled), (padded(grouped), padded(shuffled), sum(lengths))
     assert max(lengths[i] for i in grouped[:8]) == max(lengths)  # the longest batch first: memory fails early
+    from edgedistill.distill.train import Totals
+
+    assert Totals(**{"steps": 3, "epoch": 1, "batches_in_epoch": 5}).order == "random"  # a checkpoint from before

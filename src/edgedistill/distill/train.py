@@ -88,6 +88,9 @@ class Totals:
     seconds: float = 0.0
     epoch: int = 0  # the epoch in progress
     batches_in_epoch: int = 0  # loader batches of that epoch already consumed
+    # the batch order the run started with (train.group_by_length): a resumed run keeps it, so it
+    # skips exactly the batches it trained on; checkpoints from before the option were "random"
+    order: str = "random"
 
 
 def objective_of(cfg: TrainCfg) -> Objective:
@@ -462,7 +465,7 @@ def train_student(recipe: Recipe, run: RunDir, ledger: Ledger, examples: list[Ex
     teacher_head = teacher.get_output_embeddings() if teacher is not None else None
     end_ids = end_of_turn_ids(accelerator.unwrap_model(model), tokenizer)
 
-    totals = Totals()
+    totals = Totals(order="length" if cfg.group_by_length else "random")
     if accelerator.is_main_process:
         _remove_unfinished_checkpoints(checkpoints.parent)
     if done := _checkpoints(checkpoints):
@@ -486,7 +489,7 @@ def train_student(recipe: Recipe, run: RunDir, ledger: Ledger, examples: list[Ex
                 # One seeded order per epoch: a resumed run sees the batches it would have seen. Every
                 # process walks the same global batches and takes its share (split_batches semantics).
                 order = epoch_order([len(e.input_ids) for e in examples], cfg.batch_size * cfg.grad_accum_steps,
-                                    recipe.run.seed + epoch, cfg.group_by_length)
+                                    recipe.run.seed + epoch, totals.order == "length")
                 loader = DataLoader(examples, batch_size=cfg.batch_size, sampler=order, collate_fn=lambda ex: ex)
                 for index, global_batch in enumerate(loader):
                     if index < totals.batches_in_epoch:

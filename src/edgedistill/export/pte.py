@@ -198,24 +198,17 @@ def _same_logits(model, runner, reference_attention: str, tokens: int = 5) -> bo
     return bool((stepped - reference).abs().max() < 1e-3 * max(1.0, float(reference.abs().max())))
 
 
-def _trace(model, max_seq_len: int, quantize=None):
-    """(ExportedProgram, attention used): ExecuTorch's KV-cache ops where they give the model's
-    logits, else transformers' static-cache wrapper (sliding windows, soft-capping).
-
-    `quantize(model)` runs after that choice: the check compares float logits. On a quantized
-    model, dynamic activation quantization turns float-rounding differences between one-token
-    steps and a whole sequence into rounding flips (0.49 of 27.7 on the demo's 8da4w student),
-    which sent every 8da4w program down the slow static-cache path."""
+def _trace(model, max_seq_len: int, runner):
+    """(ExportedProgram, attention used): `runner` (ExecuTorch's KV-cache ops, `RunnerModule.wrap`)
+    where it gave the model's logits, else transformers' static-cache wrapper (sliding windows,
+    soft-capping)."""
     import torch
     from transformers.integrations.executorch import (
         TorchExportableModuleForDecoderOnlyLM,
     )
 
     example = (torch.zeros(1, 1, dtype=torch.long), torch.zeros(1, dtype=torch.long))
-    quantize = quantize or (lambda _: None)
     with torch.no_grad():
-        runner = RunnerModule.wrap(model, max_seq_len)
-        quantize(model)
         if runner is not None:
             return torch.export.export(runner, example, strict=True), "executorch_sdpa"
         model.generation_config.cache_implementation = "static"  # TorchExportableModuleWithStaticCache requires it
@@ -228,6 +221,7 @@ def export_pte(folder: Path, destination: Path, pte_type: str, *, max_seq_len: i
     """Write `destination` (.pte) from a Hugging Face model folder, atomically: a family that
     torch.export or the lowering refuses is one UserError and leaves no file behind."""
     check_executorch()
+    import torch
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import (
         XnnpackPartitioner,
     )
@@ -246,17 +240,25 @@ def export_pte(folder: Path, destination: Path, pte_type: str, *, max_seq_len: i
     family = model.config.model_type
     parameters = count_parameters(model)
     model.requires_grad_(False)
-    quantize = None
+    cannot_trace = (f"{family}: torch.export cannot trace this family with a static KV cache ({{}}) — export it "
+                    "as GGUF only (export.formats = [\"gguf\"])")
+    try:
+        # The attention path is chosen on the float model: on a quantized one, dynamic activation
+        # quantization turns float-rounding differences between one-token steps and a whole
+        # sequence into rounding flips (0.49 of logits up to 27.7 on the demo's 8da4w student), which
+        # sent every 8da4w program down the slower static-cache path.
+        with torch.no_grad():
+            runner = RunnerModule.wrap(model, max_seq_len)
+    except Exception as exc:  # noqa: BLE001 — the family's attention code raises anything
+        raise UserError(cannot_trace.format(f"{type(exc).__name__}: {_first_line(exc)}")) from None
     if pte_type == "8da4w":
-        quantize = quantize_8da4w
+        quantize_8da4w(model)
         import executorch.kernels.quantized  # noqa: F401  registers embedding_4bit for to_executorch
     started, cpu_started = time.perf_counter(), time.process_time()
     try:
-        program, attention = _trace(model, max_seq_len, quantize)
+        program, attention = _trace(model, max_seq_len, runner)
     except Exception as exc:  # noqa: BLE001 — dynamo, the cache wrapper and the family raise anything
-        raise UserError(f"{family}: torch.export cannot trace this family with a static KV cache "
-                        f"({type(exc).__name__}: {_first_line(exc)}) — export it as GGUF only "
-                        "(export.formats = [\"gguf\"])") from None
+        raise UserError(cannot_trace.format(f"{type(exc).__name__}: {_first_line(exc)}")) from None
     exported = time.perf_counter()
     metadata = runner_metadata(model, tokenizer, max_seq_len) | {"use_sdpa_with_kv_cache": attention == "executorch_sdpa"}
     try:

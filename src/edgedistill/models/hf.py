@@ -510,15 +510,18 @@ def sequence_nll(model, tokenizer, texts: list[str], batch_size: int = 32) -> li
         return []
     shared = _common_prefix_length(encoded)
     with torch.inference_mode():
-        if shared < 2:
-            return _nll_batches(model, tokenizer.pad_token_id, encoded, batch_size)
-        prefix = torch.tensor([encoded[0][:shared]])
-        out = model(input_ids=prefix, use_cache=True)
-        prefix_lp = torch.log_softmax(out.logits[0].float(), -1)
-        prefix_nll = -float(prefix_lp[:-1].gather(-1, prefix[0, 1:, None]).sum())
-        suffix_nll = _nll_batches(model, tokenizer.pad_token_id, [ids[shared:] for ids in encoded], batch_size,
-                                  past=(out.past_key_values, prefix_lp[-1]))
-    return [prefix_nll + nll for nll in suffix_nll]
+        if shared >= 2:
+            prefix = torch.tensor([encoded[0][:shared]])
+            out = model(input_ids=prefix, use_cache=True)
+            cache = getattr(out, "cache", None) or out.past_key_values
+            if all(hasattr(layer, "batch_repeat_interleave") for layer in getattr(cache, "layers", [cache])):
+                prefix_lp = torch.log_softmax(out.logits[0].float(), -1)
+                prefix_nll = -float(prefix_lp[:-1].gather(-1, prefix[0, 1:, None]).sum())
+                suffix_nll = _nll_batches(model, tokenizer.pad_token_id, [ids[shared:] for ids in encoded],
+                                          batch_size, past=(cache, prefix_lp[-1]))
+                return [prefix_nll + nll for nll in suffix_nll]
+        # no shared prefix, or a cache that cannot be copied per text (linear-attention layers)
+        return _nll_batches(model, tokenizer.pad_token_id, encoded, batch_size)
 
 
 def _common_prefix_length(encoded: list[list[int]]) -> int:
