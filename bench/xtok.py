@@ -137,6 +137,7 @@ def main() -> None:
     parser.add_argument("--only", default=None, help="comma-separated variants (and 'before')")
     parser.add_argument("--max-train", type=int, default=None, help="train on the first N answers only")
     parser.add_argument("--max-heldout", type=int, default=None, help="evaluate on the first N held-out prompts")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the batch order (the weights are pretrained)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     anchor = matmul_gflops()
@@ -160,7 +161,7 @@ def main() -> None:
         "de-quantised)", "train_samples": len(train_x), "heldout_samples": len(held),
         "answer_tokens_teacher_train": int(sum(len(s.answer_ids) for s in train_samples)),
         "answer_tokens_gemma_train": int(sum(len(e.input_ids) - e.n_prompt for e in train_x)),
-        "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "cut_layers": kept,
+        "epochs": args.epochs, "batch_size": args.batch_size, "seed": args.seed, "lr": args.lr, "cut_layers": kept,
         "coverage_train": {k: round(v, 4) for k, v in coverage(train_x).items()},
         "coverage_heldout": {k: round(v, 4) for k, v in coverage(held_x["gemma"]).items()},
         "variants": {}}
@@ -178,7 +179,7 @@ def main() -> None:
             data, collate_fn = ((train_x, lambda ex: collate_xtok(ex, pad["gemma"])) if kind == "gemma"
                                 else (cut_train, lambda ex: collate(ex, pad["cut"])))
             print(f"{name}: training", flush=True)
-            row = train(student, teacher, data, cfg, args.epochs, args.batch_size, pad[kind], 0, collate_fn)
+            row = train(student, teacher, data, cfg, args.epochs, args.batch_size, pad[kind], args.seed, collate_fn)
         started = time.perf_counter()
         row |= heldout(student, tokenizers[kind], held, held_x[kind], args.eval_new_tokens)
         row["eval_seconds"] = round(time.perf_counter() - started, 1)
