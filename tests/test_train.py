@@ -67,7 +67,10 @@ def first_step_loss(recipe, run, mode: str) -> dict[str, float]:
 
     cfg = recipe.train
     samples = [s for s in load_distill_set(run, split="train") if len(s.answer_ids)]  # as the trainer keeps them
-    order = torch.randperm(len(samples), generator=torch.Generator().manual_seed(recipe.run.seed + 0)).tolist()
+    from edgedistill.distill.train import epoch_order  # the order is tested on its own (length_grouped below)
+
+    order = epoch_order([len(s.prompt_ids) + len(s.answer_ids) for s in samples], cfg.batch_size,
+                        recipe.run.seed + 0, cfg.group_by_length)
     batch = [samples[i] for i in order[:cfg.batch_size]]
     student = AutoModelForCausalLM.from_pretrained(run.student_init_dir).eval()
     teacher = AutoModelForCausalLM.from_pretrained(recipe.teacher.local_model).eval() if mode == "online" else None
