@@ -19,6 +19,8 @@ Variants, same data, same batch order, same steps (`--epochs` over the training 
                      whose vocabulary string is exactly a student token's, sorted L1 on the rest,
                      at every group start with the group's later tokens multiplied in, GOLD's
                      adaptive weights; distill/xtok.py says where the cached top-k makes it differ);
+- gemma_mapped_kl_gold + mapped KL and GOLD's term together (GOLD's merged rows reach the n:m
+                     groups, where most Japanese bytes are);
 - cut_sft / cut_kd   reference: the teacher cut to `--cut-layers` evenly spaced layers, same
                      vocabulary, SFT and same-vocabulary KD on the same answers.
 Held out: ROUGE-L / chrF of greedy answers against the teacher's, bits per byte of the
@@ -71,6 +73,7 @@ VARIANTS = {  # name: (student, TrainCfg overrides)
     "gemma_mapped_alm": ("gemma", {"xtok_weights": {"mapped_kl": 1.0, "alm": 1.0}}),
     "gemma_uld": ("gemma", {"xtok_weights": {"uld": 1.0}}),
     "gemma_gold": ("gemma", {"xtok_weights": {"gold": 1.0}}),
+    "gemma_mapped_kl_gold": ("gemma", {"xtok_weights": {"mapped_kl": 1.0, "gold": 1.0}}),
     "cut_sft": ("cut", {"mode": "sft", "alpha_ce": 1.0}),
     "cut_kd": ("cut", {}),
 }
