@@ -108,7 +108,8 @@ def test_8da4w_program_quantizes_linears_and_embedding_and_follows_torchao(expor
     folder, out, results = exported
     q8, fp32 = results["8da4w"], results["fp32"]
     # ExecuTorch's own KV-cache ops for both: the path is chosen on the float model, before the
-    # dynamic activation quantization (which used to send every 8da4w program to the static cache)
+    # dynamic activation quantization (on the demo's 24-layer student, choosing it after sent the
+    # 8da4w program to the static cache; this 1-layer model stays under the tolerance either way)
     assert q8.attention == fp32.attention == "executorch_sdpa"
     assert "llama.custom_sdpa.out" in q8.portable_ops and "aten.index_put.out" not in q8.portable_ops
     assert "quantized_decomposed.embedding_4bit.out" in q8.portable_ops  # the 4-bit embedding kernel

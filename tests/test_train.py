@@ -64,11 +64,10 @@ def first_step_loss(recipe, run, mode: str) -> dict[str, float]:
 
     from edgedistill.data.store import load_distill_set
     from edgedistill.distill.losses import Objective, cross_entropy, kd_dense, kd_sparse
+    from edgedistill.distill.train import epoch_order  # tested on its own below
 
     cfg = recipe.train
     samples = [s for s in load_distill_set(run, split="train") if len(s.answer_ids)]  # as the trainer keeps them
-    from edgedistill.distill.train import epoch_order  # the order is tested on its own (length_grouped below)
-
     order = epoch_order([len(s.prompt_ids) + len(s.answer_ids) for s in samples], cfg.batch_size,
                         recipe.run.seed + 0, cfg.group_by_length)
     batch = [samples[i] for i in order[:cfg.batch_size]]

@@ -89,8 +89,7 @@ def thinking_settings(recipe: Recipe, ledger: Ledger) -> str:
     and off (export/gguf_reasoning.py): only when it does — asked for, or ('auto') the generate
     stage kept teacher traces — so runs without traces keep their fingerprints."""
     cfg = recipe.evaluate
-    traces = ledger.metrics("generate").get("stage", {}).get("reasoning_samples", 0) > 0
-    if not cfg.tasks or cfg.reasoning == "off" or (cfg.reasoning == "auto" and not traces):
+    if not cfg.scores_thinking(ledger.metrics("generate").get("stage", {}).get("reasoning_samples", 0) > 0):
         return ""
     fields = {"tasks": [t.model_dump(mode="json") for t in cfg.tasks],
               "reasoning_max_new_tokens": cfg.reasoning_max_new_tokens}

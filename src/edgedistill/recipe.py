@@ -403,6 +403,11 @@ class EvalCfg(_Section):
     leak_probes: int = Field(100, ge=0, le=100_000, description="Leakage audit: at most this many PII items (the "
                              "privacy scrubber's detectors) probed per split, training and held-out.")
 
+    def scores_thinking(self, traces: bool) -> bool:
+        """Thinking on/off per eval set: asked for, or ('auto') the teacher wrote traces. One rule
+        for the evaluate stage, the export stage's GGUF rows and the export's fingerprint."""
+        return bool(self.tasks) and (self.reasoning == "on" or self.reasoning == "auto" and traces)
+
 
 class ExportCfg(_Section):
     types: Annotated[list[Literal[GGUF_TYPES]], BeforeValidator(_lower_names)] = Field(

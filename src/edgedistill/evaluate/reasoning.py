@@ -30,10 +30,8 @@ METRICS = {"accuracy_on": "accuracy, thinking on", "accuracy_off": "accuracy, th
 
 
 def reasoning_wanted(recipe: Recipe, samples: list[Sample]) -> bool:
-    """Thinking on/off per eval set: asked for, or ('auto') the teacher wrote traces."""
-    setting = recipe.evaluate.reasoning
-    return bool(recipe.evaluate.tasks) and (setting == "on" or setting == "auto"
-                                            and any(s.reasoning is not None for s in samples))
+    """Thinking on/off per eval set (recipe `EvalCfg.scores_thinking`), traces read from `samples`."""
+    return recipe.evaluate.scores_thinking(any(s.reasoning is not None for s in samples))
 
 
 @dataclass(frozen=True)

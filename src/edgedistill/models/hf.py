@@ -546,6 +546,7 @@ def _nll_batches(model, pad_id: int, encoded: list[list[int]], batch_size: int, 
     import copy
 
     scores: list[float] = []
+    keyword = _cache_keyword(model) if past is not None else None
     for start in range(0, len(encoded), batch_size):
         chunk = encoded[start:start + batch_size]
         width = max(len(ids) for ids in chunk)
@@ -562,7 +563,7 @@ def _nll_batches(model, pad_id: int, encoded: list[list[int]], batch_size: int, 
             cache = copy.deepcopy(cache)
             cache.batch_repeat_interleave(len(chunk))
             full_mask = torch.cat([torch.ones((len(chunk), cache.get_seq_length()), dtype=torch.long), mask], 1)
-            logits = model(input_ids=input_ids, attention_mask=full_mask, **{_cache_keyword(model): cache}).logits[:, :-1]
+            logits = model(input_ids=input_ids, attention_mask=full_mask, **{keyword: cache}).logits[:, :-1]
             logprobs = torch.cat([first_lp.expand(len(chunk), 1, -1), torch.log_softmax(logits.float(), -1)], 1)
             targets, target_mask = input_ids, mask
         token_lp = logprobs.gather(-1, targets[..., None])[..., 0]
