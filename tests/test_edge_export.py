@@ -49,6 +49,30 @@ def test_the_pte_is_written_checked_and_recorded(edge_run):
     assert "ExecuTorch 8da4w (XNNPACK)" in report and "Parity of the 8da4w program" in report
     card = (run.export_dir / "README.md").read_text()
     assert "ExecuTorch programs (.pte" in card and "| 8da4w |" in card  # the model card lists it
+    # built in a second process beside the GGUF checks; every GGUF file timed afterwards, quietly
+    assert record["seconds"]["pte_build"] > 0
+    for gguf in record["files"]:
+        assert gguf["decode_tokens_per_s"] > 0 and gguf["time_to_first_token_s"] > 0 and gguf["peak_rss_bytes"] > 0
+        assert gguf["seconds"]["speed"] > 0 and gguf["seconds"]["answers"] > 0
+
+
+def test_a_pte_build_that_fails_in_its_process_is_one_line(tmp_path, tiny_recipe):
+    from edgedistill.errors import UserError
+    from edgedistill.export.edge import PteBuilds
+    from edgedistill.run import RunDir
+
+    run = RunDir(tmp_path / "run")
+    run.student_dir.mkdir(parents=True)
+    (run.student_dir / "config.json").write_text("{not json")
+    recipe = tiny_recipe.model_copy(update={"export": tiny_recipe.export.model_copy(update={
+        "formats": ["gguf", "pte"], "pte_types": ["8da4w"]})})
+    builds = PteBuilds(recipe, run)
+    try:
+        with pytest.raises(UserError, match="config.json"):
+            builds.results()
+    finally:
+        builds.close()
+    assert not builds.busy() and not list(run.export_dir.glob("*.pte"))
 
 
 def test_the_student_before_and_after_kd_as_the_teachers_draft(edge_run):

@@ -88,6 +88,18 @@ def test_choice_loglik_equals_a_direct_forward_and_scores_are_accuracies(tiny_te
     direct = sum(float(logprobs[len(prompt) - 1 + i, t]) for i, t in enumerate(choice))
     assert scores[1] == pytest.approx(direct, abs=1e-3) and len(scores) == len(item.choices)
 
+    # the same through both paths of continuation_logliks: the shared-prefix cache (prefix >= 2
+    # tokens) and whole sequences minus the prefix (a one-token prefix takes that path)
+    from edgedistill.models.hf import continuation_logliks
+
+    for prefix in (prompt, prompt[:1]):
+        with torch.no_grad():
+            lp = torch.log_softmax(model(torch.tensor([prefix + choice])).logits[0].float(), -1)
+        by_hand = sum(float(lp[len(prefix) - 1 + i, t]) for i, t in enumerate(choice))
+        got = continuation_logliks(model, tokenizer.pad_token_id, prefix, [choice, choice[:1]])
+        assert got[0] == pytest.approx(by_hand, abs=1e-3) and got[1] == pytest.approx(float(lp[len(prefix) - 1, choice[0]]),
+                                                                                     abs=1e-3)
+
     # score_task against the same rules applied by hand: each item answered alone by
     # model.generate (greedy, no padding), each choice scored by a forward of its own.
     mc, arith = load_task("bundled:mc_ja", limit=4), load_task("bundled:arith_en", limit=4)

@@ -11,8 +11,10 @@ outputs). export.json gets a `pte` list, a `draft` object and the seconds each p
 from __future__ import annotations
 
 import math
+import multiprocessing
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from edgedistill.console import console
 from edgedistill.data.store import Sample
@@ -63,8 +65,77 @@ def _twin(pte_type: str, gguf_rows: list[dict]) -> dict | None:
     return next((by_type[t] for t in GGUF_TWINS[pte_type] if t in by_type), None)
 
 
+def _build_ptes(jobs: list[tuple[Path, Path, str, int]], results) -> None:
+    """In the builder process: each (folder, .pte path, type, max_seq_len) exported and lowered,
+    on one thread, each outcome sent back as ("ok", PteResult) or ("error", message)."""
+    import torch
+
+    torch.set_num_threads(1)  # the lowering is single-threaded Python; the other core is the parent's
+    for folder, destination, pte_type, max_seq_len in jobs:
+        try:
+            results.send(("ok", export_pte(folder, destination, pte_type, max_seq_len=max_seq_len)))
+        except UserError as exc:
+            results.send(("error", str(exc)))
+            return
+        except Exception as exc:  # noqa: BLE001 — a bug: its type and line reach the parent's error
+            results.send(("error", f"{destination}: ExecuTorch export failed ({type(exc).__name__}: {exc})"))
+            return
+
+
+class PteBuilds:
+    """The .pte files built in a child process while the GGUF files are checked in this one.
+
+    Exporting and lowering a program is ExecuTorch's single-threaded Python (the demo's 8da4w
+    program: 163 s of one core), so on a 2-core machine the other core would idle through it.
+    While `busy()`, the GGUF checks run llama.cpp and torch on one thread and leave their speed
+    figures for a quiet pass (export/stage.py); the .pte checks wait for `results()`."""
+
+    def __init__(self, recipe: Recipe, run: RunDir):
+        cfg = recipe.export
+        self.types = sorted(dict.fromkeys(cfg.pte_types), key=PTE_TYPES.index)
+        self.paths = {t: run.export_dir / f"{recipe.run.name}-{t}.pte" for t in self.types}
+        jobs = [(run.student_dir, self.paths[t], t, cfg.pte_max_seq_len) for t in self.types]
+        context = multiprocessing.get_context("spawn")  # no forked copy of this process's torch threads
+        self._receive, send = context.Pipe(duplex=False)
+        self._process = context.Process(target=_build_ptes, args=(jobs, send), name="pte-build", daemon=True)
+        self.started = time.perf_counter()
+        self._process.start()
+        send.close()
+        self.seconds = float("nan")
+        self._built: dict | None = None
+
+    def busy(self) -> bool:
+        return self._process.is_alive()
+
+    def results(self) -> dict[str, "PteResult"]:  # noqa: F821  (export/pte.py, imported lazily there)
+        """Wait for every build; a failed one is the UserError it raised in the child."""
+        if self._built is not None:
+            return self._built
+        built = {}
+        for pte_type in self.types:
+            try:
+                status, value = self._receive.recv()
+            except EOFError:  # the child died without a word (killed, out of memory)
+                raise UserError(f"{self.paths[pte_type]}: the ExecuTorch build process ended without a result "
+                                f"(exit code {self._process.exitcode}) — rerun the export stage") from None
+            if status == "error":
+                raise UserError(value)
+            built[pte_type] = value
+        self._process.join()
+        self.seconds = time.perf_counter() - self.started
+        self._built = built
+        return built
+
+    def close(self) -> None:
+        """Stop a build still running (the stage failed or was interrupted): no orphan lowering."""
+        if self._process.is_alive():
+            self._process.terminate()
+        self._process.join()
+        self._receive.close()
+
+
 def pte_files(recipe: Recipe, run: RunDir, ledger: Ledger, model, tokenizer, heldout: list[Sample],
-              gguf_rows: list[dict]) -> list[dict]:
+              gguf_rows: list[dict], builds: PteBuilds) -> list[dict]:
     """Write and check one .pte per export.pte_types; return the export.json rows. Each program is
     checked against the transformers model with its own numerics (fp32: the student; 8da4w: the
     student quantized by torchao in PyTorch) for tokens and log-probs, and against the fp32
@@ -78,10 +149,11 @@ def pte_files(recipe: Recipe, run: RunDir, ledger: Ledger, model, tokenizer, hel
     max_new = recipe.evaluate.max_new_tokens or recipe.generate.max_new_tokens
     fitting = lambda n: [s for s in heldout if len(s.prompt_ids) + n < cfg.pte_max_seq_len]  # noqa: E731  (static cache)
     rows = []
-    for pte_type in sorted(dict.fromkeys(cfg.pte_types), key=PTE_TYPES.index):
-        path = run.export_dir / f"{recipe.run.name}-{pte_type}.pte"
-        console.print(f"ExecuTorch {pte_type}: export and XNNPACK lowering (minutes for a 24-layer model) …")
-        result = export_pte(run.student_dir, path, pte_type, max_seq_len=cfg.pte_max_seq_len)
+    if builds.busy():
+        console.print(f"waiting for the ExecuTorch build ({', '.join(builds.types)}) …")
+    built = builds.results()
+    for pte_type in builds.types:
+        path, result = builds.paths[pte_type], built[pte_type]
         row = {"file": path.name, "type": pte_type, "size_bytes": result.size_bytes,
                "bits_per_weight": result.size_bytes * 8 / result.parameters, "parameters": result.parameters,
                "max_seq_len": result.max_seq_len, "attention": result.attention, "export_seconds": result.export_s,
@@ -179,15 +251,28 @@ def draft_markdown(draft: dict) -> str:
             + "; ".join(parts) + ".\n")
 
 
+def start_pte_builds(recipe: Recipe, run: RunDir) -> PteBuilds | None:
+    """The run's .pte builds, started now in a child process (None when the recipe has none)."""
+    if "pte" not in recipe.export.formats or not recipe.export.pte_types:
+        return None
+    check_executorch()
+    run.export_dir.mkdir(parents=True, exist_ok=True)
+    console.print(f"ExecuTorch {', '.join(recipe.export.pte_types)}: export and XNNPACK lowering in a second process "
+                  "(minutes for a 24-layer model), beside the GGUF checks …")
+    return PteBuilds(recipe, run)
+
+
 def export_edge(recipe: Recipe, run: RunDir, ledger: Ledger, model, tokenizer, heldout: list[Sample],
-                gguf_rows: list[dict]) -> EdgeExport:
-    """The .pte files and the draft check (before the model card, which lists them)."""
+                gguf_rows: list[dict], builds: PteBuilds | None) -> EdgeExport:
+    """The .pte files (built by `builds`, checked here) and the draft check (before the model
+    card, which lists them)."""
     started = time.perf_counter()
-    pte_rows = pte_files(recipe, run, ledger, model, tokenizer, heldout, gguf_rows) \
-        if "pte" in recipe.export.formats else []
+    pte_rows = pte_files(recipe, run, ledger, model, tokenizer, heldout, gguf_rows, builds) if builds else []
     pte_done = time.perf_counter()
     draft = draft_check(recipe, run, ledger, tokenizer, heldout, gguf_rows)
-    seconds = {"pte": pte_done - started, "draft": time.perf_counter() - pte_done}  # what each adds to the stage
+    # what each adds to the stage after the GGUF files (the build ran beside them: `pte_build`)
+    seconds = {"pte": pte_done - started, "draft": time.perf_counter() - pte_done} | (
+        {"pte_build": builds.seconds} if builds else {})
     console.print(f"ExecuTorch export and checks {seconds['pte']:.0f} s, draft check {seconds['draft']:.0f} s")
     record = ({"pte": pte_rows} if pte_rows else {}) | ({"draft": draft} if draft else {}) | {"seconds": seconds}
     table = "\n" + pte_markdown([(r["type"], r) for r in pte_rows]) if pte_rows else ""

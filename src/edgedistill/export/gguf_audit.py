@@ -18,18 +18,18 @@ from edgedistill.evaluate.audit import (
     AuditInputs,
     audit,
 )
-from edgedistill.export.verify import LlamaCppClient, greedy_answers
+from edgedistill.export.verify import LlamaCppClient, greedy_completions
 from edgedistill.models.hf import encode_prompts
 
 
 def llamacpp_answerer(client: LlamaCppClient, tokenizer) -> Answerer:
     def chat(prompts: list[str], max_new_tokens: int) -> list[str]:
         ids = encode_prompts(tokenizer, [[{"role": "user", "content": p}] for p in prompts])
-        return greedy_answers(client, ids, max_new_tokens)[0]
+        return [str(out.get("content", "")).strip() for out in greedy_completions(client, ids, max_new_tokens)]
 
     def continue_text(prefixes: list[str]) -> list[str]:
         ids = [tokenizer(p, add_special_tokens=False)["input_ids"][-LEAK_PROMPT_TOKENS:] for p in prefixes]
-        return [str(client.complete(i, LEAK_TOKENS, cache_prompt=False).get("content", "")) for i in ids]
+        return [str(out.get("content", "")) for out in greedy_completions(client, ids, LEAK_TOKENS)]
 
     return Answerer(chat, continue_text, None)
 

@@ -325,6 +325,7 @@ class PteClient:
     written by position, and the mask hides everything past the current one."""
 
     def __init__(self, pte: Path, tokenizer_dir: Path):
+        import executorch.extension.llm.custom_ops.custom_ops  # noqa: F401  llama::custom_sdpa / update_cache kernels
         import executorch.kernels.quantized  # noqa: F401  embedding_4bit must be registered before loading
         from executorch.runtime import Runtime
         from pytorch_tokenizers import CppHFTokenizer

@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +32,12 @@ from edgedistill.evaluate.audit_report import licence_for_export, licence_text
 from edgedistill.evaluate.metrics import peak_rss_bytes, rouge_by_lang
 from edgedistill.evaluate.report import greedy_summary
 from edgedistill.export.card import write_model_card
-from edgedistill.export.edge import export_edge, write_device_bundle
+from edgedistill.export.edge import (
+    PteBuilds,
+    export_edge,
+    start_pte_builds,
+    write_device_bundle,
+)
 from edgedistill.export.gguf import convert_folder, write_type
 from edgedistill.export.gguf_audit import audit_file
 from edgedistill.export.gguf_reasoning import ThinkingSets, reasoning_file
@@ -85,11 +90,13 @@ class Checks:
 
 
 def write_and_check(source: Path, out_dir: Path, name: str, types: list[str], metadata: dict[str, str],
-                    embeddings_type: str, checks: Checks, model, tokenizer) -> tuple[list[dict], dict[str, float]]:
+                    embeddings_type: str, checks: Checks, model, tokenizer,
+                    shared_cpu: Callable[[], bool] | None = None) -> tuple[list[dict], dict[str, float]]:
     """Every GGUF type of the model folder `source`, written into `out_dir` and checked: one row
-    per file (the first type is the reference) and the reference file's parity figures."""
-    from edgedistill.models.hf import encode_prompts
-
+    per file (the first type is the reference) and the reference file's parity figures. With
+    `shared_cpu` (True while a .pte build holds the other core) a file's checks run on one thread
+    then, and speed, time to first token and memory are left to the caller's `measure_speeds`
+    once the machine is quiet; without it they are measured here, after the checks."""
     rows: list[dict] = []
     reference_parity: dict[str, float] = {}
     reference_dist = None
@@ -109,8 +116,9 @@ def write_and_check(source: Path, out_dir: Path, name: str, types: list[str], me
                 result = write_type(f32, path, export_type, architecture, embeddings_type)
             row |= {"size_bytes": result.size_bytes, "bits_per_weight": result.bits_per_weight,
                     "parameters": result.parameters, "tensor_types": result.tensor_types}
-            with serve(path) as server:
-                client = LlamaCppClient(server)
+            threads = 1 if shared_cpu and shared_cpu() else 2
+            with serve(path, slots=ANSWER_SLOTS, threads=threads) as server, torch_threads(threads):
+                client = LlamaCppClient(server, slots=ANSWER_SLOTS)
                 try:
                     if checks.conversations:
                         with _timed(row, "parity"):
@@ -128,28 +136,69 @@ def write_and_check(source: Path, out_dir: Path, name: str, types: list[str], me
                             reference_dist = dist
                         else:
                             row |= sparse_kl_top1(reference_dist, dist)
-                    prompt = (sum(checks.sequences, []) * 8)[:checks.speed_prompt_tokens] or encode_prompts(
-                        tokenizer, [[{"role": "user", "content": "Hello"}]])[0]
-                    with _timed(row, "speed"):
-                        row |= speed(client, prompt, checks.speed_tokens)
                     if checks.quality:  # the same comparison as the evaluate stage, in llama.cpp
                         with _timed(row, "answers"):
-                            answers, ttft = greedy_answers(client, [s.prompt_ids.tolist() for s in checks.quality],
-                                                           checks.answer_tokens)
-                        row |= rouge_by_lang(answers, checks.quality) | {"time_to_first_token_s": ttft}
+                            answers, _ = greedy_answers(client, [s.prompt_ids.tolist() for s in checks.quality],
+                                                        checks.answer_tokens)
+                        row |= rouge_by_lang(answers, checks.quality)
                     if checks.audit is not None:
                         with _timed(row, "audit"):
                             row |= audit_file(client, checks.audit, tokenizer)
                     if checks.thinking is not None:
                         with _timed(row, "thinking"):
                             row |= reasoning_file(client, checks.thinking, tokenizer)
-                    if (peak := peak_rss_bytes(server.process.pid)) is not None:
-                        row["peak_rss_bytes"] = peak
                 finally:
                     client.close()
             rows.append(row)
-            progress.update(task, advance=1, rate=f"{export_type}: {row['decode_tokens_per_s']:.0f} tok/s decode")
+            progress.update(task, advance=1, rate=f"{export_type}: checked" + (" on one thread" if threads == 1 else ""))
+    if shared_cpu is None:
+        measure_speeds(rows, out_dir, checks, tokenizer)
     return rows, reference_parity
+
+
+# Held-out prompts answered one at a time for a file's time to first token.
+TTFT_PROMPTS = 4
+
+
+def measure_speeds(rows: list[dict], out_dir: Path, checks: Checks, tokenizer) -> None:
+    """Each file's prefill/decode speed, time to first token (TTFT_PROMPTS held-out prompts, one
+    at a time) and the server's peak memory, from a fresh one-slot server on two threads: run
+    after the .pte build, so no file is timed while another process holds a core."""
+    from edgedistill.models.hf import encode_prompts
+
+    prompt = (sum(checks.sequences, []) * 8)[:checks.speed_prompt_tokens] or encode_prompts(
+        tokenizer, [[{"role": "user", "content": "Hello"}]])[0]
+    for row in rows:
+        with serve(out_dir / row["file"]) as server:
+            client = LlamaCppClient(server)
+            try:
+                with _timed(row, "speed"):
+                    row |= speed(client, prompt, checks.speed_tokens)
+                    if checks.quality:
+                        _, row["time_to_first_token_s"] = greedy_answers(
+                            client, [s.prompt_ids.tolist() for s in checks.quality[:TTFT_PROMPTS]], checks.answer_tokens)
+                if (peak := peak_rss_bytes(server.process.pid)) is not None:
+                    row["peak_rss_bytes"] = peak
+            finally:
+                client.close()
+
+
+@contextmanager
+def torch_threads(threads: int) -> Iterator[None]:
+    """torch's intra-op threads set for a block (the transformers side of the parity checks)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(min(threads, before))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+# llama.cpp slots answering a file's held-out, audit and thinking prompts together (measured on
+# the demo's q8_0 file, 26 answers: 17.2 s one at a time, 13.0 s at 4 slots, 12.1 s at 8).
+ANSWER_SLOTS = 4
 
 
 @contextmanager
@@ -210,15 +259,30 @@ def run_export(recipe: Recipe, run: RunDir, ledger: Ledger) -> dict[str, float]:
                     audit=AuditInputs.of(recipe, load_distill_set(run, split="train"), heldout, meta.get("canaries")),
                     thinking=ThinkingSets.of(recipe, heldout, model_style(source, tokenizer)))
     run.export_dir.mkdir(parents=True, exist_ok=True)
-    rows, parity = write_and_check(source, run.export_dir, recipe.run.name, types, metadata, cfg.embeddings_type,
-                                   checks, model, tokenizer)
+    builds = start_pte_builds(recipe, run)  # beside the GGUF checks, in a second process
+    try:
+        rows, parity = write_and_check(source, run.export_dir, recipe.run.name, types, metadata, cfg.embeddings_type,
+                                       checks, model, tokenizer, shared_cpu=builds.busy if builds else lambda: False)
+        if builds:
+            builds.results()  # wait: the timings below need both cores
+        measure_speeds(rows, run.export_dir, checks, tokenizer)
+        return _finish_export(recipe, run, ledger, types, rows, parity, model, tokenizer, heldout, builds)
+    finally:
+        if builds:
+            builds.close()
+
+
+def _finish_export(recipe: Recipe, run: RunDir, ledger: Ledger, types: list[str], rows: list[dict],
+                   parity: dict[str, float], model, tokenizer, heldout, builds: PteBuilds | None) -> dict[str, float]:
+    """Ledger rows, Modelfile, the .pte checks and the draft, export.md/json, card and bundle."""
+    source = run.student_dir
     for row in rows:
         ledger.log_metrics("export", f"gguf:{row['type']}", _numbers(row))
     if parity:
         ledger.log_metrics("export", "parity", parity)
     ledger.set_meta("export_architecture", rows[0]["architecture"])
     _modelfile(run.export_dir, recipe.run.name, types, tokenizer, source, licence_text(recipe, ledger))
-    edge = export_edge(recipe, run, ledger, model, tokenizer, heldout, rows)  # .pte files, the student as a draft
+    edge = export_edge(recipe, run, ledger, model, tokenizer, heldout, rows, builds)  # .pte files, the student as a draft
     table = _write_tables(run.export_dir, f"run `{recipe.run.name}`", rows, parity, types[0], edge.markdown,
                           edge.record)
     write_model_card(recipe, run, ledger, table)

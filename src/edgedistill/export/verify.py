@@ -35,13 +35,16 @@ N_PROBS = 64   # what each side lists per position; a reference id outside the q
 
 
 class LlamaCppClient:
-    def __init__(self, server: LlamaCppServer, timeout_s: float = 300.0):
+    """`slots`: the server's parallel slots; `complete_many` sends that many prompts per request."""
+
+    def __init__(self, server: LlamaCppServer, timeout_s: float = 300.0, slots: int = 1):
         self.http = httpx.Client(base_url=f"http://{server.host}:{server.port}", timeout=timeout_s, trust_env=False)
+        self.slots = slots
 
     def close(self) -> None:
         self.http.close()
 
-    def _post(self, path: str, body: dict) -> dict:
+    def _post(self, path: str, body: dict):
         response = self.http.post(path, json=body)
         response.raise_for_status()
         return response.json()
@@ -57,6 +60,20 @@ class LlamaCppClient:
         return self._post("/completion", {
             "prompt": prompt_ids, "n_predict": n_predict, "temperature": 0.0, "n_probs": n_probs,
             "return_tokens": True, "cache_prompt": cache_prompt, "ignore_eos": ignore_eos})
+
+    def complete_many(self, prompts: list[list[int]], n_predict: int) -> list[dict]:
+        """Greedy replies to many prompts, `slots` to a request: llama.cpp decodes a request's
+        prompts in one batch (1.4x the answers per second of one at a time for the demo's q8_0
+        file on 2 cores). A batch's rounding differs from a lone request's, so a few greedy
+        answers part from the one-at-a-time ones at near-ties; with the slot count fixed, runs
+        repeat exactly."""
+        replies: list[dict] = []
+        for start in range(0, len(prompts), self.slots):
+            chunk = prompts[start:start + self.slots]
+            out = self._post("/completion", {"prompt": chunk if len(chunk) > 1 else chunk[0], "n_predict": n_predict,
+                                             "temperature": 0.0, "return_tokens": True, "cache_prompt": False})
+            replies += sorted(out, key=lambda r: r.get("index", 0)) if isinstance(out, list) else [out]
+        return replies
 
 
 @dataclass
@@ -233,24 +250,30 @@ def speed(client: LlamaCppClient, prompt_ids: list[int], n_predict: int) -> dict
             "decode_tokens_per_s": float(timings.get("predicted_per_second", 0.0))}
 
 
-def greedy_completions(client: LlamaCppClient, prompts: list[list[int]], n_predict: int) -> list[dict]:
+def greedy_completions(client, prompts: list[list[int]], n_predict: int) -> list[dict]:
     """The runtime's raw greedy replies to chat prompts (token ids), no prompt cache: what every
-    answering check of a file (held-out answers, audit, thinking on/off) is built on."""
+    answering check of a file (held-out answers, audit, thinking on/off) is built on. Batched
+    on a llama.cpp server with several slots (`LlamaCppClient.complete_many`), else one by one."""
+    if getattr(client, "slots", 1) > 1:
+        return client.complete_many(prompts, n_predict)
     return [client.complete(prompt_ids, n_predict, cache_prompt=False) for prompt_ids in prompts]
 
 
-def greedy_answers(client: LlamaCppClient, prompts: list[list[int]], n_predict: int) -> tuple[list[str], float]:
+def greedy_answers(client, prompts: list[list[int]], n_predict: int) -> tuple[list[str], float]:
     """The file's greedy answers to chat prompts (token ids), and the mean time to first token
-    (prompt evaluation + one decoded token, llama.cpp's own timings, no prompt cache)."""
+    (prompt evaluation + one decoded token, the runtime's own timings, no prompt cache) — NaN on
+    a server with several slots, whose batched timings are not one user's."""
     answers, first_token = [], []
     for out in greedy_completions(client, prompts, n_predict):
         answers.append(str(out.get("content", "")).strip())
         t = out.get("timings", {})
         if t.get("predicted_n"):
             first_token.append((t.get("prompt_ms", 0.0) + t.get("predicted_ms", 0.0) / t["predicted_n"]) / 1000)
-    return answers, sum(first_token) / len(first_token) if first_token else float("nan")
+    alone = getattr(client, "slots", 1) == 1
+    return answers, sum(first_token) / len(first_token) if first_token and alone else float("nan")
 
 
-def serve(gguf_path: Path, threads: int = 2, ctx: int = 4096, exact: bool = False) -> LlamaCppServer:
-    return start_llamacpp_server(gguf_path, parallel=1, ctx_per_slot=ctx, threads=threads, alias=gguf_path.stem,
+def serve(gguf_path: Path, threads: int = 2, ctx: int = 4096, exact: bool = False, slots: int = 1
+          ) -> LlamaCppServer:
+    return start_llamacpp_server(gguf_path, parallel=slots, ctx_per_slot=ctx, threads=threads, alias=gguf_path.stem,
                                  exact=exact)

@@ -509,19 +509,43 @@ def sequence_nll(model, tokenizer, texts: list[str], batch_size: int = 32) -> li
     if not encoded:
         return []
     shared = _common_prefix_length(encoded)
+    if shared >= 2:
+        scored = _prefix_and_suffixes(model, tokenizer.pad_token_id, encoded[0][:shared],
+                                      [ids[shared:] for ids in encoded], batch_size)
+        if scored is not None:
+            prefix_nll, suffix_nll = scored
+            return [prefix_nll + nll for nll in suffix_nll]
+    # no shared prefix, or a cache that cannot be copied per text (linear-attention layers)
+    return _nll_batches(model, tokenizer.pad_token_id, encoded, batch_size)
+
+
+@torch.inference_mode()
+def continuation_logliks(model, pad_id: int, prefix: list[int], continuations: list[list[int]],
+                         batch_size: int = 32) -> list[float]:
+    """Summed log-probability of each continuation's tokens after `prefix` (multiple-choice
+    answers after their question): the prefix runs once, each continuation from a copy of its
+    KV cache; whole sequences where the cache cannot be copied."""
+    scored = _prefix_and_suffixes(model, pad_id, prefix, continuations, batch_size) if len(prefix) >= 2 else None
+    if scored is not None:
+        return [-nll for nll in scored[1]]
+    whole = _nll_batches(model, pad_id, [prefix + c for c in continuations], batch_size)
+    prefix_only = _nll_batches(model, pad_id, [prefix], 1)[0] if len(prefix) >= 2 else 0.0
+    return [prefix_only - nll for nll in whole]
+
+
+def _prefix_and_suffixes(model, pad_id: int, prefix: list[int], suffixes: list[list[int]], batch_size: int
+                         ) -> tuple[float, list[float]] | None:
+    """(NLL of the prefix's tokens after its first, NLL of each suffix's tokens after the
+    prefix), the prefix run once; None when the model's cache cannot be copied per suffix."""
     with torch.inference_mode():
-        if shared >= 2:
-            prefix = torch.tensor([encoded[0][:shared]])
-            out = model(input_ids=prefix, use_cache=True)
-            cache = getattr(out, "cache", None) or out.past_key_values
-            if all(hasattr(layer, "batch_repeat_interleave") for layer in getattr(cache, "layers", [cache])):
-                prefix_lp = torch.log_softmax(out.logits[0].float(), -1)
-                prefix_nll = -float(prefix_lp[:-1].gather(-1, prefix[0, 1:, None]).sum())
-                suffix_nll = _nll_batches(model, tokenizer.pad_token_id, [ids[shared:] for ids in encoded],
-                                          batch_size, past=(cache, prefix_lp[-1]))
-                return [prefix_nll + nll for nll in suffix_nll]
-        # no shared prefix, or a cache that cannot be copied per text (linear-attention layers)
-        return _nll_batches(model, tokenizer.pad_token_id, encoded, batch_size)
+        ids = torch.tensor([prefix])
+        out = model(input_ids=ids, use_cache=True)
+        cache = getattr(out, "cache", None) or out.past_key_values
+        if not all(hasattr(layer, "batch_repeat_interleave") for layer in getattr(cache, "layers", [cache])):
+            return None
+        prefix_lp = torch.log_softmax(out.logits[0].float(), -1)
+        prefix_nll = -float(prefix_lp[:-1].gather(-1, ids[0, 1:, None]).sum())
+        return prefix_nll, _nll_batches(model, pad_id, suffixes, batch_size, past=(cache, prefix_lp[-1]))
 
 
 def _common_prefix_length(encoded: list[list[int]]) -> int:
