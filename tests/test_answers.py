@@ -63,6 +63,9 @@ def test_parse_number_reads_a_whole_gold_or_nothing():
     assert parse_number("1,234") == 1234 and parse_number(" −3.5 ") == -3.5 and parse_number("１万２０００") == 12_000
     assert parse_number("十八") == 18 and parse_number("18.") == 18
     assert parse_number("Paris") is None and parse_number("18 apples") is None and parse_number("") is None
+    # the negative signs of Japanese accounts, and nothing but a final full stop stripped
+    assert parse_number("マイナス5") == -5 and parse_number("△5") == -5 and parse_number("▲5") == -5
+    assert parse_number("12X") is None and parse_number("12..") == 12
 
 
 def test_every_gsm8k_solution_reads_as_its_gold():
@@ -88,6 +91,7 @@ def test_multipliers_combine_the_japanese_way(text, expected):
 @pytest.mark.parametrize(("text", "expected"), [
     ("予算は万単位で、3万円", 30_000),  # a multiplier alone is skipped, the scan goes on
     ("CO2の排出量は5トン", 5),  # a number glued to a word is skipped, the scan goes on
+    ("一緒に数えると18個", 18),  # a lone numeral that is a word (一緒) is skipped, the scan goes on
     ("1万2億の3倍", 3),  # so is one that is no number
     # the sign is looked for in the 8 characters before the number: マイナス and up to 4 spaces
     ("気温はマイナス    5度", -5), ("気温はマイナス     5度", 5),

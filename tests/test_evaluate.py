@@ -62,6 +62,12 @@ def test_answer_extraction_rules():
     assert exact_match("Paris.\nIt is the capital.", "paris") and not exact_match("London", "Paris")
     assert chosen_by_text("答えはマザーボードです", ["掲示板", "パソコン", "マザーボード"]) == 2
     assert chosen_by_text("2", ["a", "b", "c"]) == 2 and chosen_by_text("no idea", ["a b", "c d"]) is None
+    assert chosen_by_text("3", ["a", "b", "c"]) is None  # choices count from 0: 3 names none of three
+    # numbers compare within 1e-9 relative or 1e-6 absolute (float rounding), not more
+    assert exact_match("1000000000001", "1000000000000") and exact_match("0.0000001", "0")
+    assert not exact_match("73", "72") and not exact_match("0.00001", "0")
+    # an empty answer matches no text gold (not even one spelt like mutmut's placeholder)
+    assert not exact_match("", "Paris") and not exact_match(" \n", "XXXX")
 
 
 def test_numeric_golds_match_answers_written_the_japanese_and_typographic_way():

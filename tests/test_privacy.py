@@ -143,6 +143,14 @@ def test_luhn_invalid_numbers_survive(number):
     assert scrub(f"Card: {number}.") == ScrubResult(f"Card: {number}.", {})
 
 
+def test_a_card_number_has_13_to_19_digits_luhn_or_not():
+    from edgedistill.data.privacy import _is_card, _luhn_valid
+
+    assert _luhn_valid("12345678901234567894") and not _is_card("12345678901234567894")  # 20 digits
+    assert _luhn_valid("1234567890123456785") and _is_card("1234567890123456785")  # 19 digits
+    assert _luhn_valid("4222222222222") and not _is_card("422222222222")  # 13 yes, 12 no
+
+
 @pytest.mark.parametrize("number", [
     "123456789018", "1234 5678 9018", "1234-5678-9018",
     "983205673214",

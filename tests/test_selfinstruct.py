@@ -396,6 +396,25 @@ def test_near_duplicate_threshold_is_inclusive_at_exactly_0_7():
     assert TaskFilter(pool, FilterConfig()).check(Task("Write a long story about the lake for sleepy children")) is None
 
 
+def test_near_duplicate_needs_the_words_in_order_and_looks_past_pruned_pool_entries():
+    ref = "Write a short poem about the sea for young children"
+    # the same ten words, the last five reversed: all of them shared, but only 6 in order
+    shuffled = Task("Write a short poem about children young for sea the")
+    assert rouge_l(shuffled.instruction, ref, units=dedup_units) == pytest.approx(0.6)
+    assert TaskFilter([Task(ref)], FilterConfig()).check(shuffled) is None
+    # the pool entry that matches comes after ones that share nothing (skipped without an LCS)
+    pool = [Task("Name three rivers in Africa"), Task("Translate this sentence into French"), Task(ref)]
+    assert TaskFilter(pool, FilterConfig()).check(Task("Write a long story about the sea for sleepy children")) \
+        == "near_duplicate"
+
+
+def test_a_loop_of_every_kind_of_letter_is_a_loop():
+    from edgedistill.data.selfinstruct import _is_loop
+
+    # upper, title (ǅ), lower case, kana (Lo) and the long-vowel mark (Lm): letters only, a loop
+    assert _is_loop("Aǅaあー") and not _is_loop("ーー") and not _is_loop("a1")
+
+
 def test_bad_settings_are_named_with_their_value():
     for kwargs, message in [({"max_rouge_l": 0}, r"^max_rouge_l must be in \(0, 1\], got 0$"),
                             ({"max_rouge_l": 1.5}, r"^max_rouge_l must be in \(0, 1\], got 1.5$"),

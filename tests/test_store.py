@@ -134,6 +134,13 @@ def test_the_distill_set_is_the_manifests_ids_under_its_settings(tmp_path):
     assert [s.id for s in load_distill_set(run)] == ["p0", "p2", "p3"]
     assert [s.id for s in load_distill_set(run, split="train")] == ["p0", "p2"]
     assert [s.id for s in load_distill_set(run, split="heldout")] == ["p3"]
+    # a manifest with "keys" (n answers per prompt, verified ones kept) selects answers, not prompts
+    second = _sample(0)
+    second.sample = 1
+    with SampleStore(run.store_path) as store:
+        store.add("S", [second])
+    run.distill_set_path.write_text(json.dumps({"settings": "S", "ids": ["p0", "p2"], "keys": ["p0#1", "p2"]}))
+    assert [(s.id, s.sample) for s in load_distill_set(run)] == [("p0", 1), ("p2", 0)]
 
 
 def test_instructions_come_back_in_request_then_acceptance_order(tmp_path):

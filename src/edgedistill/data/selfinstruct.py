@@ -417,9 +417,7 @@ class TaskFilter:
             need = threshold * (m + n) / 2 - 1e-9
             if min(m, n) < need or sum((bag & ref_bag).values()) < need:
                 continue
-            lcs = lcs_length(units, ref)
-            if lcs == 0:
-                continue
+            lcs = lcs_length(units, ref)  # >= 1: the bags share at least need > 0 units
             precision, recall = lcs / m, lcs / n  # the same float maths as similarity.rouge_l
             if 2 * precision * recall / (precision + recall) >= threshold:
                 return True

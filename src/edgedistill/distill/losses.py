@@ -163,8 +163,7 @@ def kd_dense(student_logits: torch.Tensor, teacher_logits: torch.Tensor, objecti
     t = objective.temperature
     rows = [divergence_rows(F.log_softmax(tc.float() / t, -1), F.log_softmax(sc.float() / t, -1), objective)
             for sc, tc in zip(student_logits.split(chunk_size), teacher_logits.split(chunk_size))]
-    per_token = torch.cat(rows) if rows else student_logits.new_zeros(0)
-    return _masked_mean(per_token, mask) * t ** 2
+    return _masked_mean(torch.cat(rows), mask) * t ** 2  # split gives one (0, V) chunk for no tokens
 
 
 # ---- across vocabularies (distill/xtok.py builds the inputs from the byte alignment) ----------
