@@ -116,6 +116,7 @@ class PteBuilds:
             try:
                 status, value = self._receive.recv()
             except EOFError:  # the child died without a word (killed, out of memory)
+                self._process.join(timeout=10)  # for its exit code
                 raise UserError(f"{self.paths[pte_type]}: the ExecuTorch build process ended without a result "
                                 f"(exit code {self._process.exitcode}) — rerun the export stage") from None
             if status == "error":
