@@ -49,6 +49,23 @@ EQUIVALENT: dict[str, str] = {
     "edgedistill.distill.losses.x_kd_dense__mutmut_1": "chunk_size 1025: the value does not depend on the chunking "
                                                         "(tests/test_losses.py checks 1 and 1024)",
     "edgedistill.distill.losses.x_log1mexp__mutmut_7": "> or >= at x = log 1/2: both branches give log(1/2) there",
+    # the cross-vocabulary losses: (H, V) and (H, k) rows in gold_hybrid_loss, (M, V), (M, k) and (M, k+1) in
+    # mapped_sparse_table, (G, V) and (G, k) in uld_sorted_l1
+    **{f"edgedistill.distill.losses.{name}": _LAST_AXIS for name in (
+        *(f"x_gold_hybrid_loss__mutmut_{n}" for n in (7, 34, 47, 50, 77, 89, 91, 105, 118, 131)),
+        *(f"x_mapped_sparse_table__mutmut_{n}" for n in (24, 40, 42, 48, 60, 66)),
+        *(f"x_uld_sorted_l1__mutmut_{n}" for n in (2, 9, 17, 24)))},
+    **{f"edgedistill.distill.losses.{name}": "sort and topk without a dim take the last axis" for name in (
+        "x_gold_hybrid_loss__mutmut_65", "x_gold_hybrid_loss__mutmut_96", "x_uld_sorted_l1__mutmut_7",
+        "x_uld_sorted_l1__mutmut_16")},
+    **{f"edgedistill.distill.losses.{name}": "float() reads 'inf' in any case" for name in (
+        "x_gold_hybrid_loss__mutmut_72", "x_mapped_sparse_table__mutmut_11")},
+    "edgedistill.distill.losses.x_gold_hybrid_loss__mutmut_5": "H = 0: the sum of the empty rows is 0 already, so "
+                                                               "×1.0 gives the same 0 and the same (empty) gradient",
+    "edgedistill.distill.losses.x_gold_hybrid_loss__mutmut_156": "float32 sums / int64 counts: true division "
+                                                                 "promotes the counts to float32, as .to(rows.dtype)",
+    "edgedistill.distill.losses.x_gold_hybrid_loss__mutmut_160": "unique's inverse numbers the n sequences 0..n-1, "
+                                                                 "each used, so bincount is n = len(sums) long anyway",
     **{f"edgedistill.data.store.x{name}": "SQLite keywords, names and pragma values ignore case" for name in (
         "ǁInstructionStoreǁadd_batch__mutmut_7", "ǁInstructionStoreǁadd_batch__mutmut_8",
         "ǁInstructionStoreǁadd_batch__mutmut_15", "ǁInstructionStoreǁadd_batch__mutmut_16",

@@ -272,6 +272,128 @@ def test_gold_is_golds_loss_when_the_whole_teacher_is_cached():
     assert torch.isfinite(student_lp.grad).all() and student_lp.grad.abs().sum() > 0
 
 
+def test_alm_caps_certain_chunks_below_zero():
+    """A chunk the teacher (or the student) writes with log-likelihood 0 (p = 1 in float32) is
+    capped at -1e-6, so 1 - p stays positive and the binary KL finite; the reference is the
+    binary KL in float64 on the capped values."""
+    teacher, student = [0.0, -0.5, -2.0], [-1.0, 0.0, 1e-3]  # log-likelihoods; 1e-3 is rounding above 0
+
+    def binary_kl(t: float, s: float) -> float:
+        p, q = math.exp(min(t, -1e-6)), math.exp(min(s, -1e-6))
+        return p * math.log(p / q) + (1 - p) * math.log((1 - p) / (1 - q))
+
+    expected = sum(binary_kl(t, s) for t, s in zip(teacher, student)) / 3
+    got = alm_chunk_loss(torch.tensor(student), torch.tensor(teacher))
+    assert math.isfinite(float(got)) and float(got) == pytest.approx(expected, rel=1e-5)
+
+
+def test_uld_is_a_mean_over_rows():
+    """Row 1 is test_uld_golden_value's (0.15), row 2 the student against itself (0): mean 0.075."""
+    student = torch.cat([Q, Q.roll(1, -1)])
+    got = uld_sorted_l1(student, torch.cat([torch.tensor([[0.3, 0.6]]).log(), Q[:, [1, 0]]]))
+    assert float(got) == pytest.approx(0.075, abs=1e-6)
+
+
+def _gold_loop_reference(student_lp, student_factor, exact, teacher_lp, student_matched, example_of,
+                         w_matched: float, w_unmatched: float, beta: float) -> float:
+    """GOLD's hybrid loss entry by entry in float64: per row, the generalized JSD(β) terms of the
+    matched teacher entries (both probabilities floored at 1e-8; β = 0 forward, β = 1 reverse KL),
+    plus Σ_r |t_r - s_r| over the teacher's unmatched entries sorted down against the student's
+    probabilities on unmatched ids sorted down (zeros once those run out); then the mean over
+    each sequence's rows and the mean over the sequences. -inf teacher entries are absent."""
+    per_example: dict[int, list[float]] = {}
+    for h in range(len(student_lp)):
+        s = [math.exp(float(x) + float(student_factor[h])) for x in student_lp[h]]
+        matched, t_unmatched = 0.0, []
+        for j in range(teacher_lp.shape[1]):
+            if float(teacher_lp[h, j]) == float("-inf"):
+                continue
+            t = math.exp(float(teacher_lp[h, j]))
+            if int(exact[h, j]) < 0:
+                t_unmatched.append(t)
+                continue
+            p, q = max(t, 1e-8), max(s[int(exact[h, j])], 1e-8)
+            if beta == 0.0:
+                matched += p * math.log(p / q)
+            elif beta == 1.0:
+                matched += q * math.log(q / p)
+            else:
+                m = beta * p + (1 - beta) * q
+                matched += beta * p * math.log(p / m) + (1 - beta) * q * math.log(q / m)
+        free = [s[i] for i in range(len(s)) if not (i < len(student_matched) and bool(student_matched[i]))]
+        free = sorted(free, reverse=True) + [0.0] * len(t_unmatched)
+        unmatched = sum(abs(t - free[r]) for r, t in enumerate(sorted(t_unmatched, reverse=True)))
+        per_example.setdefault(int(example_of[h]), []).append(w_matched * matched + w_unmatched * unmatched)
+    means = [sum(rows) / len(rows) for rows in per_example.values()]
+    return sum(means) / len(means)
+
+
+# Four merged groups over a 5-id student vocabulary (ids 0, 1 are exact-string images of teacher
+# tokens), the teacher's top-3 with 1, 2, 1 and 0 unmatched entries (-inf: a short top list), two
+# sequences (7 and 2) interleaved.
+GOLD_CASE = dict(
+    student_logprobs=torch.log_softmax(torch.tensor([[1.0, 0.2, -0.5, 0.7, -1.0], [0.1, 0.9, 0.4, -0.3, 0.0],
+                                                     [-0.2, 0.3, 1.1, 0.5, -0.6], [0.6, -0.4, 0.2, 0.0, 0.8]]), -1),
+    student_log_factor=torch.tensor([0.0, math.log(0.5), math.log(0.8), 0.0]),
+    exact_ids=torch.tensor([[0, 1, -1], [-1, 0, -1], [1, -1, -1], [1, 0, -1]]),
+    teacher_logprobs=torch.tensor([[0.5, 0.3, 0.1], [0.2, 0.4, 0.35], [0.6, 0.25, 0.0], [0.7, 0.2, 0.0]]).log(),
+    student_matched=torch.tensor([True, True, False, False, False]),
+    example_of=torch.tensor([7, 7, 2, 7]),
+    matched_weight=0.6, unmatched_weight=0.4)
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.3, 1.0])
+def test_gold_matches_a_loop_reference(beta):
+    """β at both ends (forward, reverse KL) and inside; rows whose teacher has fewer unmatched
+    entries than the student has unmatched ids, so the sorted L1 must stop at the teacher's count,
+    row by row."""
+    got = gold_hybrid_loss(**GOLD_CASE, beta=beta)
+    assert float(got) == pytest.approx(_gold_loop_reference(*GOLD_CASE.values(), beta), abs=1e-6)
+
+
+def test_gold_with_a_teacher_list_longer_than_the_student_vocabulary():
+    """k = 3 teacher entries, a 2-id student whose `student_matched` is a 0/1 integer tensor
+    shorter than its vocabulary (padded with False): the student's sorted side is zero-padded."""
+    student_lp = torch.tensor([[0.7, 0.3], [0.4, 0.6]]).log()
+    args = (student_lp, torch.zeros(2), torch.tensor([[0, -1, -1], [-1, -1, -1]]),
+            torch.tensor([[0.5, 0.3, 0.15], [0.6, 0.3, 0.05]]).log(), torch.tensor([1]), torch.tensor([0, 1]), 0.5, 0.5)
+    got = gold_hybrid_loss(*args, beta=0.5)
+    # by hand: row 1 JSD(0.5, 0.7) + |0.3 - 0.3| + |0.15 - 0|; row 2 |0.6 - 0.6| + 0.3 + 0.05
+    by_hand = (0.5 * (_jsd_term(0.5, 0.7) + 0.15) + 0.5 * 0.35) / 2
+    assert float(got) == pytest.approx(by_hand, abs=1e-6)
+    assert float(got) == pytest.approx(_gold_loop_reference(*args, 0.5), abs=1e-6)
+
+
+def test_gold_of_no_groups_is_zero_with_a_gradient():
+    student_lp = torch.zeros(0, 5, requires_grad=True)
+    loss = gold_hybrid_loss(student_lp, torch.zeros(0), torch.zeros(0, 3, dtype=torch.long), torch.zeros(0, 3),
+                            torch.ones(5, dtype=torch.bool), torch.zeros(0, dtype=torch.long), 0.5, 0.5)
+    loss.backward()
+    assert float(loss) == 0.0 and student_lp.grad.shape == (0, 5)
+
+
+def test_cross_vocabulary_losses_stay_on_their_inputs_device():
+    """Under another default device (here "meta", as `torch.set_default_device("cuda")` would be
+    for CPU inputs) the losses build their helper tensors on the inputs' device: same values."""
+    expected_gold = float(gold_hybrid_loss(**GOLD_CASE))
+    mapped = (Q, torch.tensor([[0, -1]]), torch.tensor([[0.6, 0.3]]).log(), torch.tensor([0.1]).log())
+    with torch.device("meta"):
+        gold = gold_hybrid_loss(**GOLD_CASE)
+        kl = mapped_kd(*mapped)
+    assert float(gold) == pytest.approx(expected_gold, abs=1e-7)
+    assert float(kl) == pytest.approx(0.6 * math.log(0.6 / 0.5) + 0.4 * math.log(0.4 / 0.5), abs=1e-6)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gold_on_cuda_takes_a_cpu_student_matched():
+    """The student's rows on the GPU, `student_matched` left on the CPU (a numpy-born mask): the
+    loss moves the mask itself and gives the CPU value."""
+    expected = float(gold_hybrid_loss(**GOLD_CASE))
+    on_gpu = {name: value.cuda() if torch.is_tensor(value) and name != "student_matched" else value
+              for name, value in GOLD_CASE.items()}
+    assert float(gold_hybrid_loss(**on_gpu)) == pytest.approx(expected, abs=1e-6)
+
+
 # ---- examples, batches, the same-vocabulary path ---------------------------------------------------
 def test_examples_carry_aligned_targets_and_coverage(bpe, spm, tmp_path):
     """A teacher answer 'Write a poem' + end of turn with a made-up top-2 per token: 1:1 rows get
