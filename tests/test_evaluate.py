@@ -105,6 +105,10 @@ def test_choice_loglik_equals_a_direct_forward_and_scores_are_accuracies(tiny_te
         got = continuation_logliks(model, tokenizer.pad_token_id, prefix, [choice, choice[:1]])
         assert got[0] == pytest.approx(by_hand, abs=1e-3) and got[1] == pytest.approx(float(lp[len(prefix) - 1, choice[0]]),
                                                                                      abs=1e-3)
+        # one-token continuations only: nothing runs after the prefix (the last column is never run)
+        after_prefix = lp[len(prefix) - 1]
+        ones = continuation_logliks(model, tokenizer.pad_token_id, prefix, [[choice[0]], [choice[-1]]])
+        assert ones == pytest.approx([float(after_prefix[choice[0]]), float(after_prefix[choice[-1]])], abs=1e-3)
 
     # score_task against the same rules applied by hand: each item answered alone by
     # model.generate (greedy, no padding), each choice scored by a forward of its own.

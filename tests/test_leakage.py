@@ -194,6 +194,8 @@ def test_sequence_nll_runs_a_shared_prefix_once_and_scores_like_one_text_at_a_ti
                 logprobs = torch.log_softmax(model(ids).logits[0, :-1].float(), -1)
             expected.append(-float(logprobs.gather(-1, ids[0, 1:, None]).sum()))
         assert sequence_nll(model, tokenizer, texts, batch_size=2) == pytest.approx(expected, abs=1e-4)
+    one_token = [t for t in ("a", "b", "Hello") if len(tokenizer(t)["input_ids"]) == 1]
+    assert one_token and sequence_nll(model, tokenizer, one_token) == [0.0] * len(one_token)  # no token after the first
     encoded = [tokenizer(text)["input_ids"] for text in shared]
     assert 2 <= _common_prefix_length(encoded) < min(map(len, encoded))  # the prefix path was taken
     assert _common_prefix_length([[1, 2], [1, 2]]) == 1  # each text keeps a token of its own

@@ -18,6 +18,7 @@ from edgedistill.console import console
 from edgedistill.data.store import Sample, load_distill_set
 from edgedistill.distill.xtok import CrossVocab, example_of, teacher_forced_xtok
 from edgedistill.errors import UserError
+from edgedistill.evaluate.audit import AuditInputs
 from edgedistill.evaluate.metrics import (
     greedy_answers,
     interleaved_speeds,
@@ -139,8 +140,28 @@ def weights_stamp(path: Path) -> str:
     return ";".join(f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files)
 
 
-def _evaluate_or_resume(name: str, spec: str, size_path: Path, samples, tasks, recipe: Recipe, run: RunDir,
-                        fingerprint: str, reasoning: bool = False, teacher_tokenizer=None
+class ModelOnce:
+    """A row's model, loaded on first use and shared by its quality evaluation and its audit:
+    one load per model, not one per part (3–4 s each for the demo's 113–135M models), and none
+    for a model whose results are all resumed."""
+
+    def __init__(self, spec: str, dtype: str):
+        self.spec, self.dtype = spec, dtype
+        self._loaded = None
+
+    def get(self):
+        """(model, tokenizer)."""
+        if self._loaded is None:
+            model, tokenizer, _ = load_causal_lm(self.spec, self.dtype)
+            self._loaded = (model, tokenizer)
+        return self._loaded
+
+    def release(self) -> None:
+        self._loaded = None
+
+
+def _evaluate_or_resume(name: str, loaded: ModelOnce, size_path: Path, samples, tasks, recipe: Recipe,
+                        run: RunDir, fingerprint: str, reasoning: bool = False, teacher_tokenizer=None
                         ) -> tuple[dict[str, float], list[str]]:
     saved = run.eval_dir / "models" / f"{name}.json"
     tag = f"{fingerprint}|{weights_stamp(size_path)}"
@@ -150,8 +171,8 @@ def _evaluate_or_resume(name: str, spec: str, size_path: Path, samples, tasks, r
             console.print(f"{name}: evaluated earlier with these weights and settings, reused")
             return done["metrics"], done["answers"]
     reset_peak_rss()
-    model, tokenizer, _ = load_causal_lm(spec, recipe.teacher.dtype if name == "teacher" else "float32")
-    style = model_style(Path(spec) if Path(spec).is_dir() else None, tokenizer) if reasoning else False
+    model, tokenizer = loaded.get()
+    style = model_style(Path(loaded.spec) if Path(loaded.spec).is_dir() else None, tokenizer) if reasoning else False
     pair = None
     if teacher_tokenizer is not None and not vocab_matches(teacher_tokenizer, tokenizer):
         pair = CrossVocab.build(teacher_tokenizer, tokenizer, run.root / "xtok")
@@ -162,7 +183,6 @@ def _evaluate_or_resume(name: str, spec: str, size_path: Path, samples, tasks, r
     if (peak := peak_rss_bytes()) is not None:
         metrics["peak_rss_bytes"] = peak
     metrics["size_bytes"] = size_on_disk(size_path)
-    del model
     atomic_write_text(saved, json.dumps({"tag": tag, "metrics": metrics, "answers": answers},
                                         ensure_ascii=False))
     return metrics, answers
@@ -187,36 +207,30 @@ def _judge(recipe: Recipe, samples: list[Sample], answers: dict[str, list[str]],
                   f"{result.inconsistent} order-dependent verdicts, {result.invalid} unreadable")
 
 
-def _audit(recipe: Recipe, run: RunDir, ledger: Ledger, fingerprint: str) -> None:
-    """Issue 18: the refusal and leakage audits of every model (evaluate/audit.py), each model's
-    answers kept in eval/audit/NAME.json (resumed like the quality results), its metrics logged
-    under its own subject; then the judge's yes/no on the teacher's answers, if asked for."""
-    from edgedistill.evaluate.audit import AuditInputs, audit, hf_answerer
+def _audit_or_resume(name: str, loaded: ModelOnce, size_path: Path, inputs, run: RunDir, ledger: Ledger,
+                     fingerprint: str, batch_size: int) -> dict | None:
+    """Issue 18: the refusal and leakage audits of one model (evaluate/audit.py), its answers kept
+    in eval/audit/NAME.json (resumed like the quality results), its metrics logged under its own
+    subject; the record of what it answered, or None when there is nothing to audit."""
+    from edgedistill.evaluate.audit import audit, hf_answerer
 
-    inputs = AuditInputs.of(recipe, load_distill_set(run, split="train"), load_distill_set(run, split="heldout"),
-                            ledger.meta().get("canaries"))
-    records = {}
-    for name, (spec, size_path) in model_paths(recipe, run).items():
-        saved = run.eval_dir / "audit" / f"{name}.json"
-        tag = f"{fingerprint}|{weights_stamp(size_path)}"
-        done = json.loads(saved.read_text(encoding="utf-8")) if saved.is_file() else {}
-        if done.get("tag") != tag:
-            model, tokenizer, _ = load_causal_lm(spec, recipe.teacher.dtype if name == "teacher" else "float32")
-            if not inputs.has_work(tokenizer):
-                return
-            started = time.perf_counter()
-            metrics, record = audit(hf_answerer(model, tokenizer, recipe.evaluate.batch_size), inputs, tokenizer)
-            done = {"tag": tag, "metrics": metrics | {"audit_seconds": time.perf_counter() - started}, "record": record}
-            del model
-            atomic_write_text(saved, json.dumps(done, ensure_ascii=False))
-        records[name] = done["record"]
-        ledger.log_metrics("evaluate", name, done["metrics"])
-        m = done["metrics"]
-        console.print(f"audited {name}: " + ", ".join(
-            f"{label} {m[key]:.0%}" for key, label in (("refusal_rate", "refuses"), ("benign_answer_rate", "answers benign"))
-            if key in m) + f"; {int(m['leak_reproduced'])} of {int(m['leak_probed'])} probed items reproduced")
-    if "teacher" in records and any(item.judge for item in inputs.items):
-        _judge_refusals(recipe, inputs, [r["answer"] for r in records["teacher"]["safety"]], run, ledger)
+    saved = run.eval_dir / "audit" / f"{name}.json"
+    tag = f"{fingerprint}|{weights_stamp(size_path)}"
+    done = json.loads(saved.read_text(encoding="utf-8")) if saved.is_file() else {}
+    if done.get("tag") != tag:
+        model, tokenizer = loaded.get()
+        if not inputs.has_work(tokenizer):
+            return None
+        started = time.perf_counter()
+        metrics, record = audit(hf_answerer(model, tokenizer, batch_size), inputs, tokenizer)
+        done = {"tag": tag, "metrics": metrics | {"audit_seconds": time.perf_counter() - started}, "record": record}
+        atomic_write_text(saved, json.dumps(done, ensure_ascii=False))
+    ledger.log_metrics("evaluate", name, done["metrics"])
+    m = done["metrics"]
+    console.print(f"audited {name}: " + ", ".join(
+        f"{label} {m[key]:.0%}" for key, label in (("refusal_rate", "refuses"), ("benign_answer_rate", "answers benign"))
+        if key in m) + f"; {int(m['leak_reproduced'])} of {int(m['leak_probed'])} probed items reproduced")
+    return done["record"]
 
 
 def _judge_refusals(recipe: Recipe, inputs, teacher_answers: list[str], run: RunDir, ledger: Ledger) -> None:
@@ -246,8 +260,11 @@ def run_evaluate(recipe: Recipe, run: RunDir, ledger: Ledger) -> dict[str, float
     answers: dict[str, list[str]] = {}
     reasoning = reasoning_wanted(recipe, samples)
     teacher_tokenizer = load_tokenizer(recipe.teacher.local_model)
+    inputs = AuditInputs.of(recipe, load_distill_set(run, split="train"), samples, ledger.meta().get("canaries"))
+    audited = {}
     for name, (spec, size_path) in model_paths(recipe, run).items():
-        metrics, answers[name] = _evaluate_or_resume(name, spec, size_path, samples, tasks, recipe, run, fingerprint,
+        loaded = ModelOnce(spec, recipe.teacher.dtype if name == "teacher" else "float32")
+        metrics, answers[name] = _evaluate_or_resume(name, loaded, size_path, samples, tasks, recipe, run, fingerprint,
                                                      reasoning, teacher_tokenizer)
         ledger.log_metrics("evaluate", name, metrics)
         for row, answer in zip(per_example, answers[name]):
@@ -255,10 +272,15 @@ def run_evaluate(recipe: Recipe, run: RunDir, ledger: Ledger) -> dict[str, float
         console.print(f"evaluated {name}: perplexity {metrics.get('perplexity', math.nan):.2f}, "
                       f"top-1 agreement {metrics.get('top1_agreement', math.nan):.1%}, ROUGE-L {metrics['rouge_l']:.3f}, "
                       f"chrF {metrics['chrf']:.3f}")
+        if (record := _audit_or_resume(name, loaded, size_path, inputs, run, ledger, fingerprint,
+                                       recipe.evaluate.batch_size)) is not None:
+            audited[name] = record
+        loaded.release()
     measure_speeds(recipe, run, samples, ledger)
     atomic_write_text(run.eval_dir / "answers.jsonl",
                       "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in per_example))
-    _audit(recipe, run, ledger, fingerprint)
+    if "teacher" in audited and any(item.judge for item in inputs.items):
+        _judge_refusals(recipe, inputs, [r["answer"] for r in audited["teacher"]["safety"]], run, ledger)
     if recipe.evaluate.judge:
         _judge(recipe, samples, answers, ledger)
     # `edgedistill evaluate RUN` leaves a report at once; the report stage rewrites it after export.

@@ -579,16 +579,23 @@ def _nll_batches(model, pad_id: int, encoded: list[list[int]], batch_size: int, 
         for row, ids in enumerate(chunk):
             input_ids[row, :len(ids)] = torch.tensor(ids)
             mask[row, :len(ids)] = 1
+        # The last column predicts nothing that is scored, so it is not run (causal: the other
+        # columns' logits do not depend on it): 1/9 of the canary audit's positions.
         if past is None:
-            logprobs = torch.log_softmax(model(input_ids=input_ids, attention_mask=mask).logits[:, :-1].float(), -1)
+            if width < 2:
+                scores += [0.0] * len(chunk)
+                continue
+            logprobs = torch.log_softmax(model(input_ids=input_ids[:, :-1], attention_mask=mask[:, :-1]).logits.float(), -1)
             targets, target_mask = input_ids[:, 1:], mask[:, 1:]
         else:
             cache, first_lp = past
-            cache = copy.deepcopy(cache)
-            cache.batch_repeat_interleave(len(chunk))
-            full_mask = torch.cat([torch.ones((len(chunk), cache.get_seq_length()), dtype=torch.long), mask], 1)
-            logits = model(input_ids=input_ids, attention_mask=full_mask, **{keyword: cache}).logits[:, :-1]
-            logprobs = torch.cat([first_lp.expand(len(chunk), 1, -1), torch.log_softmax(logits.float(), -1)], 1)
+            logprobs = first_lp.expand(len(chunk), 1, -1)
+            if width > 1:
+                cache = copy.deepcopy(cache)
+                cache.batch_repeat_interleave(len(chunk))
+                full_mask = torch.cat([torch.ones((len(chunk), cache.get_seq_length()), dtype=torch.long), mask], 1)
+                logits = model(input_ids=input_ids[:, :-1], attention_mask=full_mask[:, :-1], **{keyword: cache}).logits
+                logprobs = torch.cat([logprobs, torch.log_softmax(logits.float(), -1)], 1)
             targets, target_mask = input_ids, mask
         token_lp = logprobs.gather(-1, targets[..., None])[..., 0]
         scores += (-(token_lp * target_mask).sum(-1)).tolist()
