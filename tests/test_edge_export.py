@@ -58,7 +58,7 @@ def test_the_pte_is_written_checked_and_recorded(edge_run):
 
 def test_a_pte_build_that_fails_in_its_process_is_one_line(tmp_path, tiny_recipe):
     from edgedistill.errors import UserError
-    from edgedistill.export.edge import PteBuilds
+    from edgedistill.export.edge import ProgramChecks, PteBuilds
     from edgedistill.run import RunDir
 
     run = RunDir(tmp_path / "run")
@@ -66,7 +66,7 @@ def test_a_pte_build_that_fails_in_its_process_is_one_line(tmp_path, tiny_recipe
     (run.student_dir / "config.json").write_text("{not json")
     recipe = tiny_recipe.model_copy(update={"export": tiny_recipe.export.model_copy(update={
         "formats": ["gguf", "pte"], "pte_types": ["8da4w"]})})
-    builds = PteBuilds(recipe, run)
+    builds = PteBuilds(recipe, run, ProgramChecks.of(recipe, []))
     try:
         with pytest.raises(UserError, match="config.json"):
             builds.results()

@@ -65,15 +65,62 @@ def _twin(pte_type: str, gguf_rows: list[dict]) -> dict | None:
     return next((by_type[t] for t in GGUF_TWINS[pte_type] if t in by_type), None)
 
 
-def _build_ptes(jobs: list[tuple[Path, Path, str, int]], results) -> None:
-    """In the builder process: each (folder, .pte path, type, max_seq_len) exported and lowered,
-    on one thread, each outcome sent back as ("ok", PteResult) or ("error", message)."""
+@dataclass(frozen=True)
+class ProgramChecks:
+    """What a fresh program is checked on in the build process, while the GGUF files are checked in
+    the parent: greedy parity prompts against the transformers model of the program's own numerics,
+    and teacher-forced held-out sequences for KL / top-1 against the fp32 student. Its speed waits
+    for a quiet machine (`pte_files`)."""
+
+    conversations: list[list[dict]]
+    parity_tokens: int
+    sequences: list[list[int]]
+    eval_positions: int
+
+    @classmethod
+    def of(cls, recipe: Recipe, heldout: list[Sample]) -> ProgramChecks:
+        cfg = recipe.export
+        fitting = [s for s in heldout if len(s.prompt_ids) + cfg.parity_tokens < cfg.pte_max_seq_len]  # static cache
+        return cls([s.prompt_messages for s in fitting[:cfg.parity_prompts]], cfg.parity_tokens,
+                   [(s.prompt_ids.tolist() + s.answer_ids.tolist())[:cfg.pte_max_seq_len - 1] for s in heldout],
+                   cfg.pte_eval_positions)
+
+
+def check_program(folder: Path, path: Path, pte_type: str, tokenizer_dir: Path, checks: ProgramChecks
+                  ) -> tuple[dict, str]:
+    """The program's parity and KL / top-1 figures (export.json row keys), and the parity's
+    first-difference note ("" if none)."""
+    from edgedistill.models.hf import load_causal_lm
+
+    model, tokenizer, _ = load_causal_lm(str(folder))  # the fp32 student
+    row, note = {}, ""
+    client = PteClient(path, tokenizer_dir)
+    try:
+        if checks.conversations:
+            reference = model if pte_type == "fp32" else quantized_reference(folder)
+            parity = check_parity(client, reference, tokenizer, checks.conversations, checks.parity_tokens)
+            row, note = parity.as_metrics(), parity.first_difference
+        if checks.eval_positions:
+            reference_dist = transformers_distributions(model, checks.sequences, checks.eval_positions)
+            row |= sparse_kl_top1(reference_dist, teacher_forced(client, checks.sequences, checks.eval_positions))
+    finally:
+        client.close()
+    return row, note
+
+
+def _build_ptes(jobs: list[tuple[Path, Path, str, int]], checks: ProgramChecks, tokenizer_dir: Path, results) -> None:
+    """In the builder process: each (folder, .pte path, type, max_seq_len) exported, lowered and
+    checked (`check_program`), on one thread, each outcome sent back as ("ok", (PteResult, check
+    row, note)) or ("error", message)."""
     import torch
+    from executorch.extension.pybindings.portable_lib import _unsafe_reset_threadpool
 
     torch.set_num_threads(1)  # the lowering is single-threaded Python; the other core is the parent's
+    _unsafe_reset_threadpool(1)  # and so are the program's checks here (XNNPACK's own thread pool)
     for folder, destination, pte_type, max_seq_len in jobs:
         try:
-            results.send(("ok", export_pte(folder, destination, pte_type, max_seq_len=max_seq_len)))
+            built = export_pte(folder, destination, pte_type, max_seq_len=max_seq_len)
+            results.send(("ok", (built, *check_program(folder, destination, pte_type, tokenizer_dir, checks))))
         except UserError as exc:
             results.send(("error", str(exc)))
             return
@@ -90,14 +137,15 @@ class PteBuilds:
     While `busy()`, the GGUF checks run llama.cpp and torch on one thread and leave their speed
     figures for a quiet pass (export/stage.py); the .pte checks wait for `results()`."""
 
-    def __init__(self, recipe: Recipe, run: RunDir):
+    def __init__(self, recipe: Recipe, run: RunDir, checks: ProgramChecks):
         cfg = recipe.export
         self.types = sorted(dict.fromkeys(cfg.pte_types), key=PTE_TYPES.index)
         self.paths = {t: run.export_dir / f"{recipe.run.name}-{t}.pte" for t in self.types}
         jobs = [(run.student_dir, self.paths[t], t, cfg.pte_max_seq_len) for t in self.types]
         context = multiprocessing.get_context("spawn")  # no forked copy of this process's torch threads
         self._receive, send = context.Pipe(duplex=False)
-        self._process = context.Process(target=_build_ptes, args=(jobs, send), name="pte-build", daemon=True)
+        self._process = context.Process(target=_build_ptes, args=(jobs, checks, run.export_dir, send),
+                                        name="pte-build", daemon=True)
         self.started = time.perf_counter()
         self._process.start()
         send.close()
@@ -107,8 +155,9 @@ class PteBuilds:
     def busy(self) -> bool:
         return self._process.is_alive()
 
-    def results(self) -> dict[str, "PteResult"]:  # noqa: F821  (export/pte.py, imported lazily there)
-        """Wait for every build; a failed one is the UserError it raised in the child."""
+    def results(self) -> dict[str, tuple]:
+        """Wait for every build: {type: (PteResult, check row, parity note)}; a failed one is the
+        UserError it raised in the child."""
         if self._built is not None:
             return self._built
         built = {}
@@ -135,41 +184,29 @@ class PteBuilds:
         self._receive.close()
 
 
-def pte_files(recipe: Recipe, run: RunDir, ledger: Ledger, model, tokenizer, heldout: list[Sample],
-              gguf_rows: list[dict], builds: PteBuilds) -> list[dict]:
-    """Write and check one .pte per export.pte_types; return the export.json rows. Each program is
-    checked against the transformers model with its own numerics (fp32: the student; 8da4w: the
-    student quantized by torchao in PyTorch) for tokens and log-probs, and against the fp32
-    student for KL and top-1 agreement: the cost of the quantization."""
+def pte_files(recipe: Recipe, run: RunDir, ledger: Ledger, heldout: list[Sample], gguf_rows: list[dict],
+              builds: PteBuilds) -> list[dict]:
+    """One export.json row per .pte: what the build process measured (size, lowering, parity and
+    KL / top-1, `check_program`), then speed on the quiet machine."""
     cfg = recipe.export
-    check_executorch()
-    write_runner_tokenizer(run.student_dir, run.export_dir)
-    sequences = [(s.prompt_ids.tolist() + s.answer_ids.tolist())[:cfg.pte_max_seq_len - 1] for s in heldout]
-    reference_dist = transformers_distributions(model, sequences, cfg.pte_eval_positions) \
-        if cfg.pte_eval_positions else None
     max_new = recipe.evaluate.max_new_tokens or recipe.generate.max_new_tokens
     fitting = lambda n: [s for s in heldout if len(s.prompt_ids) + n < cfg.pte_max_seq_len]  # noqa: E731  (static cache)
+    sequences = [(s.prompt_ids.tolist() + s.answer_ids.tolist())[:cfg.pte_max_seq_len - 1] for s in heldout]
     rows = []
     if builds.busy():
         console.print(f"waiting for the ExecuTorch build ({', '.join(builds.types)}) …")
     built = builds.results()
     for pte_type in builds.types:
-        path, result = builds.paths[pte_type], built[pte_type]
+        path, (result, checked, note) = builds.paths[pte_type], built[pte_type]
         row = {"file": path.name, "type": pte_type, "size_bytes": result.size_bytes,
                "bits_per_weight": result.size_bytes * 8 / result.parameters, "parameters": result.parameters,
                "max_seq_len": result.max_seq_len, "attention": result.attention, "export_seconds": result.export_s,
                "lower_seconds": result.lower_s, "export_lower_cpu_seconds": result.cpu_s,
                "xnnpack_partitions": result.delegated_partitions,
-               "portable_ops": result.portable_ops}
+               "portable_ops": result.portable_ops} | checked
+        if note:
+            console.print(f"[yellow]parity note ({pte_type}): {note}[/]")
         client = PteClient(path, run.export_dir)
-        if cfg.parity_prompts and (asked := fitting(cfg.parity_tokens)[:cfg.parity_prompts]):
-            reference = model if pte_type == "fp32" else quantized_reference(run.student_dir)
-            check = check_parity(client, reference, tokenizer, [s.prompt_messages for s in asked], cfg.parity_tokens)
-            row |= check.as_metrics()
-            if check.first_difference:
-                console.print(f"[yellow]parity note ({pte_type}): {check.first_difference}[/]")
-        if reference_dist is not None:
-            row |= sparse_kl_top1(reference_dist, teacher_forced(client, sequences, cfg.pte_eval_positions))
         prompt = (sum(sequences, []) * 8)[:min(cfg.speed_prompt_tokens, cfg.pte_max_seq_len - cfg.speed_tokens - 1)]
         row |= speed(client, prompt, cfg.speed_tokens)
         if cfg.pte_quality_prompts and (asked := fitting(max_new)[:cfg.pte_quality_prompts]):
@@ -252,23 +289,25 @@ def draft_markdown(draft: dict) -> str:
             + "; ".join(parts) + ".\n")
 
 
-def start_pte_builds(recipe: Recipe, run: RunDir) -> PteBuilds | None:
-    """The run's .pte builds, started now in a child process (None when the recipe has none)."""
+def start_pte_builds(recipe: Recipe, run: RunDir, heldout: list[Sample]) -> PteBuilds | None:
+    """The run's .pte builds and their checks, started now in a child process (None when the
+    recipe has none)."""
     if "pte" not in recipe.export.formats or not recipe.export.pte_types:
         return None
     check_executorch()
     run.export_dir.mkdir(parents=True, exist_ok=True)
+    write_runner_tokenizer(run.student_dir, run.export_dir)  # the runner's tokenizer, beside the programs
     console.print(f"ExecuTorch {', '.join(recipe.export.pte_types)}: export and XNNPACK lowering in a second process "
                   "(minutes for a 24-layer model), beside the GGUF checks …")
-    return PteBuilds(recipe, run)
+    return PteBuilds(recipe, run, ProgramChecks.of(recipe, heldout))
 
 
-def export_edge(recipe: Recipe, run: RunDir, ledger: Ledger, model, tokenizer, heldout: list[Sample],
+def export_edge(recipe: Recipe, run: RunDir, ledger: Ledger, tokenizer, heldout: list[Sample],
                 gguf_rows: list[dict], builds: PteBuilds | None) -> EdgeExport:
     """The .pte files (built by `builds`, checked here) and the draft check (before the model
     card, which lists them)."""
     started = time.perf_counter()
-    pte_rows = pte_files(recipe, run, ledger, model, tokenizer, heldout, gguf_rows, builds) if builds else []
+    pte_rows = pte_files(recipe, run, ledger, heldout, gguf_rows, builds) if builds else []
     pte_done = time.perf_counter()
     draft = draft_check(recipe, run, ledger, tokenizer, heldout, gguf_rows)
     # what each adds to the stage after the GGUF files (the build ran beside them: `pte_build`)

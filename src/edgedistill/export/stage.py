@@ -249,7 +249,21 @@ def run_export(recipe: Recipe, run: RunDir, ledger: Ledger) -> dict[str, float]:
                 "edgedistill.tokenizer": meta.get("student_tokenizer", ""),
                 "edgedistill.training": meta.get("kd_mode", ""),
                 "edgedistill.distill_set": json.loads(run.distill_set_path.read_text(encoding="utf-8"))["settings"]}
-    model, tokenizer, _ = load_causal_lm(str(source))
+    run.export_dir.mkdir(parents=True, exist_ok=True)
+    builds = start_pte_builds(recipe, run, heldout)  # beside the GGUF checks, in a second process
+    try:
+        model, tokenizer, _ = load_causal_lm(str(source))
+        return _export_files(recipe, run, ledger, types, heldout, meta, metadata, model, tokenizer, builds)
+    finally:
+        if builds:
+            builds.close()
+
+
+def _export_files(recipe: Recipe, run: RunDir, ledger: Ledger, types: list[str], heldout, meta: dict, metadata: dict,
+                  model, tokenizer, builds: PteBuilds | None) -> dict[str, float]:
+    """The GGUF files written and checked (on one thread while `builds` holds the other core),
+    then timed on the quiet machine, then everything that follows them."""
+    cfg, source = recipe.export, run.student_dir
     checks = Checks(conversations=[s.prompt_messages for s in heldout[:cfg.parity_prompts]],
                     sequences=[s.prompt_ids.tolist() + s.answer_ids.tolist() for s in heldout],
                     quality=heldout[:cfg.quality_prompts], parity_tokens=cfg.parity_tokens,
@@ -258,18 +272,12 @@ def run_export(recipe: Recipe, run: RunDir, ledger: Ledger) -> dict[str, float]:
                     answer_tokens=recipe.evaluate.max_new_tokens or recipe.generate.max_new_tokens,
                     audit=AuditInputs.of(recipe, load_distill_set(run, split="train"), heldout, meta.get("canaries")),
                     thinking=ThinkingSets.of(recipe, heldout, model_style(source, tokenizer)))
-    run.export_dir.mkdir(parents=True, exist_ok=True)
-    builds = start_pte_builds(recipe, run)  # beside the GGUF checks, in a second process
-    try:
-        rows, parity = write_and_check(source, run.export_dir, recipe.run.name, types, metadata, cfg.embeddings_type,
-                                       checks, model, tokenizer, shared_cpu=builds.busy if builds else lambda: False)
-        if builds:
-            builds.results()  # wait: the timings below need both cores
-        measure_speeds(rows, run.export_dir, checks, tokenizer)
-        return _finish_export(recipe, run, ledger, types, rows, parity, model, tokenizer, heldout, builds)
-    finally:
-        if builds:
-            builds.close()
+    rows, parity = write_and_check(source, run.export_dir, recipe.run.name, types, metadata, cfg.embeddings_type,
+                                   checks, model, tokenizer, shared_cpu=builds.busy if builds else lambda: False)
+    if builds:
+        builds.results()  # wait: the timings below need both cores
+    measure_speeds(rows, run.export_dir, checks, tokenizer)
+    return _finish_export(recipe, run, ledger, types, rows, parity, model, tokenizer, heldout, builds)
 
 
 def _finish_export(recipe: Recipe, run: RunDir, ledger: Ledger, types: list[str], rows: list[dict],
@@ -282,7 +290,7 @@ def _finish_export(recipe: Recipe, run: RunDir, ledger: Ledger, types: list[str]
         ledger.log_metrics("export", "parity", parity)
     ledger.set_meta("export_architecture", rows[0]["architecture"])
     _modelfile(run.export_dir, recipe.run.name, types, tokenizer, source, licence_text(recipe, ledger))
-    edge = export_edge(recipe, run, ledger, model, tokenizer, heldout, rows, builds)  # .pte files, the student as a draft
+    edge = export_edge(recipe, run, ledger, tokenizer, heldout, rows, builds)  # .pte files, the student as a draft
     table = _write_tables(run.export_dir, f"run `{recipe.run.name}`", rows, parity, types[0], edge.markdown,
                           edge.record)
     write_model_card(recipe, run, ledger, table)
