@@ -25,7 +25,17 @@ from demo_timings import matmul_gflops
 
 OPTIONS = {"all": {}, "lora": {"lora": True, "lr": 1e-3}, "around_cut": {"trainable": "around_cut"},
            "around_cut4": {"trainable": "around_cut", "around_cut_layers": 4},
-           "all_random_batches": {"group_by_length": False}}  # the batch order before train.group_by_length
+           "all_random_batches": {"group_by_length": False},  # the batch order before train.group_by_length
+           # a higher peak learning rate: the same agreement in fewer steps?
+           "lr2": {"lr": 2e-4}, "lr3": {"lr": 3e-4}, "lr5": {"lr": 5e-4},
+           "lr3_kd_only": {"lr": 3e-4, "alpha_ce": 0.0},
+           # half the batch: the same number of steps in one epoch, half the tokens
+           "b4_lr2": {"batch_size": 4, "lr": 2e-4}, "b4_lr3": {"batch_size": 4, "lr": 3e-4},
+           "b4_lr15": {"batch_size": 4, "lr": 1.5e-4},
+           "b4_lr2_ce03": {"batch_size": 4, "lr": 2e-4, "alpha_ce": 0.3},
+           "b4_lr2_ce07": {"batch_size": 4, "lr": 2e-4, "alpha_ce": 0.7},
+           "b4_lr2_random": {"batch_size": 4, "lr": 2e-4, "group_by_length": False},
+           "b4_lr25": {"batch_size": 4, "lr": 2.5e-4}}
 
 
 def train_once(run_dir: Path, option: str, work: Path) -> dict:
