@@ -4,6 +4,7 @@ flag and what to do, exit code 2, nothing half-written, and a ledger that tells 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import sqlite3
@@ -253,3 +254,25 @@ def test_gguf_type_names_are_case_blind():
     from edgedistill.recipe import ExportCfg
 
     assert ExportCfg(types=["Q8_0", "F16", "q4_K_M"]).types == ["q8_0", "f16", "q4_k_m"]
+
+
+def test_a_second_process_on_a_run_in_use_is_one_line_and_touches_nothing(tiny_teacher_dir, tmp_path):
+    """Two `make demo` in one clone: the second used to race the first through its files and died
+    with a tokenizer traceback mid-stage. Now it stops before writing anything; once the first
+    process is gone (even by kill -9: the kernel drops an flock) the run is free again."""
+    from edgedistill.run import RunDir
+
+    (tmp_path / "r.toml").write_text(tiny_toml(tiny_teacher_dir), encoding="utf-8")
+    run = RunDir(tmp_path / "runs" / "h")
+    run.root.mkdir(parents=True)
+    run.recipe_path.write_text("# the first process's recipe\n")
+    with run.held():  # this test process is the first one
+        line = one_line_error(edgedistill("run", "r.toml", "--runs-dir", "runs", cwd=tmp_path, timeout=300))
+        assert line == (f"error: runs/h: another edgedistill process (pid {os.getpid()}) is working on this run — "
+                        "wait for it to finish, or give this one another --name")
+        line = one_line_error(edgedistill("generate", "r.toml", "--runs-dir", "runs", cwd=tmp_path, timeout=300))
+        assert "another edgedistill process" in line
+    assert run.recipe_path.read_text() == "# the first process's recipe\n"
+    assert sorted(p.name for p in run.root.iterdir()) == [".lock", "recipe.toml"]  # no ledger, no stage output
+    with run.held():  # released on leaving: the same folder can be held again
+        pass

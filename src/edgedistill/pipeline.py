@@ -11,7 +11,7 @@ import signal
 import sqlite3
 import threading
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -109,9 +109,7 @@ def run_recipe(recipe: Recipe, only: str | None = None) -> RunDir:
     if only not in (None, STAGE_NAMES[0]) and not run.ledger_path.is_file():
         raise UserError(f"{run.root}: no such run yet — start it with `edgedistill run RECIPE` (stage '{only}' "
                         "needs the stages before it)")
-    if is_main_process():
-        _create_run(run, recipe)
-    with open_ledger(run) as main_ledger, _signals_as_interrupts():
+    with _writing(run, recipe), open_ledger(run) as main_ledger, _signals_as_interrupts():
         ledger = main_ledger if is_main_process() else FollowerLedger(main_ledger)
         ledger.set_meta("run", recipe.run.name)
         upstream_ran = False
@@ -212,12 +210,21 @@ def _check_runs_dir(runs_dir: Path, root: Path) -> None:
             raise UserError(f"{path}: {what} is a file, not a folder — pick another --runs-dir or --name")
 
 
-def _create_run(run: RunDir, recipe: Recipe) -> None:
-    try:
-        run.create(recipe)
-    except OSError as exc:
-        raise UserError(f"{run.root}: cannot create the run folder ({exc.strerror or exc}) — check --runs-dir "
-                        "and its permissions and free space") from None
+@contextmanager
+def _writing(run: RunDir, recipe: Recipe) -> Iterator[None]:
+    """The run folder created (or reopened) and held by this process, its recipe written; the
+    other processes of a distributed launch only follow the main one's ledger."""
+    if not is_main_process():
+        yield
+        return
+    with ExitStack() as held:
+        try:
+            held.enter_context(run.held())
+            run.create(recipe)
+        except OSError as exc:
+            raise UserError(f"{run.root}: cannot create the run folder ({exc.strerror or exc}) — check --runs-dir "
+                            "and its permissions and free space") from None
+        yield
 
 
 @contextmanager

@@ -7,6 +7,7 @@ timings and metrics so a run can be resumed, listed and reported. The standard-l
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import sqlite3
@@ -229,6 +230,29 @@ class RunDir:
     def create(self, recipe: Recipe) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
         atomic_write_text(self.recipe_path, recipe.to_toml())
+
+    @contextmanager
+    def held(self) -> Iterator[None]:
+        """This process is the run's only writer while inside: a second process on the same folder
+        (two `make demo` in one clone) stops at once with one line instead of racing the first
+        through its files. An flock: the kernel drops it when the holder dies, even by kill -9."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        handle = open(self.root / ".lock", "a+", encoding="utf-8")  # noqa: SIM115 — held until the block ends
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip()
+            handle.close()
+            raise UserError(f"{self.root}: another edgedistill process{f' (pid {holder})' if holder else ''} is "
+                            "working on this run — wait for it to finish, or give this one another --name") from None
+        try:
+            handle.truncate(0)
+            handle.write(str(os.getpid()))
+            handle.flush()
+            yield
+        finally:
+            handle.close()  # closing the file releases the lock
 
     def ledger(self) -> Ledger:
         if not self.root.is_dir():
