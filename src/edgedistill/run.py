@@ -235,24 +235,20 @@ class RunDir:
     def held(self) -> Iterator[None]:
         """This process is the run's only writer while inside: a second process on the same folder
         (two `make demo` in one clone) stops at once with one line instead of racing the first
-        through its files. An flock: the kernel drops it when the holder dies, even by kill -9."""
+        through its files. An flock on the folder itself (no lock file: not a byte of a full disk
+        is spent on it), which the kernel drops when the holder dies, even by kill -9."""
         self.root.mkdir(parents=True, exist_ok=True)
-        handle = open(self.root / ".lock", "a+", encoding="utf-8")  # noqa: SIM115 — held until the block ends
+        folder = os.open(self.root, os.O_RDONLY)
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(folder, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            handle.seek(0)
-            holder = handle.read().strip()
-            handle.close()
-            raise UserError(f"{self.root}: another edgedistill process{f' (pid {holder})' if holder else ''} is "
-                            "working on this run — wait for it to finish, or give this one another --name") from None
+            os.close(folder)
+            raise UserError(f"{self.root}: another edgedistill process is working on this run — wait for it to "
+                            "finish, or give this one another --name") from None
         try:
-            handle.truncate(0)
-            handle.write(str(os.getpid()))
-            handle.flush()
             yield
         finally:
-            handle.close()  # closing the file releases the lock
+            os.close(folder)  # closing it releases the lock
 
     def ledger(self) -> Ledger:
         if not self.root.is_dir():
