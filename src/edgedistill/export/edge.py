@@ -92,8 +92,10 @@ def check_program(folder: Path, path: Path, pte_type: str, tokenizer_dir: Path, 
     first-difference note ("" if none)."""
     from edgedistill.models.hf import load_causal_lm
 
-    model, tokenizer, _ = load_causal_lm(str(folder))  # the fp32 student
     row, note = {}, ""
+    if not checks.conversations and not checks.eval_positions:
+        return row, note
+    model, tokenizer, _ = load_causal_lm(str(folder))  # the fp32 student
     client = PteClient(path, tokenizer_dir)
     try:
         if checks.conversations:
@@ -140,6 +142,7 @@ class PteBuilds:
     def __init__(self, recipe: Recipe, run: RunDir, checks: ProgramChecks):
         cfg = recipe.export
         self.types = sorted(dict.fromkeys(cfg.pte_types), key=PTE_TYPES.index)
+        self.checks = checks
         self.paths = {t: run.export_dir / f"{recipe.run.name}-{t}.pte" for t in self.types}
         jobs = [(run.student_dir, self.paths[t], t, cfg.pte_max_seq_len) for t in self.types]
         context = multiprocessing.get_context("spawn")  # no forked copy of this process's torch threads
@@ -191,7 +194,7 @@ def pte_files(recipe: Recipe, run: RunDir, ledger: Ledger, heldout: list[Sample]
     cfg = recipe.export
     max_new = recipe.evaluate.max_new_tokens or recipe.generate.max_new_tokens
     fitting = lambda n: [s for s in heldout if len(s.prompt_ids) + n < cfg.pte_max_seq_len]  # noqa: E731  (static cache)
-    sequences = [(s.prompt_ids.tolist() + s.answer_ids.tolist())[:cfg.pte_max_seq_len - 1] for s in heldout]
+    sequences = builds.checks.sequences
     rows = []
     if builds.busy():
         console.print(f"waiting for the ExecuTorch build ({', '.join(builds.types)}) …")
@@ -295,7 +298,6 @@ def start_pte_builds(recipe: Recipe, run: RunDir, heldout: list[Sample]) -> PteB
     if "pte" not in recipe.export.formats or not recipe.export.pte_types:
         return None
     check_executorch()
-    run.export_dir.mkdir(parents=True, exist_ok=True)
     write_runner_tokenizer(run.student_dir, run.export_dir)  # the runner's tokenizer, beside the programs
     console.print(f"ExecuTorch {', '.join(recipe.export.pte_types)}: export and XNNPACK lowering in a second process "
                   "(minutes for a 24-layer model), beside the GGUF checks …")
