@@ -13,6 +13,7 @@ summarises a finished run's ledger instead of starting one.
 
 from __future__ import annotations
 
+import argparse
 import json
 import platform
 import subprocess
@@ -52,9 +53,12 @@ def summarize(run_db: Path) -> dict:
 
 def main() -> None:
     """--from-run DIR summarises an existing run (e.g. the one `make demo` just made) instead."""
-    tiny = "--tiny" in sys.argv
-    keep = sys.argv[sys.argv.index("--keep") + 1] if "--keep" in sys.argv else None
-    from_run = sys.argv[sys.argv.index("--from-run") + 1] if "--from-run" in sys.argv else None
+    parser = argparse.ArgumentParser(description="Wall time of each demo stage, as JSON.")
+    parser.add_argument("--tiny", action="store_true", help="the tiny demo recipe")
+    parser.add_argument("--keep", metavar="DIR", help="leave the run folder in DIR")
+    parser.add_argument("--from-run", metavar="RUN", help="summarise a finished run instead of starting one")
+    args = parser.parse_args()
+    tiny, keep, from_run = args.tiny, args.keep, args.from_run
     anchor = matmul_gflops()
     result: dict = {"benchmark": "demo_timings", "machine": {
         "cpu_threads": torch.get_num_threads(), "platform": platform.platform(),

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from conftest import SHARED_DATA, tiny_recipe_for
@@ -355,6 +356,15 @@ def test_report_md_and_model_card_hold_the_ledgers_numbers(tiny_run):
     assert speed["speed_anchor_gflops"] > 0 and speed["speed_unreliable"] == float(round(speed["speed_anchor_spread"], 9) > 0.3)
     assert f"median of {recipe.evaluate.speed_rounds} rounds" in report
     assert f"{speed['speed_anchor_gflops']:.1f} GFLOP/s" in report
+    # The three students are one cut (same shapes, float32): measured once, the others reuse it and
+    # say so; the teacher (more layers) is measured on its own.
+    assert "speed_shared" not in evaluate["teacher"] and "speed_shared" not in evaluate["student_before"]
+    for row in ("student_after", "student_sft"):
+        assert evaluate[row]["speed_shared"] == 1.0
+        assert all(evaluate[row][k] == evaluate["student_before"][k]
+                   for k in ("decode_tokens_per_s", "prefill_tokens_per_s", "time_to_first_token_s"))
+    assert "show that row's measured speed (it does not depend on the weights' values): student after KD, " \
+           "SFT baseline (text only)." in report
     # The teacher's greedy held-out answers are the stored ones, not generated a second time.
     from edgedistill.data.store import load_distill_set
     from edgedistill.evaluate.stage import teacher_answers_stored
@@ -372,6 +382,41 @@ def test_a_moving_anchor_marks_the_speeds_unreliable():
     assert steady == {"speed_anchor_gflops": 11.5, "speed_anchor_spread": pytest.approx(0.3), "speed_unreliable": 0.0}
     moved = anchor_summary([20.0, 10.0, 19.0])  # halved mid-measurement (this machine drifts up to 2x)
     assert moved["speed_unreliable"] == 1.0 and moved["speed_anchor_spread"] == pytest.approx(1.0)
+
+
+def test_speed_profile_times_the_first_token_inside_each_generate_call(tiny_teacher_dir):
+    """One generate call per prompt (plus one warm-up when asked): the first token's time comes
+    from the same call, so it is positive and shorter than the call, and decode speed counts the
+    n - 1 tokens after it over the rest of the call."""
+    import time
+
+    from edgedistill.data.store import Sample
+    from edgedistill.evaluate.metrics import speed_profile
+    from edgedistill.models.hf import load_causal_lm
+
+    model, tokenizer, _ = load_causal_lm(str(tiny_teacher_dir))
+    calls: list[float] = []
+    generate = model.generate
+
+    def timed_generate(*args, **kwargs):
+        started = time.perf_counter()
+        out = generate(*args, **kwargs)
+        calls.append(time.perf_counter() - started)
+        return out
+
+    model.generate = timed_generate
+    samples = [Sample(f"p{i}", "heldout", "en", "test", "tiny", [{"role": "user", "content": text},
+                                                              {"role": "assistant", "content": ""}],
+                      np.zeros(0, np.int32), np.zeros(0, np.int32), True)
+               for i, text in enumerate(("Name three colours.", "What is two plus two?"))]
+    speeds = speed_profile(model, tokenizer, samples, n_tokens=12, warm_up=True)
+    assert len(calls) == 3  # the warm-up, then one call per prompt
+    measured = calls[1:]
+    assert 0 < speeds["time_to_first_token_s"] < sum(measured) / 2
+    assert speeds["decode_tokens_per_s"] > 2 * 11 / sum(measured)  # the first tokens' time left out
+    calls.clear()
+    speed_profile(model, tokenizer, samples, n_tokens=12, warm_up=False)
+    assert len(calls) == 2
 
 
 def test_evaluate_reuses_finished_models_and_redoes_retrained_ones(tiny_run):

@@ -25,6 +25,7 @@ from edgedistill.export.verify import (
     _greedy_split,
     _position_of,
     check_parity,
+    greedy_along,
     serve,
     sparse_kl_top1,
     teacher_forced,
@@ -91,6 +92,20 @@ def test_greedy_split_measures_transformers_gap_where_the_paths_part():
     at, gap = _greedy_split([0, 1, 3, 2], [0, 1, 3], logprobs, eos=0)  # llama.cpp ended: chose eos
     assert at == 3 and gap == pytest.approx(float(logprobs[3, 2] - logprobs[3, 0]))
     assert gap < 0  # transformers preferred eos there itself: not a near tie, a real split
+
+
+def test_greedy_along_reads_transformers_greedy_answer_off_the_runtimes_path():
+    """Token 0 ends a turn. Rows: argmax 1, then 3, then 0 (end) — or 2 in the last row of `on`."""
+    rows = torch.tensor([[0.0, 2.0, 1.0, 0.0], [0.0, 0.0, 1.0, 2.0], [2.0, 0.0, 1.0, 0.0]])
+    logprobs = torch.log_softmax(rows, -1)
+    assert greedy_along([1, 3], logprobs, {0}, 8) == [1, 3, 0]  # the runtime stopped without returning the end
+    assert greedy_along([1, 3, 0], logprobs, {0}, 8) == [1, 3, 0]  # it returned the end token
+    assert greedy_along([1, 2], logprobs, {0}, 8) == [1, 3]  # the paths part at step 1: stop there
+    assert greedy_along([1, 3], logprobs, {0}, 2) == [1, 3]  # max_new_tokens reached: no row after it read
+    on = torch.log_softmax(torch.tensor([[0.0, 2.0, 1.0, 0.0], [0.0, 0.0, 1.0, 2.0], [0.0, 0.0, 2.0, 1.0]]), -1)
+    reference = greedy_along([1, 3], on, {0}, 8)
+    assert reference == [1, 3, 2]  # transformers would go on where the runtime ended
+    assert _greedy_split(reference, [1, 3], on, eos=0)[0] == 2
 
 
 def test_logprob_entries_align_with_the_tokens_whose_bytes_they_carry():

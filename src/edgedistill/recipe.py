@@ -450,7 +450,8 @@ class ExportCfg(_Section):
                                "alone and with the student (before and after KD) as its speculative-decoding "
                                "draft, when they share a vocabulary (0: skip).")
     draft_tokens: int = Field(64, ge=8, le=4096, description="Greedy tokens per draft prompt.")
-    draft_max: int = Field(8, ge=1, le=64, description="Tokens the draft proposes per step (llama.cpp --draft-max).")
+    draft_max: int = Field(3, ge=1, le=64, description="Tokens the draft proposes per step (llama.cpp --draft-max; "
+                           "3 is its own default).")
     draft_min: int = Field(0, ge=0, le=64, description="Fewest tokens drafted per step (--draft-min).")
     draft_p_min: float = Field(0.0, ge=0.0, le=1.0, description="Stop a draft when its top probability falls "
                                "below this (--draft-p-min; 0: always draft draft_max tokens).")

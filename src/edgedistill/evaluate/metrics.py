@@ -7,8 +7,8 @@
   (Japanese by character, see data/similarity.py);
 - chrF (sacrebleu) of the same pairs: character n-grams, whitespace ignored, so it needs no
   word segmentation and suits Japanese as it is;
-- speed at batch 1: decode tokens/s, prefill excluded: (n-1) / (t(n tokens) - t(1 token));
-  prefill tokens/s and time to first token from t(1 token);
+- speed at batch 1: decode tokens/s, prefill excluded: (n-1) / (t(n tokens) - t(first token));
+  prefill tokens/s and time to first token from t(first token), in the same generate call;
 - footprint: peak resident memory while the model is loaded and evaluated (Linux VmHWM, reset
   before each model), size on disk, parameters.
 """
@@ -33,6 +33,7 @@ def teacher_forced_metrics(model, samples: list[Sample], pad_id: int, batch_size
                            max_seq_len: int = 2048) -> dict[str, float]:
     nll, agree, count = 0.0, 0, 0
     examples = [e for e in (to_example(s, max_seq_len) for s in samples) if e is not None]
+    examples.sort(key=lambda e: len(e.input_ids))  # batches of similar lengths: less padding, same sums
     for start in range(0, len(examples), batch_size):
         batch = collate(examples[start:start + batch_size], pad_id)
         logits = answer_logits(model, batch).float()  # (N, V)
@@ -123,9 +124,9 @@ def interleaved_speeds(models: dict, samples: list[Sample], n_tokens: int, round
 
     anchors = [matmul_gflops()]
     draws: dict[str, list[dict[str, float]]] = {name: [] for name in models}
-    for _ in range(rounds):
+    for round_ in range(rounds):
         for name, (model, tokenizer) in models.items():
-            draws[name].append(speed_profile(model, tokenizer, samples, n_tokens))
+            draws[name].append(speed_profile(model, tokenizer, samples, n_tokens, warm_up=round_ == 0))
         anchors.append(matmul_gflops())
     medians = {name: {key: statistics.median(d[key] for d in runs) for key in runs[0]} | {"speed_rounds": rounds}
                for name, runs in draws.items()}
@@ -142,21 +143,41 @@ def anchor_summary(anchors: list[float]) -> dict[str, float]:
             "speed_unreliable": float(round(spread, 9) > UNRELIABLE_SPREAD)}
 
 
-def speed_profile(model, tokenizer, samples: list[Sample], n_tokens: int) -> dict[str, float]:
+def speed_profile(model, tokenizer, samples: list[Sample], n_tokens: int, warm_up: bool = True) -> dict[str, float]:
     """Batch-1 speed on real prompts: decode tokens/s (prefill excluded; every prompt forced to
-    n_tokens new tokens), prefill tokens/s and time to first token."""
-    def timed(prompt_ids: list[int], n: int) -> float:
-        ids = torch.tensor([prompt_ids])
+    n_tokens new tokens), prefill tokens/s and time to first token, all from one generate call
+    per prompt (the first token's time taken by a streamer as it comes out). `warm_up`: one short
+    call first, so first-call allocations are not counted (needed once per loaded model)."""
+    from transformers.generation.streamers import BaseStreamer
+
+    class FirstTokenClock(BaseStreamer):
+        """generate() puts the prompt, then each new token: the second put is the first token."""
+
+        def __init__(self) -> None:
+            self.puts, self.first_token_at = 0, 0.0
+
+        def put(self, value) -> None:
+            self.puts += 1
+            if self.puts == 2:
+                self.first_token_at = time.perf_counter()
+
+        def end(self) -> None:
+            pass
+
+    def timed(prompt_ids: list[int], n: int) -> tuple[float, float]:
+        """(seconds to the first token, seconds for all n)."""
+        ids, clock = torch.tensor([prompt_ids]), FirstTokenClock()
         started = time.perf_counter()
         model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
                        do_sample=False, temperature=None, top_p=None, top_k=None,
-                       pad_token_id=tokenizer.pad_token_id)
-        return time.perf_counter() - started
+                       pad_token_id=tokenizer.pad_token_id, streamer=clock)
+        return clock.first_token_at - started, time.perf_counter() - started
 
     prompts = encode_prompts(tokenizer, [s.prompt_messages for s in samples])
-    timed(prompts[0], 2)  # warm-up: first-call allocations are not decode speed
-    first = [timed(p, 1) for p in prompts]
-    decode_seconds = sum(timed(p, n_tokens) - f for p, f in zip(prompts, first))
+    if warm_up:
+        timed(prompts[0], 2)
+    first, total = zip(*(timed(p, n_tokens) for p in prompts))
+    decode_seconds = sum(total) - sum(first)
     return {"decode_tokens_per_s": len(prompts) * (n_tokens - 1) / max(decode_seconds, 1e-9),
             "prefill_tokens_per_s": sum(map(len, prompts)) / max(sum(first), 1e-9),
             "time_to_first_token_s": sum(first) / len(first)}

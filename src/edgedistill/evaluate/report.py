@@ -122,7 +122,7 @@ def best_values(rows: list[tuple[str, str, dict[str, float]]], columns: list[Col
     best = {}
     for col in columns:
         values = [m[col.key] for key, _, m in rows if key != "teacher" and col.key in m and not math.isnan(m[col.key])]
-        if col.better and len(values) > 1:
+        if col.better and len(set(values)) > 1:  # a tie among all (a shared speed measurement) marks none
             best[col.key] = max(values) if col.better == "high" else min(values)
     return best
 
@@ -143,6 +143,10 @@ def speed_note(ledger: Ledger) -> str:
     note = (f" HF speeds are the median of {rounds} rounds measured in turns across the models, with the machine's "
             f"float32 matmul speed beside them: {speed['speed_anchor_gflops']:.1f} GFLOP/s, which moved "
             f"{speed['speed_anchor_spread']:.0%} during the measurement.")
+    shared = [label for _, label, m in model_rows(ledger) if m.get("speed_shared")]
+    if shared:
+        note += (f" Rows with the architecture and precision of a row above show that row's measured speed (it "
+                 f"does not depend on the weights' values): {', '.join(shared)}.")
     if speed.get("speed_unreliable"):
         note += " More than 30%: the speed columns are marked unreliable — compare them only as rough orders."
     return note

@@ -84,7 +84,8 @@ def evaluate_model(model, tokenizer, samples: list[Sample], tasks: dict[str, lis
     if pair is None:
         metrics = teacher_forced_metrics(model, samples, tokenizer.pad_token_id, rows)
     else:
-        examples = [e for e in (example_of(pair, s, 2048) for s in samples) if e is not None]
+        examples = sorted((e for e in (example_of(pair, s, 2048) for s in samples) if e is not None),
+                          key=lambda e: len(e.input_ids))  # similar lengths per batch: less padding
         metrics = teacher_forced_xtok(model, examples, tokenizer.pad_token_id, rows)
     answers = stored_answers if stored_answers is not None else greedy_answers(
         model, tokenizer, samples, cfg.max_new_tokens or recipe.generate.max_new_tokens, cfg.batch_size)
@@ -111,16 +112,35 @@ def teacher_answers_stored(recipe: Recipe, samples: list[Sample]) -> bool:
             and all(s.reasoning is None and s.sample == 0 for s in samples))
 
 
+def architecture_key(model) -> tuple:
+    """What a model's speed depends on: its class, attention implementation and every weight's
+    name, shape and dtype — not the weights' values (dense float kernels do the same work)."""
+    return (type(model).__name__, model.config._attn_implementation,
+            tuple((name, tuple(p.shape), str(p.dtype)) for name, p in model.named_parameters()))
+
+
 def measure_speeds(recipe: Recipe, run: RunDir, samples: list[Sample], ledger: Ledger) -> None:
     """Decode and prefill speed of every model row, interleaved (evaluate/metrics.interleaved_speeds),
-    logged with the anchor: all rows are in memory together for this step only."""
+    logged with the anchor. Rows of one architecture and precision (the students: one cut, the
+    same shapes) share one measurement, logged with `speed_shared` = 1 on the rows that reuse it:
+    timing the same kernels again only adds noise and minutes. Only the measured rows are held in
+    memory, for this step only."""
     cfg = recipe.evaluate
-    models = {name: load_causal_lm(spec, recipe.teacher.dtype if name == "teacher" else "float32")[:2]
-              for name, (spec, _) in model_paths(recipe, run).items()}
+    models, members = {}, {}
+    for name, (spec, _) in model_paths(recipe, run).items():
+        model, tokenizer = load_causal_lm(spec, recipe.teacher.dtype if name == "teacher" else "float32")[:2]
+        key = architecture_key(model)
+        if key in members:
+            members[key].append(name)
+            del model
+        else:
+            members[key], models[name] = [name], (model, tokenizer)
     medians, anchor = interleaved_speeds(models, samples[:cfg.speed_prompts], cfg.speed_tokens, cfg.speed_rounds)
     del models
-    for name, metrics in medians.items():
-        ledger.log_metrics("evaluate", name, metrics)
+    for first, *others in members.values():
+        ledger.log_metrics("evaluate", first, medians[first])
+        for name in others:
+            ledger.log_metrics("evaluate", name, medians[first] | {"speed_shared": 1.0})
     ledger.log_metrics("evaluate", "speed", anchor)
     console.print(f"speeds: median of {cfg.speed_rounds} interleaved rounds, anchor "
                   f"{anchor['speed_anchor_gflops']:.1f} GFLOP/s (moved {anchor['speed_anchor_spread']:.0%})"

@@ -100,7 +100,6 @@ def write_and_check(source: Path, out_dir: Path, name: str, types: list[str], me
     rows: list[dict] = []
     reference_parity: dict[str, float] = {}
     reference_dist = None
-    greedy_cache: dict = {}
     with tempfile.TemporaryDirectory(dir=out_dir, prefix=".convert-") as tmp, stage_progress() as progress:
         task = progress.add_task("export", total=len(types) + 1, rate="converting (llama.cpp's converter)")
         f32 = Path(tmp) / "f32.gguf"
@@ -122,8 +121,7 @@ def write_and_check(source: Path, out_dir: Path, name: str, types: list[str], me
                 try:
                     if checks.conversations:
                         with _timed(row, "parity"):
-                            check = check_parity(client, model, tokenizer, checks.conversations, checks.parity_tokens,
-                                                 greedy_cache=greedy_cache)
+                            check = check_parity(client, model, tokenizer, checks.conversations, checks.parity_tokens)
                         row["parity"] = check.as_metrics()
                         if export_type == types[0]:
                             reference_parity = row["parity"]

@@ -64,14 +64,16 @@ class LlamaCppClient:
     def complete_many(self, prompts: list[list[int]], n_predict: int) -> list[dict]:
         """Greedy replies to many prompts, `slots` to a request: llama.cpp decodes a request's
         prompts in one batch (1.4x the answers per second of one at a time for the demo's q8_0
-        file on 2 cores). A batch's rounding differs from a lone request's, so a few greedy
-        answers part from the one-at-a-time ones at near-ties; with the slot count fixed, runs
-        repeat exactly."""
+        file on 2 cores), and a slot reuses the start its last prompt shares with the next (the
+        chat template's system turn: the demo's 26 held-out answers on one thread took 24 s
+        instead of 29-34 s). A batch's rounding differs from a lone request's, so a few greedy
+        answers part from the one-at-a-time ones at near-ties (3 of those 26); with the slot
+        count fixed, runs repeat exactly."""
         replies: list[dict] = []
         for start in range(0, len(prompts), self.slots):
             chunk = prompts[start:start + self.slots]
             out = self._post("/completion", {"prompt": chunk if len(chunk) > 1 else chunk[0], "n_predict": n_predict,
-                                             "temperature": 0.0, "return_tokens": True, "cache_prompt": False})
+                                             "temperature": 0.0, "return_tokens": True, "cache_prompt": True})
             replies += sorted(out, key=lambda r: r.get("index", 0)) if isinstance(out, list) else [out]
         return replies
 
@@ -120,9 +122,9 @@ def _position_of(tokens: list[int], entries: list[dict], id_bytes: dict[int, byt
 
 
 def check_parity(client: LlamaCppClient, model, tokenizer, conversations: list[list[dict[str, str]]],
-                 max_new_tokens: int = 16, n_probs: int = 5, greedy_cache: dict | None = None) -> Parity:
-    """Tokenizer, chat template, greedy tokens and log-probs of the GGUF vs transformers.
-    `greedy_cache` keeps transformers' greedy answers between files of the same model."""
+                 max_new_tokens: int = 16, n_probs: int = 5) -> Parity:
+    """Tokenizer, chat template, greedy tokens and log-probs of the GGUF (or .pte) vs transformers:
+    one transformers forward pass per prompt, along the runtime's own greedy tokens."""
     import torch
 
     from edgedistill.models.hf import encode_prompts, end_of_turn_ids
@@ -143,17 +145,10 @@ def check_parity(client: LlamaCppClient, model, tokenizer, conversations: list[l
     for prompt in encode_prompts(tokenizer, conversations):
         answer = client.complete(prompt, max_new_tokens, n_probs)
         tokens = answer.get("tokens") or []
-        key = (tuple(prompt), max_new_tokens)
         with torch.inference_mode():
-            if greedy_cache is None or key not in greedy_cache:
-                out = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-                                     max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-                if greedy_cache is not None:
-                    greedy_cache[key] = out
-            out = greedy_cache[key] if greedy_cache is not None else out
             # transformers' log-probs along llama.cpp's own tokens, plus the position after the last one
             logprobs = torch.log_softmax(model(torch.tensor([prompt + tokens])).logits[0, len(prompt) - 1:].float(), -1)
-        reference = out[0, len(prompt):].tolist()
+        reference = greedy_along(tokens, logprobs, ends, max_new_tokens)
         # a finished answer ends in an end-of-turn token: transformers keeps it, llama.cpp builds
         # differ on returning it (xllamacpp 2026.10 does) — compare the answers without it
         if _without_end(reference, ends) == _without_end(tokens, ends):
@@ -169,6 +164,23 @@ def check_parity(client: LlamaCppClient, model, tokenizer, conversations: list[l
     near_ties = sum(gap <= 2 * max_diff for gap in split_gaps)
     return Parity(hf_ids == gguf_ids, template_match, greedy_match, near_ties, len(conversations), compared,
                   max_diff, notes[0] if notes else "")
+
+
+def greedy_along(tokens: list[int], logprobs: torch.Tensor, ends: set[int], max_new_tokens: int) -> list[int]:
+    """transformers' own greedy answer, read off one forward pass along the runtime's `tokens`
+    (`logprobs`: a row per token plus one after the last): greedy decoding takes the argmax given
+    the prefix, and until the two paths part the prefix is the runtime's, so the argmax at each
+    position is what `generate()` would pick. It stops at an end-of-turn token, at max_new_tokens,
+    or where it parts from `tokens` (what follows a split is not needed: `_greedy_split`). This
+    replaced a generate() per prompt: on the .pte's 8da4w reference in eager torchao that took
+    62 s of one core, against ~1 s for the forward passes."""
+    reference: list[int] = []
+    for position in range(min(len(tokens) + 1, max_new_tokens)):
+        choice = int(logprobs[position].argmax())
+        reference.append(choice)
+        if choice in ends or position >= len(tokens) or choice != tokens[position]:
+            break
+    return reference
 
 
 def _without_end(tokens: list[int], ends: set[int]) -> list[int]:
@@ -251,9 +263,10 @@ def speed(client: LlamaCppClient, prompt_ids: list[int], n_predict: int) -> dict
 
 
 def greedy_completions(client, prompts: list[list[int]], n_predict: int) -> list[dict]:
-    """The runtime's raw greedy replies to chat prompts (token ids), no prompt cache: what every
-    answering check of a file (held-out answers, audit, thinking on/off) is built on. Batched
-    on a llama.cpp server with several slots (`LlamaCppClient.complete_many`), else one by one."""
+    """The runtime's raw greedy replies to chat prompts (token ids): what every answering check of
+    a file (held-out answers, audit, thinking on/off) is built on. Batched on a llama.cpp server
+    with several slots (`LlamaCppClient.complete_many`), else one by one with no prompt cache
+    (their timings are one user's time to first token)."""
     if getattr(client, "slots", 1) > 1:
         return client.complete_many(prompts, n_predict)
     return [client.complete(prompt_ids, n_predict, cache_prompt=False) for prompt_ids in prompts]
