@@ -205,7 +205,7 @@ def _timed(row: dict, step: str) -> Iterator[None]:
     export stage's time goes."""
     started = time.perf_counter()
     yield
-    row["seconds"][step] = round(time.perf_counter() - started, 2)
+    row["seconds"][step] = round(time.perf_counter() - started, 3)
 
 
 def _numbers(row: dict) -> dict[str, float]:
