@@ -65,10 +65,10 @@ class LlamaCppClient:
         """Greedy replies to many prompts, `slots` to a request: llama.cpp decodes a request's
         prompts in one batch (1.4x the answers per second of one at a time for the demo's q8_0
         file on 2 cores), and a slot reuses the start its last prompt shares with the next (the
-        chat template's system turn: the demo's 26 held-out answers on one thread took 24 s
-        instead of 29-34 s). A batch's rounding differs from a lone request's, so a few greedy
-        answers part from the one-at-a-time ones at near-ties (3 of those 26); with the slot
-        count fixed, runs repeat exactly."""
+        chat template's system turn; bench/export_checks.py: the demo's 26 held-out answers on one
+        thread, 35.6 / 28.4 s without it, 29.2 / 27.0 s with it). A batch's rounding differs from a
+        lone request's, so a few greedy answers part from the one-at-a-time ones at near-ties (2 of
+        those 26); with the slot count fixed, runs repeat exactly."""
         replies: list[dict] = []
         for start in range(0, len(prompts), self.slots):
             chunk = prompts[start:start + self.slots]
@@ -172,8 +172,8 @@ def greedy_along(tokens: list[int], logprobs: torch.Tensor, ends: set[int], max_
     the prefix, and until the two paths part the prefix is the runtime's, so the argmax at each
     position is what `generate()` would pick. It stops at an end-of-turn token, at max_new_tokens,
     or where it parts from `tokens` (what follows a split is not needed: `_greedy_split`). This
-    replaced a generate() per prompt: on the .pte's 8da4w reference in eager torchao that took
-    62 s of one core, against ~1 s for the forward passes."""
+    replaced a generate() per prompt, slow on the .pte's 8da4w reference in eager torchao: the
+    demo's .pte build spent 41 s instead of 79 s beyond export and lowering (docs/BENCHMARKS.md)."""
     reference: list[int] = []
     for position in range(min(len(tokens) + 1, max_new_tokens)):
         choice = int(logprobs[position].argmax())
