@@ -51,6 +51,9 @@ def test_the_pte_is_written_checked_and_recorded(edge_run):
     assert "ExecuTorch programs (.pte" in card and "| 8da4w |" in card  # the model card lists it
     # built in a second process beside the GGUF checks; every GGUF file timed afterwards, quietly
     assert record["seconds"]["pte_build"] > 0
+    phases = row["build_seconds"]  # where the build's time went, each phase measured
+    assert set(phases) == {"start", "prepare", "export", "lower", "write", "checks"} and min(phases.values()) > 0
+    assert sum(phases.values()) <= record["seconds"]["pte_build"]
     for gguf in record["files"]:
         assert gguf["decode_tokens_per_s"] > 0 and gguf["time_to_first_token_s"] > 0 and gguf["peak_rss_bytes"] > 0
         # every step's wall time kept (ms precision: a tiny model's answers with a warm prompt cache take ~10 ms)

@@ -180,6 +180,29 @@ def test_quantised_files_keep_embeddings_8_bit_and_carry_provenance(tmp_path):
     assert k_types["blk.1.attn_v.weight"] == "Q8_0"  # Q6_K (last layer: more bits) falls back to Q8_0
 
 
+def test_many_prompts_in_one_request_answer_in_order_and_repeat_exactly(tmp_path):
+    """complete_many: all prompts in one request, decoded on 4 slots as slots free up; each reply
+    is its own prompt's (by length: the server reports the tokens it evaluated) and is the
+    greedy answer a lone request gets, and a fresh server gives the same replies again."""
+    from edgedistill.models.hf import encode_prompts
+
+    folder = tiny_folder(tmp_path, "llama")
+    gguf = export_gguf(folder, tmp_path / "tiny-f32.gguf", "f32", name="tiny").path
+    tokenizer = build_tiny_tokenizer()
+    prompts = encode_prompts(tokenizer, [[{"role": "user", "content": "word " * n}] for n in range(1, 12)])
+    runs = []
+    for _ in range(2):
+        with serve(gguf, threads=1, ctx=256, slots=4, exact=True) as server:
+            client = LlamaCppClient(server, slots=4)
+            replies = client.complete_many(prompts, 6 + len(runs))
+            lone = [client.complete(p, 6 + len(runs), cache_prompt=False)["tokens"] for p in prompts]
+            client.close()
+        assert [r["tokens_evaluated"] for r in replies] == [len(p) for p in prompts]
+        assert [r["tokens"] for r in replies] == lone
+        runs.append([r["tokens"][:6] for r in replies])
+    assert runs[0] == runs[1] and len({tuple(r) for r in runs[0]}) > 1
+
+
 def test_quality_of_a_quantised_file_is_measured_against_the_reference(tmp_path):
     folder = tiny_folder(tmp_path, "llama")
     tokenizer = build_tiny_tokenizer()

@@ -77,6 +77,7 @@ def test_fp32_program_gives_transformers_tokens_and_logprobs(exported):
     assert parity.compared_positions >= 100 and parity.max_logprob_diff < 1e-4, parity
     fp32 = results["fp32"]
     assert fp32.size_bytes == fp32.path.stat().st_size and fp32.delegated_partitions >= 1
+    assert not [op for op in fp32.portable_ops if "mean" in op]  # RMSNorm's means inside XNNPACK (row_mean_as_pooling)
     assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
 
 
@@ -114,6 +115,7 @@ def test_8da4w_program_quantizes_linears_and_embedding_and_follows_torchao(expor
     assert "llama.custom_sdpa.out" in q8.portable_ops and "aten.index_put.out" not in q8.portable_ops
     assert "quantized_decomposed.embedding_4bit.out" in q8.portable_ops  # the 4-bit embedding kernel
     assert not [op for op in q8.portable_ops if "linear" in op or "dequantize" in op]  # linears inside XNNPACK
+    assert not [op for op in q8.portable_ops if "mean" in op]
     # fp32 stores the tied embedding twice (a portable lookup + an XNNPACK matmul); 8da4w ~4.5 bits a
     # weight, plus the program itself (~20 kB, a large share of so tiny a model)
     assert q8.size_bytes < fp32.size_bytes / 3
@@ -174,6 +176,42 @@ def test_8da4w_is_measured_against_fp32_like_a_quantised_gguf(exported):
     quant = sparse_kl_top1(reference, teacher_forced(PteClient(results["8da4w"].path, out), sequences, 60))
     assert same["kl_vs_reference"] == pytest.approx(0.0, abs=1e-9) and same["top1_vs_reference"] == 1.0
     assert quant["kl_vs_reference"] > 1e-4 and quant["kl_positions"] == 60
+
+
+@pytest.mark.parametrize("shape,keepdim", [((1, 3, 16), True), ((3, 16), False), ((16,), True)])
+def test_row_means_run_inside_xnnpack_with_the_same_values(shape, keepdim):
+    """row_mean_as_pooling: a last-dimension mean (an RMSNorm's) becomes XNNPACK's global average
+    pooling over a 4-D view — one partition instead of two around a portable mean — and the program
+    still computes it: the values are torch's, with the shape (and keepdim) it would give."""
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import (
+        XnnpackPartitioner,
+    )
+    from executorch.exir import to_edge_transform_and_lower
+    from executorch.runtime import Runtime
+
+    from edgedistill.export.pte import row_mean_as_pooling
+
+    class Norm(torch.nn.Module):
+        def forward(self, x):
+            return torch.rsqrt(x.pow(2).mean(-1, keepdim=keepdim) + 1e-6) * 2.0
+
+    x = torch.randn(*shape)
+    lowered = {}
+    for passes in ([], [row_mean_as_pooling()]):
+        edge = to_edge_transform_and_lower(torch.export.export(Norm(), (x,)), partitioner=[XnnpackPartitioner()],
+                                           transform_passes=passes)
+        nodes = [str(n.target) for n in edge.exported_program().graph_module.graph.nodes if n.op == "call_function"]
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "norm.pte"
+            edge.to_executorch().write_to_file(path.open("wb"))
+            out = Runtime.get().load_program(str(path)).load_method("forward").execute([x])[0]
+        lowered[bool(passes)] = nodes, out
+    assert any("mean" in n for n in lowered[False][0])  # without the pass the mean stays outside XNNPACK
+    nodes, out = lowered[True]
+    assert not any("mean" in n for n in nodes) and sum("executorch_call_delegate" in n for n in nodes) == 1
+    expected = Norm()(x)
+    assert out.shape == expected.shape
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_a_family_torch_export_cannot_trace_is_one_line_and_leaves_no_file(tmp_path):

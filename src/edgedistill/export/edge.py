@@ -110,19 +110,27 @@ def check_program(folder: Path, path: Path, pte_type: str, tokenizer_dir: Path, 
     return row, note
 
 
-def _build_ptes(jobs: list[tuple[Path, Path, str, int]], checks: ProgramChecks, tokenizer_dir: Path, results) -> None:
+def _build_ptes(jobs: list[tuple[Path, Path, str, int]], checks: ProgramChecks, tokenizer_dir: Path, results,
+                spawned: float) -> None:
     """In the builder process: each (folder, .pte path, type, max_seq_len) exported, lowered and
     checked (`check_program`), on one thread, each outcome sent back as ("ok", (PteResult, check
-    row, note)) or ("error", message)."""
+    row, note, seconds)) or ("error", message); `seconds` is where the build's time went, from
+    `spawned` (the parent's wall clock when it started this process) on."""
     import torch
     from executorch.extension.pybindings.portable_lib import _unsafe_reset_threadpool
 
     torch.set_num_threads(1)  # the lowering is single-threaded Python; the other core is the parent's
     _unsafe_reset_threadpool(1)  # and so are the program's checks here (XNNPACK's own thread pool)
+    ready = time.time()
     for folder, destination, pte_type, max_seq_len in jobs:
         try:
             built = export_pte(folder, destination, pte_type, max_seq_len=max_seq_len)
-            results.send(("ok", (built, *check_program(folder, destination, pte_type, tokenizer_dir, checks))))
+            checked = time.perf_counter()
+            row, note = check_program(folder, destination, pte_type, tokenizer_dir, checks)
+            seconds = {"start": ready - spawned, "prepare": built.prepare_s, "export": built.export_s,
+                       "lower": built.lower_s, "write": built.write_s, "checks": time.perf_counter() - checked}
+            results.send(("ok", (built, row, note, {k: round(v, 3) for k, v in seconds.items()})))
+            ready = spawned  # the start-up belongs to the first program
         except UserError as exc:
             results.send(("error", str(exc)))
             return
@@ -147,7 +155,7 @@ class PteBuilds:
         jobs = [(run.student_dir, self.paths[t], t, cfg.pte_max_seq_len) for t in self.types]
         context = multiprocessing.get_context("spawn")  # no forked copy of this process's torch threads
         self._receive, send = context.Pipe(duplex=False)
-        self._process = context.Process(target=_build_ptes, args=(jobs, checks, run.export_dir, send),
+        self._process = context.Process(target=_build_ptes, args=(jobs, checks, run.export_dir, send, time.time()),
                                         name="pte-build", daemon=True)
         self.started = time.perf_counter()
         self._process.start()
@@ -159,7 +167,7 @@ class PteBuilds:
         return self._process.is_alive()
 
     def results(self) -> dict[str, tuple]:
-        """Wait for every build: {type: (PteResult, check row, parity note)}; a failed one is the
+        """Wait for every build: {type: (PteResult, check row, parity note, build seconds)}; a failed one is the
         UserError it raised in the child."""
         if self._built is not None:
             return self._built
@@ -200,11 +208,12 @@ def pte_files(recipe: Recipe, run: RunDir, ledger: Ledger, heldout: list[Sample]
         console.print(f"waiting for the ExecuTorch build ({', '.join(builds.types)}) …")
     built = builds.results()
     for pte_type in builds.types:
-        path, (result, checked, note) = builds.paths[pte_type], built[pte_type]
+        path, (result, checked, note, build_seconds) = builds.paths[pte_type], built[pte_type]
         row = {"file": path.name, "type": pte_type, "size_bytes": result.size_bytes,
                "bits_per_weight": result.size_bytes * 8 / result.parameters, "parameters": result.parameters,
                "max_seq_len": result.max_seq_len, "attention": result.attention, "export_seconds": result.export_s,
                "lower_seconds": result.lower_s, "export_lower_cpu_seconds": result.cpu_s,
+               "build_seconds": build_seconds,
                "xnnpack_partitions": result.delegated_partitions,
                "portable_ops": result.portable_ops} | checked
         if note:

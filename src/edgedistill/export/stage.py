@@ -194,9 +194,9 @@ def torch_threads(threads: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-# llama.cpp slots answering a file's held-out, audit and thinking prompts together (measured on
-# the demo's q8_0 file, 26 answers: 17.2 s one at a time, 13.0 s at 4 slots, 12.1 s at 8).
-ANSWER_SLOTS = 4
+# llama.cpp slots answering a file's held-out, audit and thinking prompts together, each check's
+# prompts in one request (verify.LlamaCppClient.complete_many; bench/export_checks.py).
+ANSWER_SLOTS = 8
 
 
 @contextmanager

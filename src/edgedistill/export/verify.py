@@ -35,7 +35,7 @@ N_PROBS = 64   # what each side lists per position; a reference id outside the q
 
 
 class LlamaCppClient:
-    """`slots`: the server's parallel slots; `complete_many` sends that many prompts per request."""
+    """`slots`: the server's parallel slots (how many of `complete_many`'s prompts decode together)."""
 
     def __init__(self, server: LlamaCppServer, timeout_s: float = 300.0, slots: int = 1):
         self.http = httpx.Client(base_url=f"http://{server.host}:{server.port}", timeout=timeout_s, trust_env=False)
@@ -62,20 +62,18 @@ class LlamaCppClient:
             "return_tokens": True, "cache_prompt": cache_prompt, "ignore_eos": ignore_eos})
 
     def complete_many(self, prompts: list[list[int]], n_predict: int) -> list[dict]:
-        """Greedy replies to many prompts, `slots` to a request: llama.cpp decodes a request's
-        prompts in one batch (1.4x the answers per second of one at a time for the demo's q8_0
-        file on 2 cores), and a slot reuses the start its last prompt shares with the next (the
-        chat template's system turn; bench/export_checks.py: the demo's 26 held-out answers on one
-        thread, 35.6 / 28.4 s without it, 29.2 / 27.0 s with it). A batch's rounding differs from a
-        lone request's, so a few greedy answers part from the one-at-a-time ones at near-ties (2 of
-        those 26); with the slot count fixed, runs repeat exactly."""
-        replies: list[dict] = []
-        for start in range(0, len(prompts), self.slots):
-            chunk = prompts[start:start + self.slots]
-            out = self._post("/completion", {"prompt": chunk if len(chunk) > 1 else chunk[0], "n_predict": n_predict,
-                                             "temperature": 0.0, "return_tokens": True, "cache_prompt": True})
-            replies += sorted(out, key=lambda r: r.get("index", 0)) if isinstance(out, list) else [out]
-        return replies
+        """Greedy replies to many prompts, all in one request: llama.cpp queues them and keeps its
+        `slots` decoding together, starting the next prompt in a slot as soon as one finishes
+        (continuous batching), and a slot reuses the start its last prompt shares with the next
+        (the chat template's system turn). bench/export_checks.py, the demo's q8_0 file on one
+        thread (docs/BENCHMARKS.md): 26 held-out answers at 4 slots, 4 prompts per request as
+        before, vs 8 slots, one request. A batch's rounding differs from a lone request's, so a
+        few greedy answers part from the one-at-a-time ones at near-ties; runs repeat exactly."""
+        if not prompts:
+            return []
+        out = self._post("/completion", {"prompt": prompts if len(prompts) > 1 else prompts[0], "n_predict": n_predict,
+                                         "temperature": 0.0, "return_tokens": True, "cache_prompt": True})
+        return sorted(out, key=lambda r: r.get("index", 0)) if isinstance(out, list) else [out]
 
 
 @dataclass
