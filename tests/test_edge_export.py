@@ -47,6 +47,7 @@ def test_the_pte_is_written_checked_and_recorded(edge_run):
     assert metrics["pte:8da4w"]["size_bytes"] == row["size_bytes"]
     report = run.report_path.read_text()
     assert "ExecuTorch 8da4w (XNNPACK)" in report and "Parity of the 8da4w program" in report
+    assert row["runtime_threads"] == 1 and "XNNPACK on 1 thread:" in report  # how its speed was measured
     card = (run.export_dir / "README.md").read_text()
     assert "ExecuTorch programs (.pte" in card and "| 8da4w |" in card  # the model card lists it
     # built in a second process beside the GGUF checks; every GGUF file timed afterwards, quietly

@@ -612,7 +612,10 @@ def pte_markdown(rows: list[tuple[str, dict]]) -> str:
     if not rows:
         return ""
     lines = [f"ExecuTorch programs (.pte, XNNPACK, static KV cache of {int(rows[0][1].get('max_seq_len', 0))} "
-             "tokens, one token per call), run in ExecuTorch's Python runtime on this machine:", "",
+             "tokens, one token per call), run in ExecuTorch's Python runtime on this machine"
+             + (f", XNNPACK on {int(rows[0][1]['runtime_threads'])} thread"
+                + ("s" if rows[0][1]["runtime_threads"] != 1 else "") if "runtime_threads" in rows[0][1] else "")
+             + ":", "",
              markdown_table(["type", "size MB", "KL vs fp32 student", "top-1 vs fp32 student", "prefill tok/s",
                              "decode tok/s", "llama.cpp file of comparable bits: MB, decode tok/s"],
                             [[kind, f"{m['size_bytes'] / 1e6:.1f}",

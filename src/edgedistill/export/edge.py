@@ -220,7 +220,7 @@ def pte_files(recipe: Recipe, run: RunDir, ledger: Ledger, heldout: list[Sample]
             console.print(f"[yellow]parity note ({pte_type}): {note}[/]")
         client = PteClient(path, run.export_dir)
         prompt = (sum(sequences, []) * 8)[:min(cfg.speed_prompt_tokens, cfg.pte_max_seq_len - cfg.speed_tokens - 1)]
-        row |= speed(client, prompt, cfg.speed_tokens)
+        row |= speed(client, prompt, cfg.speed_tokens) | {"runtime_threads": client.threads}
         if cfg.pte_quality_prompts and (asked := fitting(max_new)[:cfg.pte_quality_prompts]):
             answers, ttft = greedy_answers(client, [s.prompt_ids.tolist() for s in asked], max_new)
             row |= rouge_by_lang(answers, asked) | {"time_to_first_token_s": ttft}

@@ -357,21 +357,37 @@ def byte_fallback_tokenizer(folder: Path) -> bool:
     return bool((data.get("model") or {}).get("byte_fallback"))
 
 
+_POOL_THREADS: int | None = None  # the XNNPACK pool size PteClient set in this process
+
+
 class PteClient:
     """A loaded .pte answering as verify.LlamaCppClient does: greedy completions with top
     log-probs and llama.cpp-style timings, the C++ tokenizer ExecuTorch's runner uses, and the
     chat template shipped beside the program. A completion whose prompt extends the last one
     reuses the static cache for the shared prefix (as llama.cpp's `cache_prompt`): the cache is
-    written by position, and the mask hides everything past the current one."""
+    written by position, and the mask hides everything past the current one.
 
-    def __init__(self, pte: Path, tokenizer_dir: Path):
+    XNNPACK runs on `threads` threads of its pool (process-wide). One by default: on this 2-core
+    machine the demo's 8da4w program decoded at 47–146 tokens/s (median 50.7) from one round to
+    the next with two, and at 158–200 (median 184.6) with one, for prefill 285–369 vs 252–269
+    (bench/pte_threads.py, docs/BENCHMARKS.md)."""
+
+    def __init__(self, pte: Path, tokenizer_dir: Path, threads: int = 1):
         import executorch.extension.llm.custom_ops.custom_ops  # noqa: F401  llama::custom_sdpa / update_cache kernels
         import executorch.kernels.quantized  # noqa: F401  embedding_4bit must be registered before loading
+        from executorch.extension.pybindings.portable_lib import (
+            _unsafe_reset_threadpool,
+        )
         from executorch.runtime import Runtime
         from pytorch_tokenizers import CppHFTokenizer
 
         from edgedistill.models.vocab import VocabMap
 
+        global _POOL_THREADS
+        if _POOL_THREADS != threads:  # resizing the pool under a program that ran on it can crash: once per process
+            _unsafe_reset_threadpool(threads)
+            _POOL_THREADS = threads
+        self.threads = threads
         program = Runtime.get().load_program(str(pte))
         self.metadata = {name: program.load_method(name).execute([]) for name in program.method_names
                          if name != "forward"}
