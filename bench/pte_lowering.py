@@ -2,8 +2,9 @@
 
 Each program is exported and lowered in a fresh spawned process on one thread (as the export
 stage's build process does): lowering seconds, XNNPACK partitions, what stayed portable. Then
-both are loaded in one fresh process and timed alternately (ExecuTorch's runtime, 2 threads,
-a 128-token prompt then 48 greedy tokens, no prompt cache; 3 rounds, medians), and each is
+both are loaded in one fresh process and timed alternately (ExecuTorch's runtime, XNNPACK on
+PteClient's one thread — two before commit 4694083, when the BENCHMARKS figures were taken — a
+128-token prompt then 48 greedy tokens, no prompt cache; 3 rounds, medians), and each is
 checked as the export stage checks it (`check_program`: parity with the student quantized by
 torchao, KL / top-1 against the fp32 student). The fp32 matmul anchor is measured before and
 after.
