@@ -26,12 +26,10 @@ from demo_timings import matmul_gflops
 
 def lower(folder: Path, destination: Path, pte_type: str, max_seq_len: int, with_pass: bool, results) -> None:
     import torch
-    from executorch.extension.pybindings.portable_lib import _unsafe_reset_threadpool
 
     from edgedistill.export.pte import export_pte
 
     torch.set_num_threads(1)
-    _unsafe_reset_threadpool(1)
     built = export_pte(folder, destination, pte_type, max_seq_len=max_seq_len, row_means_in_xnnpack=with_pass)
     results.put({"export_seconds": round(built.export_s, 1), "lower_seconds": round(built.lower_s, 1),
                  "xnnpack_partitions": built.delegated_partitions, "portable_ops": built.portable_ops,

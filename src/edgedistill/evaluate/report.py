@@ -611,11 +611,10 @@ def pte_markdown(rows: list[tuple[str, dict]]) -> str:
     with the transformers model of its own numerics. For export.md, the model card and report.md."""
     if not rows:
         return ""
+    threads = int(rows[0][1].get("runtime_threads", 0))
+    on_threads = f", XNNPACK on {threads} thread{'s' if threads > 1 else ''}" if threads else ""
     lines = [f"ExecuTorch programs (.pte, XNNPACK, static KV cache of {int(rows[0][1].get('max_seq_len', 0))} "
-             "tokens, one token per call), run in ExecuTorch's Python runtime on this machine"
-             + (f", XNNPACK on {int(rows[0][1]['runtime_threads'])} thread"
-                + ("s" if rows[0][1]["runtime_threads"] != 1 else "") if "runtime_threads" in rows[0][1] else "")
-             + ":", "",
+             f"tokens, one token per call), run in ExecuTorch's Python runtime on this machine{on_threads}:", "",
              markdown_table(["type", "size MB", "KL vs fp32 student", "top-1 vs fp32 student", "prefill tok/s",
                              "decode tok/s", "llama.cpp file of comparable bits: MB, decode tok/s"],
                             [[kind, f"{m['size_bytes'] / 1e6:.1f}",

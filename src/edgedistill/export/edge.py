@@ -117,11 +117,9 @@ def _build_ptes(jobs: list[tuple[Path, Path, str, int]], checks: ProgramChecks, 
     row, note, seconds)) or ("error", message); `seconds` is where the build's time went, from
     `spawned` (the parent's wall clock when it started this process) on."""
     import torch
-    from executorch.extension.pybindings.portable_lib import _unsafe_reset_threadpool
 
     torch.set_num_threads(1)  # the lowering is single-threaded Python; the other core is the parent's
-    _unsafe_reset_threadpool(1)  # and so are the program's checks here (XNNPACK's own thread pool)
-    ready = time.time()
+    ready = time.time()  # (the program's checks run XNNPACK on PteClient's one thread)
     for folder, destination, pte_type, max_seq_len in jobs:
         try:
             built = export_pte(folder, destination, pte_type, max_seq_len=max_seq_len)
